@@ -1,0 +1,258 @@
+"""A plain-PyTorch Llama2: RMSNorm, rotary positions, grouped-query attention through
+F.scaled_dot_product_attention, SwiGLU, tied embeddings, and a KV cache for generation.
+
+Weight names follow llama2.c; rotary embeddings use the rotate-half layout of Hugging Face's
+Llama so that export.py copies weights without permuting them.
+"""
+import math
+from dataclasses import asdict, dataclass
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torch.utils.checkpoint
+
+IGNORE_INDEX = -100  # label value that never counts in the loss (padding, masked prompts)
+
+
+@dataclass
+class ModelArgs:
+    dim: int = 512
+    n_layers: int = 8
+    n_heads: int = 8
+    n_kv_heads: Optional[int] = None  # None: as many as n_heads (plain multi-head attention)
+    vocab_size: int = 64793
+    multiple_of: int = 32  # SwiGLU hidden size is rounded up to a multiple of this
+    hidden_dim: Optional[int] = None  # None: Llama's rule, 2/3 of 4*dim, rounded up
+    norm_eps: float = 1e-5
+    max_seq_len: int = 512
+    rope_theta: float = 10000.0
+    dropout: float = 0.0
+    tie_embeddings: bool = True
+    qk_norm: bool = False
+
+    def __post_init__(self):
+        if self.n_kv_heads is None:
+            self.n_kv_heads = self.n_heads
+        if self.hidden_dim is None:
+            hidden = int(2 * (4 * self.dim) / 3)
+            self.hidden_dim = self.multiple_of * ((hidden + self.multiple_of - 1) // self.multiple_of)
+        if self.dim % self.n_heads or self.n_heads % self.n_kv_heads:
+            raise ValueError(f"dim {self.dim} must divide by n_heads {self.n_heads}, "
+                             f"and n_heads by n_kv_heads {self.n_kv_heads}")
+
+    def to_dict(self):
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d):
+        known = cls.__dataclass_fields__
+        unknown = set(d) - set(known)
+        if unknown:
+            raise ValueError(f"unknown model config fields: {sorted(unknown)}")
+        return cls(**d)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+
+
+def rope_tables(head_dim, max_positions, theta):
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2).float() / head_dim))
+    freqs = torch.outer(torch.arange(max_positions).float(), inv_freq)
+    emb = torch.cat((freqs, freqs), dim=-1)  # rotate-half layout: (pos, head_dim)
+    return emb.cos(), emb.sin()
+
+
+def apply_rope(x, cos, sin):
+    """x: (B, H, T, D); cos/sin: (B or 1, 1, T, D)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat((-x2, x1), dim=-1)
+    return (x * cos + rotated * sin).type_as(x)
+
+
+class KVCache:
+    """Per-layer key/value buffers of shape (B, n_kv_heads, max_len, head_dim).
+    `length` is how many positions are filled; every row of the batch shares it (rows of
+    different prompt lengths are left-padded and masked, see Transformer.generate)."""
+
+    def __init__(self, args, batch_size, max_len, device, dtype):
+        head_dim = args.dim // args.n_heads
+        shape = (batch_size, args.n_kv_heads, max_len, head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(args.n_layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(args.n_layers)]
+        self.length = 0
+        self.max_len = max_len
+
+    def update(self, layer, k, v):
+        """Write the new positions' k, v at the cache's current length; return all filled k, v."""
+        start, end = self.length, self.length + k.shape[2]
+        if end > self.max_len:
+            raise ValueError(f"KV cache full: {end} positions > {self.max_len}")
+        self.k[layer][:, :, start:end] = k
+        self.v[layer][:, :, start:end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+
+class Attention(nn.Module):
+    def __init__(self, args, layer_id):
+        super().__init__()
+        self.layer_id = layer_id
+        self.n_heads, self.n_kv_heads = args.n_heads, args.n_kv_heads
+        self.head_dim = args.dim // args.n_heads
+        self.wq = nn.Linear(args.dim, args.n_heads * self.head_dim, bias=False)
+        self.wk = nn.Linear(args.dim, args.n_kv_heads * self.head_dim, bias=False)
+        self.wv = nn.Linear(args.dim, args.n_kv_heads * self.head_dim, bias=False)
+        self.wo = nn.Linear(args.n_heads * self.head_dim, args.dim, bias=False)
+        self.q_norm = RMSNorm(self.head_dim, args.norm_eps) if args.qk_norm else None
+        self.k_norm = RMSNorm(self.head_dim, args.norm_eps) if args.qk_norm else None
+        self.dropout = args.dropout
+        self.resid_dropout = nn.Dropout(args.dropout)
+
+    def forward(self, x, cos, sin, cache=None, attn_mask=None):
+        B, T, _ = x.shape
+        q = self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(self.layer_id, k, v)
+        # With no explicit mask and no cache prefix, plain causal attention.
+        is_causal = attn_mask is None and k.shape[2] == T
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=attn_mask, is_causal=is_causal,
+            dropout_p=self.dropout if self.training else 0.0,
+            enable_gqa=self.n_kv_heads != self.n_heads)
+        y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)
+        return self.resid_dropout(self.wo(y))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, args):
+        super().__init__()
+        self.w1 = nn.Linear(args.dim, args.hidden_dim, bias=False)
+        self.w2 = nn.Linear(args.hidden_dim, args.dim, bias=False)
+        self.w3 = nn.Linear(args.dim, args.hidden_dim, bias=False)
+        self.dropout = nn.Dropout(args.dropout)
+
+    def forward(self, x):
+        return self.dropout(self.w2(F.silu(self.w1(x)) * self.w3(x)))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, args, layer_id):
+        super().__init__()
+        self.attention = Attention(args, layer_id)
+        self.feed_forward = FeedForward(args)
+        self.attention_norm = RMSNorm(args.dim, args.norm_eps)
+        self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
+
+    def forward(self, x, cos, sin, cache=None, attn_mask=None):
+        x = x + self.attention(self.attention_norm(x), cos, sin, cache, attn_mask)
+        return x + self.feed_forward(self.ffn_norm(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        self.dropout = nn.Dropout(args.dropout)
+        self.layers = nn.ModuleList(TransformerBlock(args, i) for i in range(args.n_layers))
+        self.norm = RMSNorm(args.dim, args.norm_eps)
+        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+        if args.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+        cos, sin = rope_tables(args.dim // args.n_heads, args.max_seq_len, args.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.apply(self._init_weights)
+        # Residual projections get a smaller init so the residual stream does not grow with depth.
+        for name, p in self.named_parameters():
+            if name.endswith(("wo.weight", "w2.weight")):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * args.n_layers))
+
+    @staticmethod
+    def _init_weights(module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def num_params(self, exclude_embeddings=False):
+        """Unique parameters: a tied embedding/output matrix counts once."""
+        n = sum(p.numel() for p in self.parameters())  # parameters() already yields shared ones once
+        return n - self.tok_embeddings.weight.numel() if exclude_embeddings else n
+
+    def flops_per_token(self, seq_len=None):
+        """Training FLOPs per token (forward + backward = 3x forward), PaLM-style: 6 per
+        matmul weight, plus attention's score and value products."""
+        a, T = self.args, seq_len or self.args.max_seq_len
+        matmul_params = sum(p.numel() for n, p in self.named_parameters()
+                            if p.dim() == 2 and not n.startswith("tok_embeddings"))
+        if a.tie_embeddings:
+            matmul_params += self.output.weight.numel()  # the head still multiplies
+        return 6 * matmul_params + 12 * a.n_layers * a.dim * T
+
+    def rope(self, positions):
+        """cos/sin for integer positions of shape (T,) or (B, T), broadcast over heads."""
+        if int(positions.max()) >= self.args.max_seq_len:
+            raise ValueError(f"position {int(positions.max())} >= max_seq_len {self.args.max_seq_len}")
+        cos, sin = self.rope_cos[positions], self.rope_sin[positions]
+        if positions.dim() == 1:
+            return cos[None, None], sin[None, None]
+        return cos[:, None], sin[:, None]
+
+    def hidden_states(self, tokens, positions=None, cache=None, attn_mask=None):
+        B, T = tokens.shape
+        if positions is None:
+            start = cache.length if cache is not None else 0
+            positions = torch.arange(start, start + T, device=tokens.device)
+        cos, sin = self.rope(positions)
+        h = self.dropout(self.tok_embeddings(tokens))
+        for layer in self.layers:
+            h = layer(h, cos, sin, cache, attn_mask)
+        if cache is not None:
+            cache.length += T
+        return self.norm(h)
+
+    def forward(self, tokens, targets=None, positions=None, cache=None, attn_mask=None):
+        """With targets: returns the mean cross entropy over targets != IGNORE_INDEX, computed
+        without materializing the full logits. Without: returns the last position's logits
+        (B, vocab) in fp32, which is all generation needs."""
+        h = self.hidden_states(tokens, positions, cache, attn_mask)
+        if targets is not None:
+            return chunked_cross_entropy(h, self.output.weight, targets)
+        return self.output(h[:, -1, :]).float()
+
+    def logits(self, tokens):
+        """Full (B, T, vocab) fp32 logits; for tests, perplexity and export checks."""
+        return self.output(self.hidden_states(tokens)).float()
+
+
+def chunked_cross_entropy(h, weight, targets, chunk_rows=4096):
+    """Mean cross entropy of (h @ weight.T) against targets, ignoring IGNORE_INDEX.
+    Logits are made chunk by chunk and recomputed in backward, so at most one chunk's
+    (rows, vocab) fp32 logits exist at a time instead of the whole (B*T, vocab)."""
+    h = h.reshape(-1, h.shape[-1])
+    targets = targets.reshape(-1)
+    n_valid = (targets != IGNORE_INDEX).sum().clamp(min=1)
+    total = h.new_zeros((), dtype=torch.float32)
+    for start in range(0, h.shape[0], chunk_rows):
+        hc, tc = h[start:start + chunk_rows], targets[start:start + chunk_rows]
+        total = total + torch.utils.checkpoint.checkpoint(
+            _chunk_loss_sum, hc, weight, tc, use_reentrant=False)
+    return total / n_valid
+
+
+def _chunk_loss_sum(h, weight, targets):
+    logits = F.linear(h, weight).float()
+    return F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="sum")

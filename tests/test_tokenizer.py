@@ -1,0 +1,46 @@
+import pytest
+
+from chatglm_tokenizer import TokenizerNotFound, find_tokenizer_model, load_tokenizer
+from chatglm_tokenizer.tokenizer import ENV_VAR
+
+
+def test_round_trip_and_special_ids(tiny_tokenizer):
+    text = "医生建议多休息，每天运动30分钟。"
+    ids = tiny_tokenizer.encode(text)
+    assert tiny_tokenizer.decode(ids) == text
+    assert tiny_tokenizer.bos_id == 1 and tiny_tokenizer.eos_id == 2
+    assert tiny_tokenizer.encode(text, bos=True, eos=True) == [1] + ids + [2]
+    assert max(ids) < tiny_tokenizer.vocab_size == 400
+
+
+def test_unseen_characters_use_byte_fallback(tiny_tokenizer):
+    text = "龘靐齉"  # never in the training text: byte pieces keep them, no <unk>
+    ids = tiny_tokenizer.encode(text)
+    assert 0 not in ids
+    assert tiny_tokenizer.decode(ids) == text
+
+
+def test_batch_encode_equals_single(tiny_tokenizer):
+    texts = ["头痛发热怎么办", "", "心脏病的饮食", "检查血压123"]
+    assert tiny_tokenizer.encode_batch(texts, num_threads=2) == [tiny_tokenizer.encode(t) for t in texts]
+
+
+def test_identity_mismatch_is_refused(tiny_tokenizer):
+    ident = tiny_tokenizer.identity()
+    tiny_tokenizer.check_identity(ident, "x.bin")
+    with pytest.raises(ValueError, match="other.bin"):
+        tiny_tokenizer.check_identity({**ident, "sha256": "0" * 64, "name": "chatglm2"}, "other.bin")
+
+
+def test_lookup_order_and_offline_message(tiny_tokenizer_path, tmp_path, monkeypatch):
+    monkeypatch.setenv(ENV_VAR, str(tiny_tokenizer_path))
+    assert find_tokenizer_model() == tiny_tokenizer_path
+    assert load_tokenizer().sha256 == load_tokenizer(tiny_tokenizer_path).sha256
+    with pytest.raises(TokenizerNotFound, match="does not exist"):
+        find_tokenizer_model(tmp_path / "missing.model")
+    monkeypatch.delenv(ENV_VAR)
+    monkeypatch.setattr("chatglm_tokenizer.tokenizer.DEFAULT_PATH", tmp_path / "absent.model")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(TokenizerNotFound) as err:
+        find_tokenizer_model()
+    assert "--tokenizer" in str(err.value) and "absent.model" in str(err.value)
