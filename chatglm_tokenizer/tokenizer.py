@@ -123,7 +123,8 @@ def load_tokenizer(path=None, download=True):
     return Tokenizer(find_tokenizer_model(path, download=download))
 
 
-def train_sentencepiece(texts, vocab_size, out_path, model_type="bpe", input_sentence_size=2_000_000):
+def train_sentencepiece(texts, vocab_size, out_path, model_type="bpe", character_coverage=0.9995,
+                        input_sentence_size=2_000_000):
     """Train an own SentencePiece vocabulary that works wherever the ChatGLM2 file does:
     unk=0, bos=1, eos=2, pad=3, byte fallback (no unknown characters), digits split, and
     no normalization, so decode(encode(text)) gives back the text exactly."""
@@ -135,7 +136,7 @@ def train_sentencepiece(texts, vocab_size, out_path, model_type="bpe", input_sen
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(texts), model_prefix=str(tmp_prefix), vocab_size=vocab_size,
         model_type=model_type, byte_fallback=True, normalization_rule_name="identity",
-        remove_extra_whitespaces=False, split_digits=True, character_coverage=0.9995,
+        remove_extra_whitespaces=False, split_digits=True, character_coverage=character_coverage,
         unk_id=0, bos_id=1, eos_id=2, pad_id=3, input_sentence_size=input_sentence_size,
         shuffle_input_sentence=True, max_sentence_length=16384, num_threads=os.cpu_count() or 1,
         minloglevel=2)
