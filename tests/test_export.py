@@ -1,0 +1,149 @@
+"""export.py: a tiny checkpoint exported to a Hugging Face directory and loaded back with
+transformers, offline; logits, token ids and greedy generations compared with ours."""
+import json
+import os
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers is imported anywhere below
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from safetensors import safe_open  # noqa: E402
+
+from checkpoint import save_checkpoint  # noqa: E402
+from chatglm_tokenizer import Tokenizer  # noqa: E402
+from conftest import ROOT, make_chinese_texts  # noqa: E402
+from export import export, hf_tokenizer  # noqa: E402
+from model import ModelArgs, Transformer  # noqa: E402
+
+TEXT = "医生你好，我头痛发热三天了，咳嗽，应该吃什么药？"
+MIXED_TEXTS = ["", " ", "  两个空格", "\n", "第一行\n\n第二行 ", "体温38.5度，血压140/90", "Hello 世界  tabs\tand\r\nCRLF",
+               "全角ＡＢＣ　½ 😀", "▁已有前缀", "2024年3月15日 12:30"]
+CHATGLM2_PATH = ROOT.parent / "shared" / "data" / "tokenizer" / "chatglm2" / "tokenizer.model"
+
+
+def save_tiny_checkpoint(tmp_path, tok, seed=0, **model_kw):
+    torch.manual_seed(seed)
+    args = ModelArgs(dim=64, n_layers=2, n_heads=4, vocab_size=tok.vocab_size, max_seq_len=64, **model_kw)
+    model = Transformer(args)
+    with torch.no_grad():  # far from init (norm weights != 1, larger logits), so a swapped or
+        for p in model.parameters():  # misplaced tensor cannot hide
+            p.add_(torch.randn_like(p) * 0.2)
+    path = tmp_path / "ckpt" / "best.pt"
+    save_checkpoint(path, {"kind": "sft", "model_args": args.to_dict(), "tokenizer": tok.identity(),
+                           "model": model.state_dict(), "step": 0})
+    return path, model.eval()
+
+
+def our_greedy(model, ids, n_new, eos_id):
+    ids = list(ids)
+    for _ in range(n_new):
+        with torch.no_grad():
+            next_id = int(model.logits(torch.tensor([ids]))[0, -1].argmax())
+        ids.append(next_id)
+        if next_id == eos_id:
+            break
+    return ids
+
+
+@pytest.mark.parametrize("model_kw", [
+    {"rope_theta": 500000.0, "norm_eps": 1e-6},  # tied head; non-default rope/eps must carry over
+    {"n_kv_heads": 2},  # grouped-query attention
+    {"tie_embeddings": False},  # separate lm_head
+], ids=["tied", "gqa", "untied"])
+def test_export_reloads_in_transformers_with_equal_logits(tmp_path, tiny_tokenizer, model_kw):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    ckpt_path, model = save_tiny_checkpoint(tmp_path, tiny_tokenizer, **model_kw)
+    out = tmp_path / "hf"
+    reported = export(ckpt_path, out)
+    assert reported <= 1e-4
+
+    config = json.loads((out / "config.json").read_text())
+    args = model.args
+    assert config["architectures"] == ["LlamaForCausalLM"]
+    assert (config["num_key_value_heads"], config["intermediate_size"]) == (args.n_kv_heads, args.hidden_dim)
+    assert config["tie_word_embeddings"] == args.tie_embeddings
+    with safe_open(out / "model.safetensors", "pt") as f:
+        assert ("lm_head.weight" in f.keys()) == (not args.tie_embeddings)
+
+    hf_tok = AutoTokenizer.from_pretrained(out, local_files_only=True)
+    ids = tiny_tokenizer.encode(TEXT)
+    assert hf_tok(TEXT)["input_ids"] == ids
+    assert hf_tok.decode(ids) == tiny_tokenizer.decode(ids)
+
+    hf_model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32, local_files_only=True).eval()
+    x = torch.tensor([ids])
+    with torch.no_grad():
+        diff = (hf_model(x).logits - model.logits(x)).abs().max().item()
+    assert diff <= 1e-4
+
+    prompt = ids + [tiny_tokenizer.bos_id]  # an SFT prompt: question ids, then bos
+    with torch.no_grad():
+        hf_out = hf_model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                                   max_new_tokens=6)  # greedy: generation_config.json's default
+    assert hf_out[0].tolist() == our_greedy(model, prompt, 6, tiny_tokenizer.eos_id)
+
+
+def test_export_bfloat16_weights(tmp_path, tiny_tokenizer):
+    ckpt_path, model = save_tiny_checkpoint(tmp_path, tiny_tokenizer, seed=1)
+    diff = export(ckpt_path, tmp_path / "hf", dtype_name="bfloat16")
+    assert diff <= 1e-4  # against our weights rounded to bf16, computed in fp32
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    with safe_open(tmp_path / "hf" / "model.safetensors", "pt") as f:
+        emb = f.get_tensor("model.embed_tokens.weight")
+    assert emb.dtype == torch.bfloat16
+    assert torch.equal(emb, model.tok_embeddings.weight.detach().to(torch.bfloat16))
+
+
+def test_chat_template_gives_the_sft_prompt(tmp_path, tiny_tokenizer):
+    from transformers import AutoTokenizer
+
+    ckpt_path, _ = save_tiny_checkpoint(tmp_path, tiny_tokenizer)
+    export(ckpt_path, tmp_path / "hf")
+    hf_tok = AutoTokenizer.from_pretrained(tmp_path / "hf", local_files_only=True)
+    messages = [{"role": "user", "content": "头痛怎么办"}, {"role": "assistant", "content": "多休息"},
+                {"role": "user", "content": "还发热呢"}]
+    ids = hf_tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+    expected = tiny_tokenizer.encode("问：头痛怎么办\n答：多休息\n还发热呢") + [tiny_tokenizer.bos_id]
+    assert list(ids) == expected
+
+
+def test_export_refuses_qk_norm_and_existing_out(tmp_path, tiny_tokenizer):
+    ckpt_path, _ = save_tiny_checkpoint(tmp_path, tiny_tokenizer, qk_norm=True)
+    with pytest.raises(ValueError, match="qk_norm"):
+        export(ckpt_path, tmp_path / "hf")
+    assert not (tmp_path / "hf").exists()
+
+    ckpt_path, _ = save_tiny_checkpoint(tmp_path, tiny_tokenizer)
+    out = tmp_path / "hf"
+    out.mkdir()
+    (out / "stale.txt").write_text("old")
+    with pytest.raises(FileExistsError):
+        export(ckpt_path, out)
+    export(ckpt_path, out, force=True)
+    assert not (out / "stale.txt").exists() and (out / "model.safetensors").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "hf"]  # no temp dirs left behind
+
+
+def check_same_ids(sp_tok, texts):
+    hf = hf_tokenizer(sp_tok.path, sp_tok.vocab_size)
+    ours = sp_tok.encode_batch(texts)
+    theirs = [e.ids for e in hf.encode_batch(texts)]
+    mismatched = [t for t, a, b in zip(texts, ours, theirs) if a != b]
+    assert not mismatched, f"{len(mismatched)} of {len(texts)} texts encode differently, e.g. {mismatched[0]!r}"
+    return hf
+
+
+def test_tokenizer_json_equals_sentencepiece_on_tiny_vocab(tiny_tokenizer):
+    texts = MIXED_TEXTS + make_chinese_texts(300, seed=7) + [" ".join(make_chinese_texts(5, seed=8))]
+    check_same_ids(tiny_tokenizer, texts)
+
+
+@pytest.mark.skipif(not CHATGLM2_PATH.is_file(), reason="ChatGLM2 tokenizer.model not available")
+def test_tokenizer_json_equals_sentencepiece_on_chatglm2():
+    tok = Tokenizer(CHATGLM2_PATH)
+    hf = check_same_ids(tok, MIXED_TEXTS + make_chinese_texts(200, seed=9) + ["Python's f-strings: f'{x!r}' 和 中文混排"])
+    # The model has 64793 ids, the SentencePiece file 64789 pieces: the rest are placeholders.
+    assert (tok.vocab_size, hf.get_vocab_size()) == (64793, 64793)
+    assert hf.decode(tok.encode("你好") + [64790]) == "你好"
