@@ -1,0 +1,169 @@
+"""SFT examples: normalized JSONL ({"prompt", "answer"} per line) -> (x, y) token tensors.
+
+One example is encoded as  prompt_ids + [bos] + answer_ids + [eos]  and trained with the usual
+one-position shift (x = seq[:-1], y = seq[1:]). Labels are IGNORE_INDEX everywhere except the
+answer ids and the eos, so the prediction made at the bos position targets the first answer id
+and the one made at the last answer id targets eos.
+
+Text is tokenized on the fly in the DataLoader workers. Batches are padded only to their longest
+example (pad label IGNORE_INDEX, which model.py's loss leaves out of both its sum and its
+denominator), and SFTBatchSampler can group examples of similar length so little is padded.
+"""
+import json
+from functools import partial
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from model import IGNORE_INDEX
+
+
+def read_sft_jsonl(path):
+    """Return [(prompt, answer, line_number)]; a malformed row raises naming path:line.
+    An empty prompt is allowed (the answer then follows bos alone); an empty answer is not."""
+    examples = []
+    with open(path, encoding="utf-8") as f:
+        for line_number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{line_number}"
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{where}: not valid JSON ({e})") from None
+            if not isinstance(row, dict):
+                raise ValueError(f"{where}: expected an object with 'prompt' and 'answer', got {type(row).__name__}")
+            for field in ("prompt", "answer"):
+                if not isinstance(row.get(field), str):
+                    raise ValueError(f"{where}: field '{field}' is missing or not a string")
+            if not row["answer"].strip():
+                raise ValueError(f"{where}: empty answer (an SFT example needs an answer to learn)")
+            examples.append((row["prompt"], row["answer"], line_number))
+    if not examples:
+        raise ValueError(f"{path}: no SFT examples")
+    return examples
+
+
+def build_example(prompt_ids, answer_ids, bos_id, eos_id, max_seq_len):
+    """(x, y) lists for one example, each at most max_seq_len long.
+
+    Too long a sequence keeps the answer's start: the prompt is cut from the left first (its
+    end, nearest the answer, stays), then the answer from the right. A cut answer gets no eos,
+    since it did not end there."""
+    if not answer_ids:
+        raise ValueError("empty answer: nothing to learn")
+    if max_seq_len < 1:
+        raise ValueError(f"max_seq_len must be >= 1, got {max_seq_len}")
+    budget = max_seq_len + 1  # seq positions: x = seq[:-1] and y = seq[1:] get max_seq_len each
+    answer_room = budget - 1  # everything after bos
+    tail = list(answer_ids) + [eos_id]
+    prompt_keep = min(len(prompt_ids), max(answer_room - len(tail), 0))
+    prompt = list(prompt_ids[len(prompt_ids) - prompt_keep:])
+    tail = tail[:answer_room - prompt_keep]
+    seq = prompt + [bos_id] + tail
+    labels = [IGNORE_INDEX] * (len(prompt) + 1) + tail
+    return seq[:-1], labels[1:]
+
+
+class SFTDataset(Dataset):
+    """Examples of one normalized SFT JSONL file, tokenized when an item is fetched."""
+
+    def __init__(self, path, tokenizer, max_seq_len):
+        self.path = str(path)
+        self.tokenizer = tokenizer
+        self.max_seq_len = max_seq_len
+        self.examples = read_sft_jsonl(path)
+        self.lengths = self._measure_lengths()
+
+    def _measure_lengths(self, chunk=8192):
+        """Positions each example fills (len(x) after truncation), for grouping by length.
+        A multi-threaded encode pass that keeps only the counts; the ids themselves are made
+        again in the workers, so memory stays one integer per example."""
+        lengths = np.empty(len(self.examples), dtype=np.int64)
+        progress = tqdm(total=len(self.examples), desc=f"measuring {self.path}", unit="ex",
+                        disable=len(self.examples) <= chunk)
+        for start in range(0, len(self.examples), chunk):
+            part = self.examples[start:start + chunk]
+            prompts = self.tokenizer.encode_batch([p for p, _, _ in part])
+            answers = self.tokenizer.encode_batch([a for _, a, _ in part])
+            for i, (prompt_ids, answer_ids, (_, _, line_number)) in enumerate(zip(prompts, answers, part)):
+                if not answer_ids:
+                    raise ValueError(f"{self.path}:{line_number}: the answer encodes to no tokens")
+                lengths[start + i] = min(len(prompt_ids) + 1 + len(answer_ids), self.max_seq_len)
+            progress.update(len(part))
+        progress.close()
+        return lengths
+
+    def __len__(self):
+        return len(self.examples)
+
+    def __getitem__(self, i):
+        prompt, answer, _ = self.examples[i]
+        tok = self.tokenizer
+        x, y = build_example(tok.encode(prompt), tok.encode(answer), tok.bos_id, tok.eos_id, self.max_seq_len)
+        return torch.tensor(x, dtype=torch.long), torch.tensor(y, dtype=torch.long)
+
+
+def collate_sft(batch, pad_id, pad_to=None):
+    """Right-pad (x, y) pairs to the batch's longest example (or to pad_to): x with pad_id,
+    y with IGNORE_INDEX, so padding is never a target. Causal attention means right padding
+    cannot change what the real positions see."""
+    length = pad_to or max(len(x) for x, _ in batch)
+    xs = torch.full((len(batch), length), pad_id, dtype=torch.long)
+    ys = torch.full((len(batch), length), IGNORE_INDEX, dtype=torch.long)
+    for row, (x, y) in enumerate(batch):
+        xs[row, :len(x)] = x
+        ys[row, :len(y)] = y
+    return xs, ys
+
+
+class SFTBatchSampler:
+    """Yields this rank's batches of example indices; an epoch's order depends only on
+    (seed, epoch), so every DDP rank computes the same global batches and takes its own
+    share (rank, rank + world_size, ...): each rank reads only its shard.
+
+    group_by_length: shuffle, cut the order into megabatches of `megabatch` batches, sort
+    each megabatch by length and cut it into batches, then shuffle the batches. Batches hold
+    similar lengths (little padding) while the order stays random from batch to batch.
+    Ranks get equally many batches (the shortfall is refilled from the epoch's first
+    batches, as DistributedSampler does), so no rank waits on another at the end."""
+
+    def __init__(self, lengths, batch_size, rank=0, world_size=1, seed=0, group_by_length=True, megabatch=64):
+        self.lengths = np.asarray(lengths)
+        self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
+        self.seed, self.group_by_length, self.megabatch = seed, group_by_length, megabatch
+        self.epoch = 0
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def global_batches(self):
+        rng = np.random.default_rng([self.seed, self.epoch])
+        order = rng.permutation(len(self.lengths))
+        if self.group_by_length:
+            chunk = self.batch_size * self.megabatch
+            # stable sort keeps ties in their shuffled order
+            order = np.concatenate([c[np.argsort(-self.lengths[c], kind="stable")]
+                                    for c in np.split(order, range(chunk, len(order), chunk))])
+        batches = [order[i:i + self.batch_size].tolist() for i in range(0, len(order), self.batch_size)]
+        if self.group_by_length:
+            batches = [batches[i] for i in rng.permutation(len(batches))]
+        shortfall = -len(batches) % self.world_size
+        return batches + batches[:shortfall]
+
+    def __iter__(self):
+        return iter(self.global_batches()[self.rank::self.world_size])
+
+    def __len__(self):
+        n_batches = -(-len(self.lengths) // self.batch_size)
+        return -(-n_batches // self.world_size)
+
+
+def sft_loader(dataset, batch_size, rank=0, world_size=1, seed=0, group_by_length=True, num_workers=0, pad_to=None):
+    """A DataLoader of padded (x, y) batches over this rank's shard of `dataset`."""
+    sampler = SFTBatchSampler(dataset.lengths, batch_size, rank, world_size, seed, group_by_length)
+    return DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers,
+                      collate_fn=partial(collate_sft, pad_id=dataset.tokenizer.pad_id, pad_to=pad_to),
+                      persistent_workers=num_workers > 0)
