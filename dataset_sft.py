@@ -7,14 +7,14 @@ and the one made at the last answer id targets eos.
 
 Text is tokenized on the fly in the DataLoader workers. Batches are padded only to their longest
 example (pad label IGNORE_INDEX, which model.py's loss leaves out of both its sum and its
-denominator), and SFTBatchSampler can group examples of similar length so little is padded.
+denominator), and length_grouped_batches puts examples of similar length together so little
+is padded.
 """
 import json
-from functools import partial
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from model import IGNORE_INDEX
@@ -119,51 +119,26 @@ def collate_sft(batch, pad_id, pad_to=None):
     return xs, ys
 
 
-class SFTBatchSampler:
-    """Yields this rank's batches of example indices; an epoch's order depends only on
-    (seed, epoch), so every DDP rank computes the same global batches and takes its own
-    share (rank, rank + world_size, ...): each rank reads only its shard.
+def length_grouped_batches(lengths, batch_size, seed, epoch, rank=0, world_size=1, megabatch=64):
+    """This rank's micro-batches (lists of indices) for one epoch, grouped by length.
 
-    group_by_length: shuffle, cut the order into megabatches of `megabatch` batches, sort
-    each megabatch by length and cut it into batches, then shuffle the batches. Batches hold
-    similar lengths (little padding) while the order stays random from batch to batch.
-    Ranks get equally many batches (the shortfall is refilled from the epoch's first
-    batches, as DistributedSampler does), so no rank waits on another at the end."""
-
-    def __init__(self, lengths, batch_size, rank=0, world_size=1, seed=0, group_by_length=True, megabatch=64):
-        self.lengths = np.asarray(lengths)
-        self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
-        self.seed, self.group_by_length, self.megabatch = seed, group_by_length, megabatch
-        self.epoch = 0
-
-    def set_epoch(self, epoch):
-        self.epoch = epoch
-
-    def global_batches(self):
-        rng = np.random.default_rng([self.seed, self.epoch])
-        order = rng.permutation(len(self.lengths))
-        if self.group_by_length:
-            chunk = self.batch_size * self.megabatch
-            # stable sort keeps ties in their shuffled order
-            order = np.concatenate([c[np.argsort(-self.lengths[c], kind="stable")]
-                                    for c in np.split(order, range(chunk, len(order), chunk))])
-        batches = [order[i:i + self.batch_size].tolist() for i in range(0, len(order), self.batch_size)]
-        if self.group_by_length:
-            batches = [batches[i] for i in rng.permutation(len(batches))]
-        shortfall = -len(batches) % self.world_size
-        return batches + batches[:shortfall]
-
-    def __iter__(self):
-        return iter(self.global_batches()[self.rank::self.world_size])
-
-    def __len__(self):
-        n_batches = -(-len(self.lengths) // self.batch_size)
-        return -(-n_batches // self.world_size)
-
-
-def sft_loader(dataset, batch_size, rank=0, world_size=1, seed=0, group_by_length=True, num_workers=0, pad_to=None):
-    """A DataLoader of padded (x, y) batches over this rank's shard of `dataset`."""
-    sampler = SFTBatchSampler(dataset.lengths, batch_size, rank, world_size, seed, group_by_length)
-    return DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers,
-                      collate_fn=partial(collate_sft, pad_id=dataset.tokenizer.pad_id, pad_to=pad_to),
-                      persistent_workers=num_workers > 0)
+    The seeded order is cut into megabatches of `megabatch` global batches; each megabatch
+    is sorted by length and cut into global batches of batch_size * world_size, and the
+    global batches are shuffled, so a batch holds similar lengths (little padding) while
+    the order stays random. Each rank takes its slice of every global batch: it reads only
+    its shard, the ranks' batches have similar lengths (no rank waits long for another),
+    and N processes see what one process with N times the batch sees. As in
+    trainer.epoch_batches, the order depends only on (seed, epoch) and the items short of a
+    whole global batch are left out (different ones each epoch)."""
+    lengths = np.asarray(lengths)
+    rng = np.random.default_rng([seed, epoch])
+    global_batch = batch_size * world_size
+    n_global = len(lengths) // global_batch
+    if n_global == 0:
+        raise ValueError(f"{len(lengths)} training examples are fewer than one global batch of {global_batch}")
+    order = rng.permutation(len(lengths))[:n_global * global_batch]
+    chunk = global_batch * megabatch
+    # a stable sort keeps equal lengths in their shuffled order
+    order = np.concatenate([c[np.argsort(-lengths[c], kind="stable")] for c in np.split(order, range(chunk, len(order), chunk))])
+    return [order[g * global_batch + rank * batch_size: g * global_batch + (rank + 1) * batch_size].tolist()
+            for g in rng.permutation(n_global)]

@@ -1,10 +1,12 @@
 import json
+from functools import partial
 
 import numpy as np
 import pytest
 import torch
+from torch.utils.data import DataLoader
 
-from dataset_sft import SFTBatchSampler, SFTDataset, build_example, collate_sft, read_sft_jsonl, sft_loader
+from dataset_sft import SFTDataset, build_example, collate_sft, length_grouped_batches, read_sft_jsonl
 from model import IGNORE_INDEX, ModelArgs, Transformer
 
 BOS, EOS = 1, 2
@@ -115,39 +117,43 @@ def test_padding_never_changes_the_loss():
     torch.testing.assert_close(together, (n_short * alone + n_long * loss_long) / (n_short + n_long))
 
 
-def test_sampler_epoch_covers_every_example_once():
+def test_grouped_epoch_covers_examples_once_in_seeded_order():
     lengths = np.random.default_rng(0).integers(1, 200, size=103)
-    for group in (True, False):
-        sampler = SFTBatchSampler(lengths, batch_size=8, seed=3, group_by_length=group)
-        batches = list(sampler)
-        assert len(batches) == len(sampler) == 13
-        assert sorted(i for b in batches for i in b) == list(range(103))
-        assert batches == list(sampler)  # same (seed, epoch): same order
-        sampler.set_epoch(1)
-        assert batches != list(sampler)
+    batches = length_grouped_batches(lengths, 8, seed=3, epoch=0)
+    assert len(batches) == 12 and all(len(b) == 8 for b in batches)
+    seen = [i for b in batches for i in b]
+    assert len(set(seen)) == 96  # 103 // 8 whole batches; the 7 left over differ by epoch
+    assert batches == length_grouped_batches(lengths, 8, seed=3, epoch=0)
+    assert batches != length_grouped_batches(lengths, 8, seed=3, epoch=1)
 
 
-def test_sampler_groups_similar_lengths():
-    lengths = np.random.default_rng(0).integers(1, 500, size=4096)
-    padded = {group: sum(len(b) * lengths[b].max() for b in SFTBatchSampler(lengths, 32, group_by_length=group))
-              for group in (True, False)}
-    assert lengths.sum() / padded[True] > 0.9
-    assert lengths.sum() / padded[False] < 0.6
+def test_grouping_cuts_padding():
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(1, 500, size=4096)
+    grouped = length_grouped_batches(lengths, 32, seed=0, epoch=0)
+    random = [rng.permutation(4096)[i:i + 32] for i in range(0, 4096, 32)]
+    real = lengths.sum()
+    assert real / sum(32 * lengths[b].max() for b in grouped) > 0.9
+    assert real / sum(32 * lengths[b].max() for b in random) < 0.6
 
 
-def test_sampler_shards_across_ranks():
+def test_ranks_take_disjoint_slices_of_global_batches():
     lengths = np.random.default_rng(0).integers(1, 200, size=101)
-    shards = [list(SFTBatchSampler(lengths, 4, rank=r, world_size=3, seed=5)) for r in range(3)]
-    assert [len(s) for s in shards] == [9, 9, 9]  # 26 batches, refilled to 27
+    shards = [length_grouped_batches(lengths, 4, seed=5, epoch=0, rank=r, world_size=3) for r in range(3)]
+    assert [len(s) for s in shards] == [8, 8, 8]  # 101 // 12 global batches
     seen = [i for s in shards for b in s for i in b]
-    assert set(seen) == set(range(101))
-    assert len(seen) - 101 <= 4  # only the one refilled batch repeats
+    assert len(seen) == len(set(seen)) == 96
+    # one process with 3x the batch sees the same global batches
+    single = length_grouped_batches(lengths, 12, seed=5, epoch=0)
+    assert [sorted(sum((s[g] for s in shards), [])) for g in range(8)] == [sorted(b) for b in single]
 
 
 def test_loader_tokenizes_in_workers(tmp_path, tiny_tokenizer):
-    rows = [{"prompt": f"问题{i}", "answer": "答" * (i + 1)} for i in range(10)]
+    rows = [{"prompt": f"问题{i}", "answer": "答" * (i + 1)} for i in range(12)]
     ds = SFTDataset(write_jsonl(tmp_path / "sft.jsonl", rows), tiny_tokenizer, max_seq_len=64)
-    batches = list(sft_loader(ds, batch_size=4, num_workers=1))
+    loader = DataLoader(ds, batch_sampler=length_grouped_batches(ds.lengths, 4, seed=0, epoch=0), num_workers=1,
+                        collate_fn=partial(collate_sft, pad_id=tiny_tokenizer.pad_id))
+    batches = list(loader)
     # every example ends in a target (eos), so a row's real length runs to its last target
     real = [int((y != I).nonzero().max()) + 1 for _, ys in batches for y in ys]
     assert sorted(real) == sorted(ds.lengths.tolist())
