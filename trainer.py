@@ -16,9 +16,9 @@ A training script plugs in like this (pretrain.py is the worked example):
 
 What the script provides: the model; the training batches as a `Batches` (an endless,
 resumable stream of (x, y) micro-batches for this rank; its state_dict() is the data
-position); a function returning this rank's validation batches; the tokenizer whose
-identity goes into every checkpoint. Any `extra` dict given to train() is stored in each
-checkpoint too.
+position); a function returning this rank's validation batches (or None: no validation);
+the tokenizer whose identity goes into every checkpoint. Any `extra` dict given to train()
+is stored in each checkpoint too.
 
 What train() does: the optimizer (AdamW, or Muon for hidden matrices), warmup + cosine
 schedule over the run's real number of optimizer steps, gradient accumulation (DDP syncs
@@ -521,7 +521,7 @@ def train(cfg, env, model, kind, tokenizer, train_batches, val_batches, resume=N
         tokens += int(counts[1].item())
 
         is_last = step == total_steps
-        do_eval = is_last or (cfg.eval_every and step % cfg.eval_every == 0)
+        do_eval = val_batches is not None and (is_last or (cfg.eval_every and step % cfg.eval_every == 0))
         do_log = do_eval or is_last or step % cfg.log_every == 0
         if do_log:
             if env.ddp:
