@@ -1,9 +1,13 @@
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
 
 import sft
+from conftest import ROOT
 from checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 from model import ModelArgs, Transformer
 
@@ -28,11 +32,18 @@ def save_init(path, tok, **ckpt_overrides):
     return path
 
 
+def sft_flags(tmp_path, tokenizer_path, out_dir, *flags):
+    return ["--init", str(tmp_path / "pre"), "--data", str(tmp_path / "sft.jsonl"), "--out-dir", str(out_dir),
+            "--tokenizer", str(tokenizer_path), "--device", "cpu", "--num-workers", "0", "--batch-size", "4",
+            "--epochs", "0", "--warmup-steps", "5", "--eval-every", "0", "--eval-batches", "2", "--log-every", "2", *flags]
+
+
 def run_sft(tmp_path, tokenizer_path, out_dir, *flags):
-    return sft.main(["--init", str(tmp_path / "pre"), "--data", str(tmp_path / "sft.jsonl"), "--out-dir", str(out_dir),
-                     "--tokenizer", str(tokenizer_path), "--device", "cpu", "--num-workers", "0",
-                     "--batch-size", "4", "--epochs", "0", "--warmup-steps", "5", "--eval-every", "0", "--eval-batches", "2",
-                     "--log-every", "2", *flags])
+    return sft.main(sft_flags(tmp_path, tokenizer_path, out_dir, *flags))
+
+
+def metrics(out_dir):
+    return [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 def greedy_answer(model, prompt_ids, bos_id, eos_id):
@@ -55,7 +66,7 @@ def test_fine_tuned_model_reproduces_answers(tmp_path, tiny_tokenizer, tiny_toke
     out = tmp_path / "sft"
     run_sft(tmp_path, tiny_tokenizer_path, out, "--max-steps", "40", "--lr", "1e-2", "--min-lr", "1e-3")
 
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    rows = metrics(out)
     assert {"step", "tokens", "train_loss", "lr"} <= set(rows[-1]) and "val_loss" in rows[-1]
     assert rows[-1]["train_loss"] < 0.1 < rows[0]["train_loss"]
     assert (out / "loss.png").is_file()
@@ -78,6 +89,25 @@ def test_resume_continues_exactly(tmp_path, tiny_tokenizer, tiny_tokenizer_path)
     halves = load_checkpoint(tmp_path / "halves", prefer="latest")["model"]
     for name in whole:
         torch.testing.assert_close(halves[name], whole[name], rtol=0, atol=0)
+
+
+def test_torchrun_two_processes_match_one_process_with_the_same_global_batch(tmp_path, tiny_tokenizer,
+                                                                          tiny_tokenizer_path):
+    """Each rank pads and weights only its own shard; the step's loss must not notice."""
+    save_init(tmp_path / "pre" / "best.pt", tiny_tokenizer)
+    write_jsonl(tmp_path / "sft.jsonl", [(p * (i + 1), a) for i in range(4) for p, a in QA])  # lengths vary
+    write_jsonl(tmp_path / "sft_val.jsonl", QA)
+    flags = ("--max-steps", "3", "--log-every", "1", "--eval-every", "3")
+    run_sft(tmp_path, tiny_tokenizer_path, tmp_path / "one", *flags, "--batch-size", "8")
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        str(ROOT / "sft.py"), *sft_flags(tmp_path, tiny_tokenizer_path, tmp_path / "two", *flags)],
+                       env={**os.environ, "OMP_NUM_THREADS": "1"}, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    one, two = metrics(tmp_path / "one"), metrics(tmp_path / "two")
+    assert [row["step"] for row in two] == [1, 2, 3] and "val_loss" in two[-1]
+    for a, b in zip(one, two):
+        assert abs(a["train_loss"] - b["train_loss"]) < 1e-4
+    assert abs(one[-1]["val_loss"] - two[-1]["val_loss"]) < 1e-4
 
 
 def test_refuses_init_with_another_tokenizer(tmp_path, tiny_tokenizer, tiny_tokenizer_path):
