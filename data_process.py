@@ -1,0 +1,823 @@
+"""Raw corpora -> training data.
+
+  python data_process.py pretrain  --input PATH_OR_GLOB... --out data/pretrain/NAME
+      text corpora -> NAME.bin (flat little-endian uint16 ids, eos after every document)
+      + NAME.json meta; a held-out fraction of documents -> NAME_val.bin + NAME_val.json
+  python data_process.py sft       --input PATH_OR_GLOB... --out data/sft/NAME.jsonl
+      Alpaca / prompt-answer / conversation sets -> JSONL {"prompt","answer"} (+ NAME_val.jsonl)
+  python data_process.py eval      --input PATH_OR_GLOB... --out data/eval/NAME.jsonl
+      QA sets -> JSONL {"question","answer"}
+  python data_process.py tokenizer --input PATH_OR_GLOB... --vocab-size N --out PATH.model
+      an own SentencePiece vocabulary trained on a sample of the corpus
+
+Inputs are files, directories or globs of JSONL, JSON arrays, CSV/TSV, Parquet or plain text
+(one document per line), each optionally gzip-compressed. --preset NAME downloads a public
+corpus from the Hugging Face Hub into data/raw first.
+"""
+import argparse
+import csv
+import glob
+import gzip
+import hashlib
+import json
+import multiprocessing
+import os
+import random
+import re
+import time
+import unicodedata
+from collections import Counter, defaultdict, deque
+from itertools import chain, compress
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from chatglm_tokenizer import Tokenizer, TokenizerNotFound, load_tokenizer, train_sentencepiece
+
+# -----------------------------------------------------------------------------
+# defaults (every one has a command-line flag)
+WORKERS = os.cpu_count() or 1
+CHUNK_BYTES = 1 << 20  # input text per task handed to a worker
+MIN_TOKENS = 6  # documents with fewer tokens are dropped (the seed drops <= 5)
+PRETRAIN_VAL_FRACTION = 0.005
+SFT_VAL_FRACTION = 0.01
+RAW_DIR = "data/raw"  # where presets download to
+TOKENIZER_SAMPLE_DOCS = 200_000
+# fields tried in order when none is named on the command line
+TEXT_FIELDS = ("text", "content", "completion")
+PROMPT_FIELDS = ("prompt", "question", "query", "q")
+ANSWER_FIELDS = ("answer", "response", "output", "target", "a")
+SUBSTRING_MIN_CHARS = 8  # eval questions this long are also caught inside longer prompts
+
+PRESETS = {  # name -> Hub dataset repo, the files to take, how to read them
+    "pretrain": {
+        "wikipedia-cn": dict(repo="pleisto/wikipedia-cn-20230720-filtered", files=["*.json"], text_field="completion"),
+        "medical": dict(repo="shibing624/medical", files=["pretrain/*"], text_field="text"),
+    },
+    "sft": {
+        "alpaca-zh": dict(repo="shibing624/alpaca-zh", files=["*.json"]),
+        "belle-0.5m": dict(repo="BelleGroup/train_0.5M_CN", files=["*.json"]),
+        "medical": dict(repo="shibing624/medical", files=["finetune/train_zh*", "finetune/valid_zh*"]),
+    },
+    "eval": {
+        "medical": dict(repo="shibing624/medical", files=["finetune/test_zh*"]),
+    },
+}
+
+
+class DataError(Exception):
+    """Bad input or a refused run; the message names the file and line."""
+
+
+# -----------------------------------------------------------------------------
+# reading inputs
+
+FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".csv": "csv", ".tsv": "csv",
+           ".parquet": "parquet", ".txt": "text", ".text": "text", ".md": "text"}
+
+
+def input_format(path):
+    name = path.name[:-3] if path.name.endswith(".gz") else path.name
+    fmt = FORMATS.get(Path(name).suffix.lower())
+    if fmt == "json":  # a .json file may hold one array or one object per line
+        with open_text(path) as f:
+            head = f.read(4096).lstrip()
+        fmt = "json" if head.startswith("[") else "jsonl"
+    if fmt == "parquet" and path.name.endswith(".gz"):
+        raise DataError(f"{path}: gzip-compressed Parquet is not supported (Parquet compresses itself)")
+    return fmt
+
+
+def expand_inputs(specs):
+    """Files, directories (searched recursively for known formats) and globs -> sorted file list."""
+    files = []
+    for spec in specs:
+        if Path(spec).is_dir():
+            found = [p for p in Path(spec).rglob("*") if p.is_file() and known_format(p)]
+        else:
+            found = [Path(p) for p in glob.glob(spec, recursive=True) if Path(p).is_file()]
+        if not found:
+            raise DataError(f"--input {spec}: no such file, or no input files in it")
+        files += sorted(found)
+    return files
+
+
+def known_format(path):
+    name = path.name[:-3] if path.name.endswith(".gz") else path.name
+    return Path(name).suffix.lower() in FORMATS
+
+
+def open_binary(path):
+    return gzip.open(path, "rb") if path.name.endswith(".gz") else open(path, "rb")
+
+
+def open_text(path):
+    # surrogateescape: bad bytes survive decoding and are reported per record (document_text)
+    return (gzip.open(path, "rt", encoding="utf-8", errors="surrogateescape", newline="")
+            if path.name.endswith(".gz") else open(path, encoding="utf-8", errors="surrogateescape", newline=""))
+
+
+def iter_raw(path, fmt):
+    """(line_no, item) per record: raw bytes for line formats (parsed later, possibly in a
+    worker process), a dict for JSON arrays, CSV and Parquet."""
+    if fmt in ("jsonl", "text"):
+        with open_binary(path) as f:
+            for line_no, line in enumerate(f, 1):
+                if line.strip():
+                    yield line_no, line
+    elif fmt == "json":
+        with open_text(path) as f:
+            yield from iter_json_array(f, path)
+    elif fmt == "csv":
+        with open_text(path) as f:
+            delimiter = "\t" if ".tsv" in path.name else ","
+            reader = csv.DictReader(f, delimiter=delimiter)
+            line_no = 2  # first data line (after the header)
+            for row in reader:
+                yield line_no, row
+                line_no = reader.line_num + 1
+    elif fmt == "parquet":
+        import pyarrow.parquet as pq
+        row = 0
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=4096):
+            for record in batch.to_pylist():
+                row += 1
+                yield row, record
+    else:
+        raise DataError(f"{path}: unknown input format (known: {', '.join(sorted(FORMATS))}, optionally .gz)")
+
+
+def iter_json_array(f, path, block=1 << 20):
+    """Stream the elements of a top-level JSON array without loading the whole file."""
+    decoder = json.JSONDecoder()
+    buf, pos, line, eof = "", 0, 1, False
+
+    def skip_space():
+        nonlocal buf, pos, line, eof
+        while True:
+            m = re.compile(r"\s*").match(buf, pos)
+            line += buf.count("\n", pos, m.end())
+            pos = m.end()
+            if pos < len(buf) or eof:
+                return buf[pos:pos + 1]
+            buf, pos = f.read(block), 0
+            eof = not buf
+
+    if skip_space() != "[":
+        raise DataError(f"{path}:{line}: expected a JSON array")
+    pos += 1
+    while True:
+        c = skip_space()
+        if c == "]":
+            return
+        if c == "":
+            raise DataError(f"{path}:{line}: the JSON array is not closed")
+        while True:
+            try:
+                value, end = decoder.raw_decode(buf, pos)
+                break
+            except json.JSONDecodeError as e:
+                if eof:
+                    raise DataError(f"{path}:{line + buf.count(chr(10), pos, e.pos)}: malformed JSON: {e.msg}") from None
+                more = f.read(block)  # the element may continue past the buffer
+                buf, pos, eof = buf[pos:] + more, 0, not more
+        yield line, value
+        line += buf.count("\n", pos, end)
+        pos = end
+        c = skip_space()
+        if c == ",":
+            pos += 1
+        elif c != "]":
+            raise DataError(f"{path}:{line}: expected ',' or ']' between array elements")
+
+
+def parse_items(path, fmt, items, on_bad):
+    """Raw items -> (line_no, record dict); bad ones go to on_bad."""
+    for line_no, item in items:
+        try:
+            if fmt == "jsonl":
+                record = json.loads(decode_line(item))
+                if not isinstance(record, dict):
+                    raise DataError(f"expected a JSON object, got {type(record).__name__}")
+            elif fmt == "text":
+                record = {"text": decode_line(item).rstrip("\r\n")}
+            else:
+                record = item
+                if not isinstance(record, dict):
+                    raise DataError(f"expected a JSON object, got {type(record).__name__}")
+        except json.JSONDecodeError as e:
+            on_bad(f"{path}:{line_no}: malformed JSON: {e.msg} (column {e.colno})")
+            continue
+        except DataError as e:
+            on_bad(f"{path}:{line_no}: {e}")
+            continue
+        yield line_no, record
+
+
+def decode_line(raw):
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"non-UTF-8 bytes at byte {e.start}") from None
+
+
+def iter_records(path, on_bad):
+    """(f"{path}:{line}", record dict) for every record of one input file."""
+    fmt = input_format(path)
+    for line_no, record in parse_items(path, fmt, iter_raw(path, fmt), on_bad):
+        yield f"{path}:{line_no}", record
+
+
+class BadCounter:
+    """Stops at the first bad record, or with --skip-bad counts them and keeps a few messages."""
+
+    def __init__(self, skip):
+        self.skip, self.count, self.examples = skip, 0, []
+
+    def __call__(self, message):
+        if not self.skip:
+            raise DataError(message + "  (--skip-bad skips and counts such records)")
+        self.count += 1
+        if len(self.examples) < 5:
+            self.examples.append(message)
+
+
+def string_field(record, field, required=True):
+    value = record.get(field)
+    if value is None and not required:
+        return ""
+    if value is None:
+        raise DataError(f"missing field '{field}' (fields: {', '.join(map(str, record)) or 'none'})")
+    if not isinstance(value, str):
+        raise DataError(f"field '{field}' is a {type(value).__name__}, expected a string")
+    return value
+
+
+def render(value):
+    """A template value: lists (e.g. Baidu Baike sections) become their parts, one per line."""
+    if isinstance(value, list):
+        return "\n".join(render(v) for v in value)
+    if isinstance(value, dict):
+        return "\n".join(render(v) for v in value.values())
+    return "" if value is None else str(value)
+
+
+def document_text(record, text_field=None, template=None):
+    if template:
+        try:
+            text = template.format_map({k: render(v) for k, v in record.items()})
+        except KeyError as e:
+            raise DataError(f"missing field {e} used by --template") from None
+    elif text_field:
+        text = string_field(record, text_field)
+    else:
+        field = next((f for f in TEXT_FIELDS if f in record), TEXT_FIELDS[0])
+        text = string_field(record, field)
+    check_utf8(text)
+    return text
+
+
+def check_utf8(text):
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise DataError("non-UTF-8 bytes in the text") from None
+
+
+def resolve_inputs(args, kind):
+    """--input specs plus the files a --preset downloads."""
+    files = expand_inputs(args.input or [])
+    for name in args.preset or []:
+        files += download_preset(kind, name, Path(args.raw_dir))
+    if not files:
+        raise DataError("no input: pass --input PATH_OR_GLOB... or --preset NAME")
+    return files
+
+
+def download_preset(kind, name, raw_dir):
+    if name not in PRESETS[kind]:
+        raise DataError(f"unknown {kind} preset {name!r} (known: {', '.join(PRESETS[kind])})")
+    preset = PRESETS[kind][name]
+    local_dir = raw_dir / preset["repo"].replace("/", "__")
+    print(f"preset {name}: downloading {preset['files']} of the Hub dataset {preset['repo']} into {local_dir}")
+    try:
+        from huggingface_hub import snapshot_download
+        snapshot_download(repo_id=preset["repo"], repo_type="dataset", allow_patterns=preset["files"],
+                          local_dir=local_dir)  # shows its own progress bars
+    except Exception as e:  # offline, no access, missing package: all end the same way
+        raise DataError(
+            f"preset {name}: downloading the Hub dataset {preset['repo']} failed ({type(e).__name__}: {e}).\n"
+            f"Without network, fetch its files {preset['files']} elsewhere, e.g.\n"
+            f"  huggingface-cli download {preset['repo']} --repo-type dataset "
+            + " ".join(f"--include '{p}'" for p in preset["files"]) +
+            f" --local-dir {local_dir}\nthen pass them with --input.") from None
+    files = sorted(p for pattern in preset["files"] for p in local_dir.glob(pattern) if p.is_file() and known_format(p))
+    if not files:
+        raise DataError(f"preset {name}: no input files matching {preset['files']} in {local_dir}")
+    return files
+
+
+# -----------------------------------------------------------------------------
+# output helpers: everything is written under a temporary name and renamed when complete
+
+def write_json_atomic(path, obj):
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, ensure_ascii=False, indent=2)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class AtomicFile:
+    """A file written as PATH.tmp and renamed to PATH by commit(); discard() removes it."""
+
+    def __init__(self, path, mode):
+        self.path, self.tmp = Path(path), Path(str(path) + ".tmp")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.f = open(self.tmp, mode, **({} if "b" in mode else {"encoding": "utf-8"}))
+
+    def commit(self):
+        self.f.flush()
+        os.fsync(self.f.fileno())
+        self.f.close()
+        os.replace(self.tmp, self.path)
+
+    def discard(self):
+        self.f.close()
+        self.tmp.unlink(missing_ok=True)
+
+
+def already_done(done_marker, force, what):
+    if done_marker.exists() and not force:
+        print(f"{what}: {done_marker} exists, skipping (--force redoes it)")
+        return True
+    return False
+
+
+def clear_outputs(outputs, files):
+    """Remove previous outputs (the completion marker first), so a crash of this run never
+    leaves old and new files mixed; refuse to overwrite an input."""
+    inputs = {p.resolve() for p in files}
+    for path in outputs:
+        if path.resolve() in inputs or Path(str(path) + ".tmp").resolve() in inputs:
+            raise DataError(f"output {path} is also an input; choose another --out")
+    for path in outputs:
+        path.unlink(missing_ok=True)
+
+
+def doc_hash(data):
+    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little")
+
+
+def is_val(h, fraction):
+    """Deterministic held-out choice from 64-bit hashes (an int or a uint64 array)."""
+    return (h >> 40) < fraction * (1 << 24)
+
+
+# -----------------------------------------------------------------------------
+# pretrain: chunks of documents are tokenized in worker processes; the main process keeps
+# their order, removes duplicates, splits train/val and appends to the output files.
+
+_worker = {}
+
+
+def init_worker(settings):
+    _worker.clear()
+    _worker.update(settings, tokenizer=Tokenizer(settings["tokenizer_path"]))
+
+
+def encode_chunk(task):
+    """One chunk of one file -> ids (uint16, each document + eos), per-document lengths and hashes."""
+    path, fmt, items = task
+    w = _worker
+    bad = BadCounter(w["skip_bad"])
+    texts, lines, hashes = [], [], []
+    for line_no, record in parse_items(path, fmt, items, bad):
+        try:
+            text = document_text(record, w["text_field"], w["template"])
+        except DataError as e:
+            bad(f"{path}:{line_no}: {e}")
+            continue
+        texts.append(text)
+        lines.append(line_no)
+        hashes.append(doc_hash(text.encode("utf-8")))
+    encoded = w["tokenizer"].encode_batch(texts, num_threads=1)  # the pool is the parallelism
+    lengths = np.fromiter(map(len, encoded), dtype=np.int64, count=len(encoded))
+    keep = lengths >= w["min_tokens"]
+    ids = np.fromiter(chain.from_iterable(compress(encoded, keep)), dtype=np.int64, count=int(lengths[keep].sum()))
+    ids = np.insert(ids, np.cumsum(lengths[keep]), w["eos_id"])  # eos after every document
+    check_ids(ids, lengths[keep] + 1, w["vocab_size"], path, np.asarray(lines)[keep])
+    return dict(ids=ids.astype("<u2"), lengths=lengths[keep] + 1,
+                hashes=np.asarray(hashes, dtype=np.uint64)[keep], n_read=len(texts) + bad.count,
+                n_short=int((~keep).sum()), n_bad=bad.count, bad_examples=bad.examples)
+
+
+def check_ids(ids, lengths, vocab_size, path, lines):
+    """Every id must be < vocab_size (and so fit uint16) before it is written."""
+    if len(ids) and (ids.max() >= vocab_size or ids.min() < 0):
+        first = int(np.argmax((ids >= vocab_size) | (ids < 0)))
+        doc = int(np.searchsorted(np.cumsum(lengths), first, side="right"))
+        raise DataError(f"{path}:{lines[doc]}: token id {ids[first]} is outside the vocabulary "
+                        f"(vocab size {vocab_size}); is the tokenizer the right one?")
+
+
+def iter_chunks(files, chunk_bytes):
+    """(path, fmt, items) tasks; the cut points depend on the input only, never on the worker count."""
+    for path in files:
+        fmt = input_format(path)
+        items, size = [], 0
+        for line_no, item in iter_raw(path, fmt):
+            items.append((line_no, item))
+            size += len(item) if isinstance(item, bytes) else sum(len(v) for v in item.values() if isinstance(v, str))
+            if size >= chunk_bytes:
+                yield path, fmt, items
+                items, size = [], 0
+        if items:
+            yield path, fmt, items
+
+
+def map_ordered(fn, tasks, workers, initializer, initargs):
+    """fn over tasks on `workers` processes, results in task order; at most 2 tasks per worker
+    are in flight, so memory stays bounded however long `tasks` is."""
+    if workers <= 1:
+        initializer(*initargs)
+        yield from map(fn, tasks)
+        return
+    with multiprocessing.Pool(workers, initializer, initargs) as pool:
+        pending = deque()
+        for task in tasks:
+            pending.append(pool.apply_async(fn, (task,)))
+            if len(pending) >= 2 * workers:
+                yield pending.popleft().get()
+        while pending:
+            yield pending.popleft().get()
+
+
+def pretrain_paths(out):
+    out = out[:-4] if out.endswith(".bin") else out
+    return {split: (Path(f"{out}{suffix}.bin"), Path(f"{out}{suffix}.json")) for split, suffix in (("train", ""), ("val", "_val"))}
+
+
+def cmd_pretrain(args):
+    paths = pretrain_paths(args.out)
+    bin_path, meta_path = paths["train"]
+    if already_done(meta_path, args.force, "pretrain"):
+        return
+    tokenizer = load_tokenizer(args.tokenizer)
+    files = resolve_inputs(args, "pretrain")
+    clear_outputs([meta_path, paths["val"][1], bin_path, paths["val"][0]], files)
+    text_field = args.text_field or next((PRESETS["pretrain"][p].get("text_field") for p in args.preset or []), None)
+    template = args.template.replace("\\n", "\n").replace("\\t", "\t") if args.template else None
+    settings = dict(tokenizer_path=str(tokenizer.path), vocab_size=tokenizer.vocab_size, eos_id=tokenizer.eos_id,
+                    min_tokens=args.min_tokens, text_field=text_field, template=template, skip_bad=args.skip_bad)
+    stats = Counter()
+    bad_examples = []
+    seen = set() if args.dedup else None
+    splits = {"train": AtomicFile(bin_path, "wb")}
+    if args.val_fraction > 0:
+        splits["val"] = AtomicFile(paths["val"][0], "wb")
+    counts = {s: Counter() for s in splits}
+    t0 = time.time()
+    try:
+        pbar = tqdm(unit="doc", unit_scale=True, desc=f"pretrain {bin_path.name}", smoothing=0.1)
+        results = map_ordered(encode_chunk, iter_chunks(files, args.chunk_bytes), args.workers, init_worker, (settings,))
+        for r in results:
+            stats.update(read=r["n_read"], short=r["n_short"], bad=r["n_bad"])
+            bad_examples += r["bad_examples"][:5 - len(bad_examples)]
+            keep = np.ones(len(r["lengths"]), dtype=bool)
+            if seen is not None:
+                for i, h in enumerate(r["hashes"].tolist()):
+                    keep[i] = h not in seen
+                    seen.add(h)
+                stats["duplicate"] += int((~keep).sum())
+            val = is_val(r["hashes"], args.val_fraction)
+            for split, mask in (("train", keep & ~val), ("val", keep & val)):
+                if mask.any():
+                    splits[split].f.write(r["ids"][np.repeat(mask, r["lengths"])].tobytes())
+                    counts[split].update(docs=int(mask.sum()), tokens=int(r["lengths"][mask].sum()))
+            tokens = counts["train"]["tokens"] + counts.get("val", {}).get("tokens", 0)
+            pbar.update(r["n_read"])
+            pbar.set_postfix_str(f"{tokens / max(time.time() - t0, 1e-9) / 1e3:,.0f}k tok/s", refresh=False)
+        pbar.close()
+        for split in splits:  # data first, metas after, the train meta last: it marks completion
+            splits[split].commit()
+        seconds = time.time() - t0
+        summary = dict(documents_read=stats["read"], dropped_short=stats["short"], dropped_duplicate=stats["duplicate"],
+                       skipped_bad=stats["bad"], seconds=round(seconds, 2), workers=args.workers)
+        for split in sorted(splits, key=lambda s: s == "train"):
+            meta = dict(tokenizer=tokenizer.identity(), vocab_size=tokenizer.vocab_size, eos_id=tokenizer.eos_id,
+                        dtype="uint16", n_tokens=counts[split]["tokens"], n_documents=counts[split]["docs"],
+                        split=split, sources=[str(p) for p in files], val_fraction=args.val_fraction,
+                        min_tokens=args.min_tokens, dedup=args.dedup, text_field=text_field, template=template,
+                        summary=summary)
+            write_json_atomic(paths[split][1], meta)
+    except BaseException:
+        for f in splits.values():
+            if not f.f.closed:
+                f.discard()
+        raise
+    print_pretrain_summary(paths, counts, stats, bad_examples, args, seconds)
+
+
+def print_pretrain_summary(paths, counts, stats, bad_examples, args, seconds):
+    tokens = sum(c["tokens"] for c in counts.values())
+    print(f"read {stats['read']:,} documents in {seconds:.1f}s ({stats['read'] / seconds:,.0f} docs/s, "
+          f"{tokens / seconds:,.0f} tokens/s, {args.workers} workers)")
+    for split, c in counts.items():
+        print(f"  {split:5s} {paths[split][0]}: {c['docs']:,} documents, {c['tokens']:,} tokens, {2 * c['tokens']:,} bytes")
+    print(f"  dropped: {stats['short']:,} with < {args.min_tokens} tokens, {stats['duplicate']:,} duplicates"
+          + (f", {stats['bad']:,} bad records skipped" if args.skip_bad else ""))
+    for message in bad_examples:
+        print(f"    e.g. {message}")
+
+
+# -----------------------------------------------------------------------------
+# sft / eval: records -> (prompt, answer) examples -> filters -> normalized JSONL
+
+def context_prompt(turns, question):
+    """The contract's multi-turn prompt: earlier (q, a) turns as context, then the question."""
+    return "".join(f"问：{q}\n答：{a}\n" for q, a in turns) + question
+
+
+def alpaca_question(instruction, input_text):
+    return instruction if not input_text.strip() else instruction + "\n" + input_text
+
+
+USER_ROLES, ASSISTANT_ROLES = {"human", "user"}, {"gpt", "assistant", "bot", "chatgpt"}
+
+
+def conversation_examples(messages):
+    """ShareGPT {from,value} or chat {role,content} turns -> one example per assistant turn."""
+    if not isinstance(messages, list):
+        raise DataError("'conversations' must be a list of turns")
+    system, turns, question = "", [], None
+    examples = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict):
+            raise DataError(f"turn {i} is not an object")
+        role = str(m.get("from", m.get("role", ""))).lower()
+        text = string_field(m, "value" if "value" in m else "content").strip()
+        if role == "system":
+            system = text + "\n"
+        elif role in USER_ROLES and question is None:
+            question = text
+        elif role in ASSISTANT_ROLES and question is not None:
+            examples.append((system + context_prompt(turns, question), text))
+            turns.append((question, text))
+            question = None
+        else:
+            raise DataError(f"turn {i} ({role or 'no role'}): turns must alternate user and assistant")
+    return examples
+
+
+def record_examples(record, prompt_field=None, answer_field=None):
+    """One input record -> [(prompt, answer)]."""
+    if not (prompt_field or answer_field):
+        if "conversations" in record or "messages" in record:
+            return conversation_examples(record.get("conversations", record.get("messages")))
+        if "instruction" in record:
+            history = record.get("history") or []
+            if not all(isinstance(t, (list, tuple)) and len(t) == 2 for t in history):
+                raise DataError("'history' must be a list of [question, answer] pairs")
+            question = alpaca_question(string_field(record, "instruction").strip(),
+                                       string_field(record, "input", required=False).strip())
+            return [(context_prompt(history, question), string_field(record, "output").strip())]
+    prompt_field = prompt_field or next((f for f in PROMPT_FIELDS if f in record), PROMPT_FIELDS[0])
+    answer_field = answer_field or next((f for f in ANSWER_FIELDS if f in record), ANSWER_FIELDS[0])
+    return [(string_field(record, prompt_field).strip(), string_field(record, answer_field).strip())]
+
+
+def normalize_question(text):
+    """Comparison key: NFKC, lower case, no whitespace, punctuation or symbols."""
+    return re.sub(r"[\W_]+", "", unicodedata.normalize("NFKC", text).lower())
+
+
+class QuestionIndex:
+    """Normalized evaluation questions; a prompt matches one if it equals it or contains it."""
+
+    def __init__(self, questions):
+        self.exact = set()
+        self.by_start = defaultdict(list)  # first SUBSTRING_MIN_CHARS chars -> questions
+        for q in map(normalize_question, questions):
+            self.exact.add(q)
+            if len(q) >= SUBSTRING_MIN_CHARS:
+                self.by_start[q[:SUBSTRING_MIN_CHARS]].append(q)
+
+    def __len__(self):
+        return len(self.exact)
+
+    def matches(self, prompt):
+        key = normalize_question(prompt)
+        if key in self.exact:
+            return True
+        for i in range(len(key) - SUBSTRING_MIN_CHARS + 1):
+            for q in self.by_start.get(key[i:i + SUBSTRING_MIN_CHARS], ()):
+                if key.startswith(q, i):
+                    return True
+        return False
+
+
+def iter_examples(files, args, bad):
+    for path in files:
+        for where, record in iter_records(path, bad):
+            try:
+                examples = record_examples(record, args.prompt_field, args.answer_field)
+                for prompt, answer in examples:
+                    check_utf8(prompt + answer)
+            except DataError as e:
+                bad(f"{where}: {e}")
+                continue
+            for prompt, answer in examples:
+                yield where, prompt, answer
+
+
+def length_reason(prompt, answer, tokenizer, args):
+    """Why an example fails the token-length filters, or None."""
+    n_prompt, n_answer = len(tokenizer.encode(prompt)), len(tokenizer.encode(answer))
+    if args.max_prompt_tokens and n_prompt > args.max_prompt_tokens:
+        return "prompt_too_long"
+    if args.max_answer_tokens and n_answer > args.max_answer_tokens:
+        return "answer_too_long"
+    if args.min_answer_tokens and n_answer < args.min_answer_tokens:
+        return "answer_too_short"
+    if args.max_tokens and n_prompt + n_answer + 2 > args.max_tokens:  # + bos + eos
+        return "too_long"
+    return None
+
+
+def cmd_examples(args, kind):
+    """sft and eval: write normalized JSONL (and a validation split for sft)."""
+    out = Path(args.out if args.out.endswith(".jsonl") else args.out + ".jsonl")
+    val_out = out.with_name(out.stem + "_val.jsonl")
+    val_fraction = getattr(args, "val_fraction", 0.0)
+    if already_done(out, args.force, kind):
+        return
+    files = resolve_inputs(args, kind)
+    clear_outputs([out, val_out], files)
+    keys = ("prompt", "answer") if kind == "sft" else ("question", "answer")
+    length_filters = any((args.max_prompt_tokens, args.max_answer_tokens, args.min_answer_tokens, args.max_tokens))
+    tokenizer = load_tokenizer(args.tokenizer) if length_filters else None
+    excluded = QuestionIndex(q for _, q, _ in iter_examples(expand_inputs([args.exclude_questions]), args, BadCounter(False))) \
+        if args.exclude_questions else None
+    bad = BadCounter(args.skip_bad)
+    stats, seen = Counter(), set()
+    outputs = {"train": AtomicFile(out, "w")}
+    if val_fraction > 0:
+        outputs["val"] = AtomicFile(val_out, "w")
+    try:
+        for where, prompt, answer in tqdm(iter_examples(files, args, bad), unit="ex", desc=f"{kind} {out.name}"):
+            stats["read"] += 1
+            reason = ("empty" if not prompt or not answer else
+                      "in_eval_set" if excluded and excluded.matches(prompt) else
+                      length_reason(prompt, answer, tokenizer, args) if tokenizer else None)
+            if reason is None and args.dedup:
+                h = doc_hash(f"{prompt}\0{answer}".encode("utf-8"))
+                reason = "duplicate" if h in seen else None
+                seen.add(h)
+            if reason:
+                stats[reason] += 1
+                continue
+            split = "val" if val_fraction > 0 and is_val(doc_hash(prompt.encode("utf-8")), val_fraction) else "train"
+            outputs[split].f.write(json.dumps(dict(zip(keys, (prompt, answer))), ensure_ascii=False) + "\n")
+            stats[split] += 1
+        for split in sorted(outputs, key=lambda s: s == "train"):  # the main file last: it marks completion
+            outputs[split].commit()
+    except BaseException:
+        for f in outputs.values():
+            if not f.f.closed:
+                f.discard()
+        raise
+    print(f"{kind}: read {stats['read']:,} examples from {len(files)} files; wrote {stats['train']:,} to {out}"
+          + (f" and {stats['val']:,} to {val_out}" if val_fraction > 0 else ""))
+    dropped = {r: stats[r] for r in ("empty", "in_eval_set", "duplicate", "prompt_too_long", "answer_too_long",
+                                     "answer_too_short", "too_long") if stats[r]}
+    if excluded:
+        print(f"  excluded {stats['in_eval_set']:,} examples whose question is in {args.exclude_questions} "
+              f"({len(excluded):,} questions)")
+    print(f"  dropped: {dropped or 'none'}" + (f"; {bad.count:,} bad records skipped" if args.skip_bad else ""))
+    for message in bad.examples:
+        print(f"    e.g. {message}")
+    return stats
+
+
+# -----------------------------------------------------------------------------
+# tokenizer: train an own SentencePiece vocabulary on a sample of documents
+
+def cmd_tokenizer(args):
+    out = Path(args.out)
+    if already_done(out, args.force, "tokenizer"):
+        return
+    files = resolve_inputs(args, "pretrain")
+    clear_outputs([out], files)
+    template = args.template.replace("\\n", "\n") if args.template else None
+    rng = random.Random(args.seed)
+    sample, seen = [], 0
+    bad = BadCounter(args.skip_bad)
+    for path in tqdm(files, unit="file", desc="sampling documents"):
+        for where, record in iter_records(path, bad):
+            try:
+                text = document_text(record, args.text_field, template)
+            except DataError as e:
+                bad(f"{where}: {e}")
+                continue
+            seen += 1  # reservoir sampling: a uniform sample whatever the corpus size
+            if len(sample) < args.sample_docs:
+                sample.append(text)
+            elif (j := rng.randrange(seen)) < args.sample_docs:
+                sample[j] = text
+    lines = [line for doc in sample for line in doc.splitlines() if line.strip()]
+    print(f"tokenizer: training a {args.vocab_size}-piece {args.model_type} vocabulary on {len(sample):,} of "
+          f"{seen:,} documents ({len(lines):,} lines)")
+    try:
+        train_sentencepiece(lines, args.vocab_size, out, model_type=args.model_type)
+    except (RuntimeError, ValueError) as e:  # e.g. a vocabulary too small for the characters seen
+        raise DataError(f"sentencepiece training failed: {e}") from None
+    print(f"tokenizer: wrote {out}; pass it as --tokenizer {out}")
+
+
+# -----------------------------------------------------------------------------
+# command line
+
+def add_input_flags(p, kind, skip_bad=True):
+    p.add_argument("--input", nargs="+", default=[], metavar="PATH_OR_GLOB",
+                   help="input files, directories or globs (JSONL, JSON array, CSV/TSV, Parquet, text; optionally .gz)")
+    p.add_argument("--preset", nargs="+", choices=sorted(PRESETS[kind]), default=[],
+                   help="download public corpora from the Hugging Face Hub into --raw-dir and use them as input")
+    p.add_argument("--raw-dir", default=RAW_DIR, help="where presets download to")
+    p.add_argument("--force", action="store_true", help="redo outputs that a previous run finished")
+    if skip_bad:
+        p.add_argument("--skip-bad", action="store_true",
+                       help="skip malformed records (bad JSON, missing field, non-UTF-8), count and report them, instead of stopping")
+
+
+def add_text_flags(p):
+    p.add_argument("--text-field", default=None,
+                   help=f"record field holding the document text (default: the first of {', '.join(TEXT_FIELDS)})")
+    p.add_argument("--template", default=None,
+                   help="document text from several fields instead, e.g. '{title}\\n{summary}\\n{sections}' (lists are joined by lines)")
+
+
+def add_example_flags(p, kind):
+    add_input_flags(p, kind)
+    p.add_argument("--out", required=True, help=f"output JSONL, e.g. data/{kind}/NAME.jsonl")
+    p.add_argument("--prompt-field", default=None,
+                   help=f"column/field of the prompt (default: Alpaca instruction+input, a conversation, or the first of {', '.join(PROMPT_FIELDS)})")
+    p.add_argument("--answer-field", default=None, help=f"column/field of the answer (default: the first of {', '.join(ANSWER_FIELDS)})")
+    p.add_argument("--dedup", action=argparse.BooleanOptionalAction, default=True, help="drop exact duplicate (prompt, answer) pairs")
+    p.add_argument("--exclude-questions", default=None, metavar="EVAL.jsonl",
+                   help="drop examples whose prompt equals or contains a question of this evaluation set (normalized)")
+    p.add_argument("--tokenizer", default=None, help="tokenizer model for the length filters")
+    p.add_argument("--max-prompt-tokens", type=int, default=None, help="drop examples with a longer prompt")
+    p.add_argument("--max-answer-tokens", type=int, default=None, help="drop examples with a longer answer")
+    p.add_argument("--min-answer-tokens", type=int, default=None, help="drop examples with a shorter answer")
+    p.add_argument("--max-tokens", type=int, default=None, help="drop examples longer than this encoded (prompt + bos + answer + eos)")
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("pretrain", help="text corpora -> uint16 token .bin + .json meta")
+    add_input_flags(p, "pretrain")
+    add_text_flags(p)
+    p.add_argument("--out", required=True, help="output NAME: writes NAME.bin, NAME.json, NAME_val.bin, NAME_val.json")
+    p.add_argument("--tokenizer", default=None, help="tokenizer model (default: BABYLLAMA_TOKENIZER, chatglm_tokenizer/tokenizer.model, or a download)")
+    p.add_argument("--workers", type=int, default=WORKERS, help="tokenizer processes (default: all cores); the output is the same for any count")
+    p.add_argument("--val-fraction", type=float, default=PRETRAIN_VAL_FRACTION, help="share of documents held out to NAME_val.bin (chosen by hash)")
+    p.add_argument("--min-tokens", type=int, default=MIN_TOKENS, help="drop documents with fewer tokens")
+    p.add_argument("--dedup", action=argparse.BooleanOptionalAction, default=False,
+                   help="drop exact duplicate documents (keeps 8 bytes per unique document in memory)")
+    p.add_argument("--chunk-bytes", type=int, default=CHUNK_BYTES, help="input bytes per task handed to a worker")
+
+    p = sub.add_parser("sft", help="SFT sets -> normalized JSONL {prompt, answer}")
+    add_example_flags(p, "sft")
+    p.add_argument("--val-fraction", type=float, default=SFT_VAL_FRACTION, help="share of examples held out to NAME_val.jsonl (chosen by hash of the prompt)")
+
+    p = sub.add_parser("eval", help="QA sets -> JSONL {question, answer}")
+    add_example_flags(p, "eval")
+
+    p = sub.add_parser("tokenizer", help="train an own SentencePiece vocabulary")
+    add_input_flags(p, "pretrain")
+    add_text_flags(p)
+    p.add_argument("--vocab-size", type=int, required=True, help="number of pieces (at most 65535, so uint16 holds every id)")
+    p.add_argument("--out", required=True, help="output PATH.model")
+    p.add_argument("--model-type", default="bpe", choices=["bpe", "unigram"], help="SentencePiece model type")
+    p.add_argument("--sample-docs", type=int, default=TOKENIZER_SAMPLE_DOCS, help="documents sampled (uniformly) for training")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    return parser
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    commands = {"pretrain": cmd_pretrain, "sft": lambda a: cmd_examples(a, "sft"),
+                "eval": lambda a: cmd_examples(a, "eval"), "tokenizer": cmd_tokenizer}
+    try:
+        return commands[args.command](args)
+    except (DataError, TokenizerNotFound) as e:
+        raise SystemExit(f"error: {e}") from None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,108 @@
+"""Pretraining data: windows of tokens from uint16 .bin files (made by data_process.py pretrain),
+read through np.memmap so no file is ever loaded whole into memory."""
+import glob
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+
+def meta_path(bin_path):
+    return Path(bin_path).with_suffix(".json")
+
+
+def read_meta(bin_path):
+    """The .json beside a .bin, checked against the file itself."""
+    bin_path, path = Path(bin_path), meta_path(bin_path)
+    if not path.is_file():
+        raise ValueError(f"{bin_path}: no meta file {path} (an unfinished data_process.py run leaves none)")
+    meta = json.loads(path.read_text(encoding="utf-8"))
+    if meta.get("dtype") != "uint16":
+        raise ValueError(f"{path}: dtype {meta.get('dtype')!r}, expected 'uint16'")
+    if bin_path.stat().st_size != 2 * meta["n_tokens"]:
+        raise ValueError(f"{bin_path}: {bin_path.stat().st_size} bytes, but its meta says {meta['n_tokens']} tokens "
+                         f"({2 * meta['n_tokens']} bytes); the file is damaged or from another run")
+    return meta
+
+
+def find_bin_files(patterns):
+    """--data (a glob, a .bin, a directory, or a list of these) -> (train_files, val_files).
+    Training files are every matching .bin except *_val.bin; val_files are the NAME_val.bin
+    siblings of the training files that exist."""
+    patterns = [patterns] if isinstance(patterns, (str, Path)) else list(patterns)
+    found = []
+    for pattern in map(str, patterns):
+        matches = sorted(glob.glob(str(Path(pattern) / "*.bin")) if Path(pattern).is_dir() else glob.glob(pattern))
+        if not matches:
+            raise FileNotFoundError(f"--data {pattern}: no .bin files match")
+        found += [Path(m) for m in matches if m.endswith(".bin")]
+    train = [p for p in dict.fromkeys(found) if not p.stem.endswith("_val")]
+    val = [v for p in train if (v := p.with_name(p.stem + "_val.bin")).is_file()]
+    if not train:
+        raise FileNotFoundError(f"--data {patterns}: only validation files (*_val.bin) match")
+    return train, val
+
+
+class PretrainDataset(Dataset):
+    """PretrainDataset(files, max_seq_len, tokenizer_identity=None, seed=0, shuffle=True)
+
+    files               one .bin path or a list of them (each with its .json meta beside it)
+    max_seq_len         each item is a window of max_seq_len + 1 tokens -> (x, y), both int64
+                        of length max_seq_len, y = x shifted by one. Windows start every
+                        max_seq_len tokens within a file, so every token is a target once.
+    tokenizer_identity  Tokenizer.identity() of the model's tokenizer (or a checkpoint's
+                        "tokenizer" entry); a .bin made with another tokenizer (by sha256) is
+                        refused with ValueError. None skips the check.
+    seed, shuffle       item i is window perm[i] of a permutation fixed by (seed, epoch);
+                        set_epoch(e) reshuffles. With shuffle=False items are in file order.
+
+    A plain map-style dataset (__len__/__getitem__), so DistributedSampler splits it across
+    ranks; as it shuffles itself, use DistributedSampler(dataset, shuffle=False), and resume
+    by skipping the items already seen. Files are opened lazily in each DataLoader worker.
+    """
+
+    def __init__(self, files, max_seq_len, tokenizer_identity=None, seed=0, shuffle=True):
+        self.files = [Path(files)] if isinstance(files, (str, Path)) else [Path(f) for f in files]
+        if not self.files:
+            raise ValueError("PretrainDataset: no .bin files")
+        self.max_seq_len, self.seed, self.shuffle = max_seq_len, seed, shuffle
+        self.metas = [read_meta(f) for f in self.files]
+        for f, meta in zip(self.files, self.metas):
+            if tokenizer_identity is not None and meta.get("tokenizer", {}).get("sha256") != tokenizer_identity.get("sha256"):
+                raise ValueError(
+                    f"{f} was made with tokenizer {meta.get('tokenizer', {}).get('name')} "
+                    f"(sha256 {meta.get('tokenizer', {}).get('sha256')}), but the model uses "
+                    f"{tokenizer_identity.get('name')} (sha256 {tokenizer_identity.get('sha256')}); "
+                    f"re-run data_process.py pretrain with the model's tokenizer")
+        self.n_tokens = sum(m["n_tokens"] for m in self.metas)
+        windows = [max(0, (m["n_tokens"] - 1) // max_seq_len) for m in self.metas]
+        self.ends = np.cumsum(windows)  # window i lives in the first file with ends[file] > i
+        if self.ends[-1] == 0:
+            raise ValueError(f"{[str(f) for f in self.files]}: fewer than max_seq_len + 1 = {max_seq_len + 1} tokens")
+        self._memmaps = None
+        self.set_epoch(0)
+
+    def set_epoch(self, epoch):
+        n = int(self.ends[-1])
+        dtype = np.uint32 if n < 2**32 else np.int64  # 4 bytes per window
+        self.order = (np.random.default_rng([self.seed, epoch]).permutation(n).astype(dtype)
+                      if self.shuffle else None)
+
+    def __len__(self):
+        return int(self.ends[-1])
+
+    def __getitem__(self, i):
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        window = int(self.order[i]) if self.order is not None else i
+        k = int(np.searchsorted(self.ends, window, side="right"))
+        start = (window - (int(self.ends[k - 1]) if k else 0)) * self.max_seq_len
+        if self._memmaps is None:
+            self._memmaps = [np.memmap(f, dtype="<u2", mode="r") for f in self.files]
+        chunk = torch.from_numpy(self._memmaps[k][start:start + self.max_seq_len + 1].astype(np.int64))
+        return chunk[:-1], chunk[1:]
+
+    def __getstate__(self):  # DataLoader workers open their own memmaps (pickling one copies it)
+        return {**self.__dict__, "_memmaps": None}

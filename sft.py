@@ -1,0 +1,91 @@
+"""Supervised fine-tuning: a pretrained checkpoint learns to answer prompts, with the loss on
+the answers only (normalized JSONL made by data_process.py sft).
+
+    python sft.py --init out/pretrain --data data/sft/NAME.jsonl --out-dir out/sft
+    torchrun --standalone --nproc_per_node=4 sft.py --init out/pretrain --data data/sft/NAME.jsonl
+    python sft.py ... --resume      # continue exactly where the last checkpoint stopped
+
+Validation uses NAME_val.jsonl beside the training file when it exists. The model's shape and
+context length come from the --init checkpoint, whose tokenizer must be the one used here.
+The training machinery (precision, DDP, schedule, checkpoints, metrics) lives in trainer.py.
+"""
+import argparse
+from functools import partial
+from pathlib import Path
+
+import trainer
+from checkpoint import load_checkpoint, model_from_checkpoint, tokenizer_for_checkpoint
+from dataset_sft import SFTDataset, collate_sft, length_grouped_batches
+from model import ModelArgs, Transformer
+
+# Fine-tuning, not learning from scratch: a tenth of pretraining's learning rate, a few
+# passes over a small set, no weight decay, batches of similar lengths.
+TRAIN_DEFAULTS = dict(batch_size=32, grad_accum=1, lr=5e-5, min_lr=5e-6, warmup_steps=100, weight_decay=0.0,
+                      max_steps=0, max_tokens=0, epochs=3.0, eval_every=500, eval_batches=50, save_every=500,
+                      keep_last=2, log_every=10, out_dir="out/sft")
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--init", default="out/pretrain",
+                        help="pretraining checkpoint to start from: a .pt file or an out dir (its best.pt, else latest)")
+    parser.add_argument("--data", default="data/sft/sft.jsonl",
+                        help="normalized SFT JSONL ({prompt, answer} per line); NAME_val.jsonl beside it validates")
+    parser.add_argument("--tokenizer", default=None, help="tokenizer.model (default: the one the checkpoint records)")
+    parser.add_argument("--max-seq-len", type=int, default=0,
+                        help="positions per example, longer ones are cut (0: the checkpoint's context length)")
+    parser.add_argument("--dropout", type=float, default=None, help="dropout while fine-tuning (default: the checkpoint's)")
+    parser.add_argument("--group-by-length", action=argparse.BooleanOptionalAction, default=True,
+                        help="batch examples of similar length together (less padding); --no-group-by-length: random batches")
+    parser.add_argument("--num-workers", type=int, default=2, help="DataLoader worker processes that tokenize the examples")
+    trainer.add_train_args(parser, TRAIN_DEFAULTS)
+    return parser.parse_args(argv)
+
+
+def init_model(cfg):
+    """The --init checkpoint's model and tokenizer, refused when they do not fit together."""
+    init = load_checkpoint(cfg.init, prefer="best")
+    tokenizer = tokenizer_for_checkpoint(init, cfg.tokenizer)  # raises when the sha256 differs
+    model_args = dict(init["model_args"])
+    if cfg.dropout is not None:
+        model_args["dropout"] = cfg.dropout
+    if model_args["vocab_size"] < tokenizer.vocab_size:
+        raise ValueError(f"checkpoint {init['path']}: its model has {model_args['vocab_size']} token rows, "
+                         f"but tokenizer {tokenizer.name} has {tokenizer.vocab_size} ids")
+    model = model_from_checkpoint({**init, "model_args": model_args})  # raises when the weights' shapes differ
+    return model, tokenizer, init
+
+
+def main(argv=None):
+    cfg = parse_args(argv)
+    env = trainer.setup(cfg)
+    model, tokenizer, init = init_model(cfg)
+    env.print(f"init: {init['path']} ({init.get('kind')} checkpoint, step {init.get('step')})")
+    resume = trainer.load_resume(cfg, "sft", tokenizer)
+    if resume:  # trainer.train loads the resumed weights into a model of the resumed shape
+        model = Transformer(ModelArgs.from_dict(resume["model_args"]))
+    max_seq_len = cfg.max_seq_len or model.args.max_seq_len
+    if max_seq_len > model.args.max_seq_len:
+        raise ValueError(f"--max-seq-len {max_seq_len} exceeds the model's context length {model.args.max_seq_len}")
+
+    data = Path(cfg.data)
+    val_path = data.with_name(data.stem + "_val.jsonl")
+    train_set = SFTDataset(data, tokenizer, max_seq_len)
+    val_set = SFTDataset(val_path, tokenizer, max_seq_len) if val_path.is_file() else None
+    env.print(f"data: {len(train_set):,} examples, {train_set.lengths.sum():,} positions in {data}; "
+              + (f"validation {len(val_set):,} examples in {val_path}" if val_set else f"no {val_path}: no validation"))
+    collate = partial(collate_sft, pad_id=tokenizer.pad_id)
+    grouped = partial(length_grouped_batches, train_set.lengths, cfg.batch_size, cfg.seed,
+                      rank=env.rank, world_size=env.world_size)
+    train_batches = trainer.Batches(train_set, cfg.batch_size, cfg.seed, env, collate_fn=collate,
+                                    num_workers=cfg.num_workers, make_epoch=grouped if cfg.group_by_length else None)
+    val_batches = (lambda: trainer.eval_batches(val_set, cfg.batch_size, cfg.eval_batches, env, collate)) if val_set else None
+    try:
+        return trainer.train(cfg, env, model, "sft", tokenizer, train_batches, val_batches, resume,
+                             extra={"init": init["path"]})
+    finally:
+        env.close()
+
+
+if __name__ == "__main__":
+    main()
