@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -36,3 +37,13 @@ def tiny_tokenizer_path(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_tokenizer(tiny_tokenizer_path):
     return Tokenizer(tiny_tokenizer_path)
+
+
+@pytest.fixture
+def one_torch_thread():
+    """For tests of many small ops: with tensors this small, a second thread only adds
+    synchronisation, which costs seconds on a busy 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
