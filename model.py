@@ -101,6 +101,35 @@ class KVCache:
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
 
+def apply_repetition_penalty(logits, seen, penalty):
+    """CTRL-style penalty on every token already in a row's context (prompt or generated):
+    positive logits are divided by it, negative ones multiplied, so a seen token always loses."""
+    if penalty == 1.0:
+        return logits
+    penalized = torch.where(logits > 0, logits / penalty, logits * penalty)
+    return torch.where(seen, penalized, logits)
+
+
+def sample_next_token(logits, temperature=0.0, top_k=None, top_p=None, generator=None):
+    """(B, vocab) fp32 logits -> (B,) token ids. temperature 0 is greedy (argmax);
+    otherwise sample from the temperature-scaled distribution cut to the top_k tokens and to
+    the smallest set whose probability reaches top_p."""
+    if temperature <= 0:
+        return logits.argmax(dim=-1)
+    logits = logits / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(dim=-1)
+        outside = probs.cumsum(dim=-1) - probs >= top_p  # mass before this token already reaches top_p
+        outside[:, 0] = False  # the most likely token always stays
+        sorted_logits = sorted_logits.masked_fill(outside, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(-1)
+
+
 class Attention(nn.Module):
     def __init__(self, args, layer_id):
         super().__init__()
@@ -235,6 +264,77 @@ class Transformer(nn.Module):
     def logits(self, tokens):
         """Full (B, T, vocab) fp32 logits; for tests, perplexity and export checks."""
         return self.output(self.hidden_states(tokens)).float()
+
+    @torch.inference_mode()
+    def generate_stream(self, prompts, max_new_tokens, eos_id=None, pad_id=0, temperature=0.0,
+                        top_k=None, top_p=None, repetition_penalty=1.0, generator=None):
+        """Decode a batch of prompts (lists of ids, any lengths) with the KV cache: the prompts
+        run once, then one token per step. Yields per step a list with each row's new token id,
+        or None for a row that has ended; a row ends at eos_id (not yielded). Generation stops
+        when every row has ended, after max_new_tokens, or when prompt + output reach
+        max_seq_len, whichever comes first.
+
+        Rows are left-padded to the longest prompt; each row's positions start at 0 at its own
+        first token and a mask hides the padded keys, so a row's tokens match decoding it alone."""
+        if not prompts or min(len(p) for p in prompts) == 0:
+            raise ValueError("generate needs at least one prompt and no empty prompt")
+        if temperature < 0 or (top_k is not None and top_k < 1) or not (top_p is None or 0 < top_p <= 1) \
+                or repetition_penalty <= 0:
+            raise ValueError(f"bad sampling settings: temperature={temperature} (>= 0), top_k={top_k} (>= 1), "
+                             f"top_p={top_p} (in (0, 1]), repetition_penalty={repetition_penalty} (> 0)")
+        batch, prompt_len = len(prompts), max(len(p) for p in prompts)
+        if prompt_len >= self.args.max_seq_len:
+            raise ValueError(f"prompt of {prompt_len} tokens leaves no room to generate within "
+                             f"max_seq_len {self.args.max_seq_len}")
+        n_steps = min(max_new_tokens, self.args.max_seq_len - prompt_len)
+        weight = self.tok_embeddings.weight
+        device = weight.device
+
+        tokens = torch.full((batch, prompt_len), pad_id, dtype=torch.long)
+        for row, p in enumerate(prompts):
+            tokens[row, prompt_len - len(p):] = torch.tensor(p, dtype=torch.long)
+        tokens = tokens.to(device)
+        n_pad = torch.tensor([prompt_len - len(p) for p in prompts], device=device)
+        positions = (torch.arange(prompt_len, device=device)[None] - n_pad[:, None]).clamp(min=0)
+        cache = KVCache(self.args, batch, prompt_len + n_steps, device, weight.dtype)
+
+        key_ok, prefill_mask = None, None
+        if n_pad.any():
+            key_ok = torch.arange(prompt_len + n_steps, device=device)[None] >= n_pad[:, None]  # (B, S)
+            causal = torch.ones(prompt_len, prompt_len, dtype=torch.bool, device=device).tril()
+            # A pad query may see itself: a row with no allowed key would give NaN, and NaN
+            # values poison later rows' sums even where the mask is 0.
+            eye = torch.eye(prompt_len, dtype=torch.bool, device=device)
+            prefill_mask = ((causal & key_ok[:, None, :prompt_len]) | eye)[:, None]  # (B, 1, T, S)
+
+        seen = torch.zeros(batch, self.args.vocab_size, dtype=torch.bool, device=device)
+        for row, p in enumerate(prompts):
+            seen[row, torch.tensor(p, device=device)] = True
+
+        logits = self(tokens, positions=positions, cache=cache, attn_mask=prefill_mask)
+        next_pos = positions[:, -1:] + 1
+        done = torch.zeros(batch, dtype=torch.bool, device=device)
+        for step in range(n_steps):
+            logits = apply_repetition_penalty(logits, seen, repetition_penalty)
+            new = sample_next_token(logits, temperature, top_k, top_p, generator)
+            ended = done | (new == eos_id) if eos_id is not None else done
+            yield [None if e else t for t, e in zip(new.tolist(), ended.tolist())]
+            done = ended
+            if bool(done.all()) or step == n_steps - 1:
+                return
+            seen[torch.arange(batch, device=device), new] = True
+            step_mask = key_ok[:, None, None, :cache.length + 1] if key_ok is not None else None
+            logits = self(new[:, None], positions=next_pos, cache=cache, attn_mask=step_mask)
+            next_pos = next_pos + 1
+
+    def generate(self, prompts, max_new_tokens, **sampling):
+        """Like generate_stream, but returns each row's generated ids (without the eos)."""
+        outputs = [[] for _ in prompts]
+        for step_ids in self.generate_stream(prompts, max_new_tokens, **sampling):
+            for out, t in zip(outputs, step_ids):
+                if t is not None:
+                    out.append(t)
+        return outputs
 
 
 def chunked_cross_entropy(h, weight, targets, chunk_rows=1024):

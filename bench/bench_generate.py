@@ -1,0 +1,105 @@
+"""Generation speed, in one run so that both comparisons share the machine's state:
+  1. decode tokens/s with the KV cache beside recomputing the whole sequence for every new
+     token (the original project's way), NEW_TOKENS after a PROMPT_LEN-token prompt, greedy;
+  2. eval questions/s (eval.py's batched generation) at batch 16 beside batch 1, on real
+     medical questions encoded with the ChatGLM2 tokenizer.
+Random weights in the seed config (dim 512, 8 layers, 8 heads, vocab 64793): speed does not
+depend on what the weights say, and greedy decoding makes both sides do the same work.
+
+    python bench/bench_generate.py [--threads 2] [--n-questions 32]
+
+Targets on a 2-core CPU: the cache >= 15x recompute; batch 16 >= 3x the questions/s of batch 1.
+"""
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from chatglm_tokenizer import load_tokenizer  # noqa: E402
+from eval import generate_answers, read_qa, sft_prompt_ids  # noqa: E402
+from model import ModelArgs, Transformer  # noqa: E402
+
+# -----------------------------------------------------------------------------
+# defaults (flags override)
+PROMPT_LEN = 64
+NEW_TOKENS = 256
+QA_DATA = ROOT / "../shared/data/medical_qa/huatuo26m_test_eval.jsonl"
+TOKENIZER = ROOT / "../shared/data/tokenizer/chatglm2/tokenizer.model"
+N_QUESTIONS = 32
+EVAL_NEW_TOKENS = 64
+BATCH_SIZES = (1, 16)
+SEED = 0
+# -----------------------------------------------------------------------------
+
+
+@torch.inference_mode()
+def greedy_recompute(model, prompt, new_tokens):
+    """The baseline: the whole sequence through the model again for every new token."""
+    seq = torch.tensor([prompt])
+    for _ in range(new_tokens):
+        seq = torch.cat([seq, model(seq).argmax(-1, keepdim=True)], dim=1)
+    return seq[0, len(prompt):].tolist()
+
+
+def timed(fn):
+    t0 = time.perf_counter()
+    result = fn()
+    return result, time.perf_counter() - t0
+
+
+def main():
+    p = argparse.ArgumentParser(description="Decode speed with and without the KV cache; eval speed by batch size.")
+    p.add_argument("--prompt-len", type=int, default=PROMPT_LEN, help="prompt tokens before decoding")
+    p.add_argument("--new-tokens", type=int, default=NEW_TOKENS, help="tokens decoded per side")
+    p.add_argument("--data", default=str(QA_DATA), help="QA set whose questions the eval part answers")
+    p.add_argument("--tokenizer", default=str(TOKENIZER), help="ChatGLM2 tokenizer.model")
+    p.add_argument("--n-questions", type=int, default=N_QUESTIONS, help="questions answered at each batch size")
+    p.add_argument("--eval-new-tokens", type=int, default=EVAL_NEW_TOKENS, help="max new tokens per answer")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--out", default=None, help="also write the numbers to this JSON file")
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(SEED)
+    model = Transformer(ModelArgs()).to(args.device).eval()
+    print(f"seed config, {model.num_params() / 1e6:.1f}M params, {args.device}, {torch.get_num_threads()} threads")
+
+    prompt = torch.randint(3, model.args.vocab_size, (args.prompt_len,)).tolist()
+    model.generate([prompt], 4)  # warm-up
+    cached, t_cache = timed(lambda: model.generate([prompt], args.new_tokens)[0])
+    recomputed, t_full = timed(lambda: greedy_recompute(model, prompt, args.new_tokens))
+    speedup = t_full / t_cache
+    print(f"decode {args.new_tokens} after {args.prompt_len}: cache {args.new_tokens / t_cache:.1f} tok/s, "
+          f"recompute {args.new_tokens / t_full:.2f} tok/s -> {speedup:.1f}x (target >= 15x); "
+          f"same tokens: {cached == recomputed}")
+
+    tok = load_tokenizer(args.tokenizer)
+    rows = read_qa(args.data, limit=args.n_questions)
+    prompts = [sft_prompt_ids(tok, r["question"])[-(model.args.max_seq_len - args.eval_new_tokens):] for r in rows]
+    q_per_s, answers = {}, {}
+    for batch_size in BATCH_SIZES:
+        answers[batch_size], seconds = timed(lambda: generate_answers(
+            model, prompts, batch_size, args.eval_new_tokens, progress=False, eos_id=tok.eos_id, pad_id=tok.pad_id))
+        q_per_s[batch_size] = len(prompts) / seconds
+        print(f"eval batch {batch_size:>2}: {q_per_s[batch_size]:.2f} questions/s "
+              f"({len(prompts)} questions, up to {args.eval_new_tokens} new tokens)")
+    small, large = BATCH_SIZES
+    batch_gain = q_per_s[large] / q_per_s[small]
+    print(f"eval batch {large} / batch {small}: {batch_gain:.1f}x (target >= 3x); "
+          f"same answers: {answers[small] == answers[large]}")
+    if args.out:
+        Path(args.out).write_text(json.dumps({
+            "threads": torch.get_num_threads(), "device": args.device,
+            "decode_cache_tok_s": args.new_tokens / t_cache, "decode_recompute_tok_s": args.new_tokens / t_full,
+            "decode_speedup": speedup, "eval_q_per_s": q_per_s, "eval_batch_gain": batch_gain}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

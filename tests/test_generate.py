@@ -1,0 +1,102 @@
+import pytest
+import torch
+
+from model import ModelArgs, Transformer, apply_repetition_penalty, sample_next_token
+
+MAX_SEQ_LEN = 40
+pytestmark = pytest.mark.usefixtures("one_thread")
+PROMPTS = [[5, 6, 7], [9] * 10, list(range(3, 16)), [42]]
+
+
+@pytest.fixture(scope="module")
+def model():
+    """A tiny untied model with large random weights, so greedy output varies from token to
+    token; float64 so that batched and single-row arithmetic agree far below any tie."""
+    torch.manual_seed(0)
+    args = ModelArgs(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=101,
+                     max_seq_len=MAX_SEQ_LEN, tie_embeddings=False)
+    model = Transformer(args).double().eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0.0, 0.3)
+    return model
+
+
+def greedy_without_cache(model, prompt, max_new_tokens, eos_id=None):
+    """The reference: the whole sequence through the model for every new token."""
+    seq, out = list(prompt), []
+    with torch.no_grad():
+        while len(out) < max_new_tokens and len(seq) < MAX_SEQ_LEN:
+            t = int(model(torch.tensor([seq])).argmax(-1))
+            if t == eos_id:
+                break
+            out.append(t)
+            seq.append(t)
+    return out
+
+
+def test_cached_greedy_equals_uncached_greedy(model):
+    for prompt in PROMPTS:
+        cached = model.generate([prompt], 20)[0]
+        assert len(cached) == 20
+        assert cached == greedy_without_cache(model, prompt, 20)
+    assert len(set(cached)) > 3  # the model really varies its output
+
+
+def test_batched_prompts_of_different_lengths_equal_one_at_a_time(model):
+    batched = model.generate(PROMPTS, 15)
+    assert batched == [model.generate([p], 15)[0] for p in PROMPTS]
+
+
+def test_each_row_stops_at_eos_and_the_others_go_on(model):
+    free = model.generate(PROMPTS, 15)
+    eos = free[0][4]
+    stopped = model.generate(PROMPTS, 15, eos_id=eos)
+    for row_free, row_stopped in zip(free, stopped):
+        expected = row_free[:row_free.index(eos)] if eos in row_free else row_free
+        assert row_stopped == expected
+    assert stopped[0] == free[0][:free[0].index(eos)]
+    # the stream reports an ended row as None from its eos on
+    steps = list(model.generate_stream(PROMPTS, 15, eos_id=eos))
+    end = free[0].index(eos)
+    assert all(step[0] is None for step in steps[end:]) and steps[end - 1][0] is not None
+    assert stopped == model.generate(PROMPTS, 15, eos_id=eos) == [
+        greedy_without_cache(model, p, 15, eos_id=eos) for p in PROMPTS]
+
+
+def test_generation_respects_max_seq_len(model):
+    out = model.generate([list(range(1, 36)), [7, 8]], 20)
+    assert len(out[0]) == len(out[1]) == MAX_SEQ_LEN - 35  # the longest prompt bounds the batch
+    with pytest.raises(ValueError, match="max_seq_len"):
+        model.generate([list(range(1, MAX_SEQ_LEN + 1))], 5)
+    with pytest.raises(ValueError, match="empty prompt"):
+        model.generate([[3], []], 5)
+
+
+def test_sampling_is_reproducible_with_a_seeded_generator(model):
+    def sample(seed, **kw):
+        return model.generate(PROMPTS, 12, temperature=1.0, generator=torch.Generator().manual_seed(seed), **kw)
+    assert sample(1) == sample(1)
+    assert sample(1) != sample(2)
+    assert sample(3, top_k=1) == model.generate(PROMPTS, 12)  # top-1 sampling is greedy
+    assert sample(4, top_p=0.9, repetition_penalty=1.3) == sample(4, top_p=0.9, repetition_penalty=1.3)
+
+
+def test_top_k_top_p_and_repetition_penalty_filter_the_right_tokens():
+    probs = torch.tensor([[0.5, 0.3, 0.15, 0.05]])
+    logits = probs.log().repeat(2000, 1)
+    g = torch.Generator().manual_seed(0)
+    assert set(sample_next_token(logits, 1.0, top_p=0.6, generator=g).tolist()) == {0, 1}
+    assert set(sample_next_token(logits, 1.0, top_p=0.5, generator=g).tolist()) == {0}
+    assert set(sample_next_token(logits, 1.0, top_k=3, generator=g).tolist()) == {0, 1, 2}
+    # a seen token loses: a positive logit is divided by the penalty, a negative one multiplied
+    seen = torch.tensor([[True, False, True]])
+    penalized = apply_repetition_penalty(torch.tensor([[2.0, 1.0, -1.0]]), seen, 4.0)
+    assert penalized.tolist() == [[0.5, 1.0, -4.0]]
+    assert int(sample_next_token(penalized)) == 1
+
+
+def test_stream_yields_the_same_tokens_as_generate(model):
+    steps = list(model.generate_stream(PROMPTS[:2], 10))
+    assert [list(col) for col in zip(*steps)] == model.generate(PROMPTS[:2], 10)
