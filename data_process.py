@@ -38,7 +38,7 @@ from chatglm_tokenizer import Tokenizer, TokenizerNotFound, load_tokenizer, trai
 # -----------------------------------------------------------------------------
 # defaults (every one has a command-line flag)
 WORKERS = os.cpu_count() or 1
-CHUNK_BYTES = 1 << 18  # input text per task handed to a worker
+CHUNK_BYTES = 1 << 20  # input text per task handed to a worker
 MIN_TOKENS = 6  # documents with fewer tokens are dropped (the seed drops <= 5)
 PRETRAIN_VAL_FRACTION = 0.005
 SFT_VAL_FRACTION = 0.01
