@@ -23,6 +23,7 @@ import json
 import os
 import random
 import re
+import threading
 import time
 import unicodedata
 from collections import Counter, defaultdict, deque
@@ -464,6 +465,16 @@ def iter_tasks(files, chunk_bytes):
             yield "items", path, fmt, items
 
 
+def start_pool_worker(parent_pid, initializer, initargs):
+    """A worker exits when the main process is gone (killed), instead of waiting for work forever."""
+    def watch_parent():
+        while os.getppid() == parent_pid:
+            time.sleep(1)
+        os._exit(1)
+    threading.Thread(target=watch_parent, daemon=True).start()
+    initializer(*initargs)
+
+
 def map_ordered(fn, tasks, workers, initializer, initargs):
     """fn over tasks on `workers` processes, results in task order; at most 2 tasks per worker
     are in flight, so memory stays bounded however long `tasks` is."""
@@ -472,7 +483,7 @@ def map_ordered(fn, tasks, workers, initializer, initargs):
         yield from map(fn, tasks)
         return
     # (concurrent.futures rather than multiprocessing.Pool, whose manager thread spins on results)
-    with ProcessPoolExecutor(workers, initializer=initializer, initargs=initargs) as pool:
+    with ProcessPoolExecutor(workers, initializer=start_pool_worker, initargs=(os.getpid(), initializer, initargs)) as pool:
         pending = deque()
         for task in tasks:
             pending.append(pool.submit(fn, task))
