@@ -37,7 +37,7 @@ from tqdm import tqdm
 from chatglm_tokenizer import Tokenizer, TokenizerNotFound, load_tokenizer, train_sentencepiece
 
 # -----------------------------------------------------------------------------
-# defaults (every one has a command-line flag)
+# defaults (command-line flags override all but the field lists and SUBSTRING_MIN_CHARS)
 WORKERS = os.cpu_count() or 1
 CHUNK_BYTES = 1 << 20  # input text per task handed to a worker
 MIN_TOKENS = 6  # documents with fewer tokens are dropped (the seed drops <= 5)
