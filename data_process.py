@@ -38,7 +38,7 @@ from chatglm_tokenizer import Tokenizer, TokenizerNotFound, load_tokenizer, trai
 
 # -----------------------------------------------------------------------------
 # defaults (command-line flags override all but the field lists and SUBSTRING_MIN_CHARS)
-WORKERS = os.cpu_count() or 1
+WORKERS = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1  # usable cores
 CHUNK_BYTES = 1 << 20  # input text per task handed to a worker
 MIN_TOKENS = 6  # documents with fewer tokens are dropped (the seed drops <= 5)
 PRETRAIN_VAL_FRACTION = 0.005
