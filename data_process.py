@@ -20,14 +20,16 @@ import glob
 import gzip
 import hashlib
 import json
-import multiprocessing
 import os
 import random
 import re
+import threading
 import time
 import unicodedata
+import zlib
 from collections import Counter, defaultdict, deque
-from itertools import chain, compress
+from concurrent.futures import ProcessPoolExecutor
+from itertools import compress
 from pathlib import Path
 
 import numpy as np
@@ -36,8 +38,8 @@ from tqdm import tqdm
 from chatglm_tokenizer import Tokenizer, TokenizerNotFound, load_tokenizer, train_sentencepiece
 
 # -----------------------------------------------------------------------------
-# defaults (every one has a command-line flag)
-WORKERS = os.cpu_count() or 1
+# defaults (command-line flags override all but the field lists and SUBSTRING_MIN_CHARS)
+WORKERS = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1  # usable cores
 CHUNK_BYTES = 1 << 20  # input text per task handed to a worker
 MIN_TOKENS = 6  # documents with fewer tokens are dropped (the seed drops <= 5)
 PRETRAIN_VAL_FRACTION = 0.005
@@ -148,6 +150,9 @@ def iter_raw(path, fmt):
         raise DataError(f"{path}: unknown input format (known: {', '.join(sorted(FORMATS))}, optionally .gz)")
 
 
+WHITESPACE = re.compile(r"\s*")
+
+
 def iter_json_array(f, path, block=1 << 20):
     """Stream the elements of a top-level JSON array without loading the whole file."""
     decoder = json.JSONDecoder()
@@ -156,7 +161,7 @@ def iter_json_array(f, path, block=1 << 20):
     def skip_space():
         nonlocal buf, pos, line, eof
         while True:
-            m = re.compile(r"\s*").match(buf, pos)
+            m = WHITESPACE.match(buf, pos)
             line += buf.count("\n", pos, m.end())
             pos = m.end()
             if pos < len(buf) or eof:
@@ -188,12 +193,12 @@ def iter_json_array(f, path, block=1 << 20):
         c = skip_space()
         if c == ",":
             pos += 1
-        elif c != "]":
+        elif c not in ("]", ""):  # at the end of the input the loop reports the unclosed array
             raise DataError(f"{path}:{line}: expected ',' or ']' between array elements")
 
 
-def parse_items(path, fmt, items, on_bad):
-    """Raw items -> (line_no, record dict); bad ones go to on_bad."""
+def parse_items(fmt, items, on_bad):
+    """Raw items -> (line_no, record dict); bad ones go to on_bad(line_no, message)."""
     for line_no, item in items:
         try:
             if fmt == "jsonl":
@@ -207,10 +212,10 @@ def parse_items(path, fmt, items, on_bad):
                 if not isinstance(record, dict):
                     raise DataError(f"expected a JSON object, got {type(record).__name__}")
         except json.JSONDecodeError as e:
-            on_bad(f"{path}:{line_no}: malformed JSON: {e.msg} (column {e.colno})")
+            on_bad(line_no, f"malformed JSON: {e.msg} (column {e.colno})")
             continue
         except DataError as e:
-            on_bad(f"{path}:{line_no}: {e}")
+            on_bad(line_no, str(e))
             continue
         yield line_no, record
 
@@ -222,11 +227,10 @@ def decode_line(raw):
         raise DataError(f"non-UTF-8 bytes at byte {e.start}") from None
 
 
-def iter_records(path, on_bad):
-    """(f"{path}:{line}", record dict) for every record of one input file."""
+def iter_records(path, bad):
+    """(line_no, record dict) for every record of one input file; bad ones go to bad(path, ...)."""
     fmt = input_format(path)
-    for line_no, record in parse_items(path, fmt, iter_raw(path, fmt), on_bad):
-        yield f"{path}:{line_no}", record
+    yield from parse_items(fmt, iter_raw(path, fmt), lambda line_no, message: bad(path, line_no, message))
 
 
 class BadCounter:
@@ -235,7 +239,8 @@ class BadCounter:
     def __init__(self, skip):
         self.skip, self.count, self.examples = skip, 0, []
 
-    def __call__(self, message):
+    def __call__(self, path, line_no, message):
+        message = f"{path}:{line_no}: {message}"
         if not self.skip:
             raise DataError(message + "  (--skip-bad skips and counts such records)")
         self.count += 1
@@ -264,6 +269,7 @@ def render(value):
 
 
 def document_text(record, text_field=None, template=None):
+    """The document's text (str) and its UTF-8 bytes."""
     if template:
         try:
             text = template.format_map({k: render(v) for k, v in record.items()})
@@ -272,16 +278,19 @@ def document_text(record, text_field=None, template=None):
     elif text_field:
         text = string_field(record, text_field)
     else:
-        field = next((f for f in TEXT_FIELDS if f in record), TEXT_FIELDS[0])
+        for field in TEXT_FIELDS:
+            if field in record:
+                break
+        else:
+            field = TEXT_FIELDS[0]  # named in the error
         text = string_field(record, field)
-    check_utf8(text)
-    return text
+    return text, utf8(text)
 
 
-def check_utf8(text):
+def utf8(text):
     try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
+        return text.encode("utf-8")
+    except UnicodeEncodeError:  # surrogates: undecodable input bytes, or a lone \ud800 escape
         raise DataError("non-UTF-8 bytes in the text") from None
 
 
@@ -368,12 +377,13 @@ def clear_outputs(outputs, files):
 
 
 def doc_hash(data):
+    """64-bit key for exact-duplicate removal."""
     return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little")
 
 
-def is_val(h, fraction):
-    """Deterministic held-out choice from 64-bit hashes (an int or a uint64 array)."""
-    return (h >> 40) < fraction * (1 << 24)
+def is_val(data, fraction):
+    """Deterministic held-out choice by a (cheap) hash of the bytes."""
+    return zlib.crc32(data) < fraction * (1 << 32)
 
 
 # -----------------------------------------------------------------------------
@@ -389,53 +399,90 @@ def init_worker(settings):
 
 
 def encode_chunk(task):
-    """One chunk of one file -> ids (uint16, each document + eos), per-document lengths and hashes."""
-    path, fmt, items = task
+    """One task -> ids (uint16, each document + eos), per-document lengths, held-out flags and
+    (with --dedup) hashes, and the bad records as (line, message), lines counted from the
+    task's first line."""
+    kind, path, fmt, payload = task
     w = _worker
-    bad = BadCounter(w["skip_bad"])
-    texts, lines, hashes = [], [], []
-    for line_no, record in parse_items(path, fmt, items, bad):
+    if kind == "range":  # a byte range of lines, read here rather than sent by the main process
+        start, end = payload
+        with open(path, "rb") as f:
+            f.seek(start)
+            block = f.read(end - start)
+        items = [(i, line) for i, line in enumerate(block.split(b"\n"), 1) if line.strip()]
+    else:
+        items = payload
+    bad = []
+    texts, lines, hashes, val = [], [], [], []
+    for line_no, record in parse_items(fmt, items, lambda line_no, message: bad.append((line_no, message))):
         try:
-            text = document_text(record, w["text_field"], w["template"])
+            text, text_bytes = document_text(record, w["text_field"], w["template"])
         except DataError as e:
-            bad(f"{path}:{line_no}: {e}")
+            bad.append((line_no, str(e)))
             continue
         texts.append(text)
         lines.append(line_no)
-        hashes.append(doc_hash(text.encode("utf-8")))
-    encoded = w["tokenizer"].encode_batch(texts, num_threads=1)  # the pool is the parallelism
-    lengths = np.fromiter(map(len, encoded), dtype=np.int64, count=len(encoded))
-    keep = lengths >= w["min_tokens"]
-    ids = np.fromiter(chain.from_iterable(compress(encoded, keep)), dtype=np.int64, count=int(lengths[keep].sum()))
-    ids = np.insert(ids, np.cumsum(lengths[keep]), w["eos_id"])  # eos after every document
-    check_ids(ids, lengths[keep] + 1, w["vocab_size"], path, np.asarray(lines)[keep])
-    return dict(ids=ids.astype("<u2"), lengths=lengths[keep] + 1,
-                hashes=np.asarray(hashes, dtype=np.uint64)[keep], n_read=len(texts) + bad.count,
-                n_short=int((~keep).sum()), n_bad=bad.count, bad_examples=bad.examples)
+        val.append(is_val(text_bytes, w["val_fraction"]))
+        if w["dedup"]:
+            hashes.append(doc_hash(text_bytes))
+    encoded = w["tokenizer"].encode_batch_numpy(texts, num_threads=1)  # the pool is the parallelism
+    lengths = np.fromiter(map(len, encoded), dtype=np.int64, count=len(encoded)) + 1  # + eos
+    keep = lengths > w["min_tokens"]
+    eos = np.array([w["eos_id"]], dtype=np.int32)
+    ids = np.concatenate([a for doc in compress(encoded, keep) for a in (doc, eos)] or [eos[:0]])
+    return dict(path=path, relative_lines=kind == "range", n_lines=block.count(b"\n") if kind == "range" else 0,
+                ids=ids.astype("<u2"), lengths=lengths[keep], val=np.asarray(val, dtype=bool)[keep],
+                hashes=np.asarray(hashes, dtype=np.uint64)[keep] if w["dedup"] else None,
+                n_read=len(texts) + len(bad), n_short=int((~keep).sum()), bad=bad,
+                out_of_vocab=first_out_of_vocab(ids, lengths[keep], w["vocab_size"], np.asarray(lines)[keep]))
 
 
-def check_ids(ids, lengths, vocab_size, path, lines):
-    """Every id must be < vocab_size (and so fit uint16) before it is written."""
-    if len(ids) and (ids.max() >= vocab_size or ids.min() < 0):
-        first = int(np.argmax((ids >= vocab_size) | (ids < 0)))
-        doc = int(np.searchsorted(np.cumsum(lengths), first, side="right"))
-        raise DataError(f"{path}:{lines[doc]}: token id {ids[first]} is outside the vocabulary "
-                        f"(vocab size {vocab_size}); is the tokenizer the right one?")
+def first_out_of_vocab(ids, lengths, vocab_size, lines):
+    """Every id must be < vocab_size (and so fit uint16) before it is written: (line, message)
+    of the first document breaking that, or None."""
+    if not len(ids) or ids.max() < vocab_size:
+        return None
+    first = int(np.argmax(ids >= vocab_size))
+    doc = int(np.searchsorted(np.cumsum(lengths), first, side="right"))
+    return int(lines[doc]), (f"token id {ids[first]} is outside the vocabulary (vocab size {vocab_size}); "
+                             f"is the tokenizer the right one?")
 
 
-def iter_chunks(files, chunk_bytes):
-    """(path, fmt, items) tasks; the cut points depend on the input only, never on the worker count."""
+def iter_tasks(files, chunk_bytes):
+    """Work for the pool. Uncompressed line files become byte ranges that the workers read;
+    other formats are read here and sent as records. The cut points depend on the input
+    only, never on the worker count."""
     for path in files:
         fmt = input_format(path)
+        if fmt in ("jsonl", "text") and not path.name.endswith(".gz"):
+            size = path.stat().st_size
+            with open(path, "rb") as f:
+                start = 0
+                while start < size:
+                    f.seek(min(start + chunk_bytes, size))
+                    f.readline()  # on to the start of the next line
+                    yield "range", path, fmt, (start, f.tell())
+                    start = f.tell()
+            continue
         items, size = [], 0
         for line_no, item in iter_raw(path, fmt):
             items.append((line_no, item))
             size += len(item) if isinstance(item, bytes) else sum(len(v) for v in item.values() if isinstance(v, str))
             if size >= chunk_bytes:
-                yield path, fmt, items
+                yield "items", path, fmt, items
                 items, size = [], 0
         if items:
-            yield path, fmt, items
+            yield "items", path, fmt, items
+
+
+def start_pool_worker(parent_pid, initializer, initargs):
+    """A worker exits when the main process is gone (killed), instead of waiting for work forever."""
+    def watch_parent():
+        while os.getppid() == parent_pid:
+            time.sleep(1)
+        os._exit(1)
+    threading.Thread(target=watch_parent, daemon=True).start()
+    initializer(*initargs)
 
 
 def map_ordered(fn, tasks, workers, initializer, initargs):
@@ -445,14 +492,15 @@ def map_ordered(fn, tasks, workers, initializer, initargs):
         initializer(*initargs)
         yield from map(fn, tasks)
         return
-    with multiprocessing.Pool(workers, initializer, initargs) as pool:
+    # (concurrent.futures rather than multiprocessing.Pool, whose manager thread spins on results)
+    with ProcessPoolExecutor(workers, initializer=start_pool_worker, initargs=(os.getpid(), initializer, initargs)) as pool:
         pending = deque()
         for task in tasks:
-            pending.append(pool.apply_async(fn, (task,)))
+            pending.append(pool.submit(fn, task))
             if len(pending) >= 2 * workers:
-                yield pending.popleft().get()
+                yield pending.popleft().result()
         while pending:
-            yield pending.popleft().get()
+            yield pending.popleft().result()
 
 
 def pretrain_paths(out):
@@ -471,9 +519,10 @@ def cmd_pretrain(args):
     text_field = args.text_field or next((PRESETS["pretrain"][p].get("text_field") for p in args.preset or []), None)
     template = args.template.replace("\\n", "\n").replace("\\t", "\t") if args.template else None
     settings = dict(tokenizer_path=str(tokenizer.path), vocab_size=tokenizer.vocab_size, eos_id=tokenizer.eos_id,
-                    min_tokens=args.min_tokens, text_field=text_field, template=template, skip_bad=args.skip_bad)
+                        min_tokens=args.min_tokens, text_field=text_field, template=template, skip_bad=args.skip_bad,
+                    val_fraction=args.val_fraction, dedup=args.dedup)
     stats = Counter()
-    bad_examples = []
+    bad = BadCounter(args.skip_bad)
     seen = set() if args.dedup else None
     splits = {"train": AtomicFile(bin_path, "wb")}
     if args.val_fraction > 0:
@@ -482,17 +531,25 @@ def cmd_pretrain(args):
     t0 = time.time()
     try:
         pbar = tqdm(unit="doc", unit_scale=True, desc=f"pretrain {bin_path.name}", smoothing=0.1)
-        results = map_ordered(encode_chunk, iter_chunks(files, args.chunk_bytes), args.workers, init_worker, (settings,))
+        results = map_ordered(encode_chunk, iter_tasks(files, args.chunk_bytes), args.workers, init_worker, (settings,))
+        path, first_line = None, 0
         for r in results:
-            stats.update(read=r["n_read"], short=r["n_short"], bad=r["n_bad"])
-            bad_examples += r["bad_examples"][:5 - len(bad_examples)]
+            if r["path"] != path:
+                path, first_line = r["path"], 0
+            offset = first_line if r["relative_lines"] else 0  # lines of earlier ranges of the file
+            first_line += r["n_lines"]
+            if r["out_of_vocab"]:
+                raise DataError(f"{path}:{r['out_of_vocab'][0] + offset}: {r['out_of_vocab'][1]}")
+            for line_no, message in r["bad"]:
+                bad(path, line_no + offset, message)
+            stats.update(read=r["n_read"], short=r["n_short"])
             keep = np.ones(len(r["lengths"]), dtype=bool)
             if seen is not None:
                 for i, h in enumerate(r["hashes"].tolist()):
                     keep[i] = h not in seen
                     seen.add(h)
                 stats["duplicate"] += int((~keep).sum())
-            val = is_val(r["hashes"], args.val_fraction)
+            val = r["val"]
             for split, mask in (("train", keep & ~val), ("val", keep & val)):
                 if mask.any():
                     splits[split].f.write(r["ids"][np.repeat(mask, r["lengths"])].tobytes())
@@ -505,7 +562,7 @@ def cmd_pretrain(args):
             splits[split].commit()
         seconds = time.time() - t0
         summary = dict(documents_read=stats["read"], dropped_short=stats["short"], dropped_duplicate=stats["duplicate"],
-                       skipped_bad=stats["bad"], seconds=round(seconds, 2), workers=args.workers)
+                       skipped_bad=bad.count, seconds=round(seconds, 2), workers=args.workers)
         for split in sorted(splits, key=lambda s: s == "train"):
             meta = dict(tokenizer=tokenizer.identity(), vocab_size=tokenizer.vocab_size, eos_id=tokenizer.eos_id,
                         dtype="uint16", n_tokens=counts[split]["tokens"], n_documents=counts[split]["docs"],
@@ -518,18 +575,18 @@ def cmd_pretrain(args):
             if not f.f.closed:
                 f.discard()
         raise
-    print_pretrain_summary(paths, counts, stats, bad_examples, args, seconds)
+    print_pretrain_summary(paths, counts, stats, bad, args, seconds)
 
 
-def print_pretrain_summary(paths, counts, stats, bad_examples, args, seconds):
+def print_pretrain_summary(paths, counts, stats, bad, args, seconds):
     tokens = sum(c["tokens"] for c in counts.values())
     print(f"read {stats['read']:,} documents in {seconds:.1f}s ({stats['read'] / seconds:,.0f} docs/s, "
           f"{tokens / seconds:,.0f} tokens/s, {args.workers} workers)")
     for split, c in counts.items():
         print(f"  {split:5s} {paths[split][0]}: {c['docs']:,} documents, {c['tokens']:,} tokens, {2 * c['tokens']:,} bytes")
     print(f"  dropped: {stats['short']:,} with < {args.min_tokens} tokens, {stats['duplicate']:,} duplicates"
-          + (f", {stats['bad']:,} bad records skipped" if args.skip_bad else ""))
-    for message in bad_examples:
+          + (f", {bad.count:,} bad records skipped" if args.skip_bad else ""))
+    for message in bad.examples:
         print(f"    e.g. {message}")
 
 
@@ -621,16 +678,15 @@ class QuestionIndex:
 
 def iter_examples(files, args, bad):
     for path in files:
-        for where, record in iter_records(path, bad):
+        for line_no, record in iter_records(path, bad):
             try:
                 examples = record_examples(record, args.prompt_field, args.answer_field)
                 for prompt, answer in examples:
-                    check_utf8(prompt + answer)
+                    utf8(prompt + answer)
             except DataError as e:
-                bad(f"{where}: {e}")
+                bad(path, line_no, str(e))
                 continue
-            for prompt, answer in examples:
-                yield where, prompt, answer
+            yield from examples
 
 
 def length_reason(prompt, answer, tokenizer, args):
@@ -659,7 +715,7 @@ def cmd_examples(args, kind):
     keys = ("prompt", "answer") if kind == "sft" else ("question", "answer")
     length_filters = any((args.max_prompt_tokens, args.max_answer_tokens, args.min_answer_tokens, args.max_tokens))
     tokenizer = load_tokenizer(args.tokenizer) if length_filters else None
-    excluded = QuestionIndex(q for _, q, _ in iter_examples(expand_inputs([args.exclude_questions]), args, BadCounter(False))) \
+    excluded = QuestionIndex(q for q, _ in iter_examples(expand_inputs([args.exclude_questions]), args, BadCounter(False))) \
         if args.exclude_questions else None
     bad = BadCounter(args.skip_bad)
     stats, seen = Counter(), set()
@@ -667,7 +723,7 @@ def cmd_examples(args, kind):
     if val_fraction > 0:
         outputs["val"] = AtomicFile(val_out, "w")
     try:
-        for where, prompt, answer in tqdm(iter_examples(files, args, bad), unit="ex", desc=f"{kind} {out.name}"):
+        for prompt, answer in tqdm(iter_examples(files, args, bad), unit="ex", desc=f"{kind} {out.name}"):
             stats["read"] += 1
             reason = ("empty" if not prompt or not answer else
                       "in_eval_set" if excluded and excluded.matches(prompt) else
@@ -679,7 +735,7 @@ def cmd_examples(args, kind):
             if reason:
                 stats[reason] += 1
                 continue
-            split = "val" if val_fraction > 0 and is_val(doc_hash(prompt.encode("utf-8")), val_fraction) else "train"
+            split = "val" if val_fraction > 0 and is_val(prompt.encode("utf-8"), val_fraction) else "train"
             outputs[split].f.write(json.dumps(dict(zip(keys, (prompt, answer))), ensure_ascii=False) + "\n")
             stats[split] += 1
         for split in sorted(outputs, key=lambda s: s == "train"):  # the main file last: it marks completion
@@ -716,11 +772,11 @@ def cmd_tokenizer(args):
     sample, seen = [], 0
     bad = BadCounter(args.skip_bad)
     for path in tqdm(files, unit="file", desc="sampling documents"):
-        for where, record in iter_records(path, bad):
+        for line_no, record in iter_records(path, bad):
             try:
-                text = document_text(record, args.text_field, template)
+                text = document_text(record, args.text_field, template)[0]
             except DataError as e:
-                bad(f"{where}: {e}")
+                bad(path, line_no, str(e))
                 continue
             seen += 1  # reservoir sampling: a uniform sample whatever the corpus size
             if len(sample) < args.sample_docs:
@@ -779,7 +835,7 @@ def build_parser():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("pretrain", help="text corpora -> uint16 token .bin + .json meta")
+    p = sub.add_parser("pretrain", formatter_class=argparse.ArgumentDefaultsHelpFormatter, help="text corpora -> uint16 token .bin + .json meta")
     add_input_flags(p, "pretrain")
     add_text_flags(p)
     p.add_argument("--out", required=True, help="output NAME: writes NAME.bin, NAME.json, NAME_val.bin, NAME_val.json")
@@ -791,14 +847,14 @@ def build_parser():
                    help="drop exact duplicate documents (keeps 8 bytes per unique document in memory)")
     p.add_argument("--chunk-bytes", type=int, default=CHUNK_BYTES, help="input bytes per task handed to a worker")
 
-    p = sub.add_parser("sft", help="SFT sets -> normalized JSONL {prompt, answer}")
+    p = sub.add_parser("sft", formatter_class=argparse.ArgumentDefaultsHelpFormatter, help="SFT sets -> normalized JSONL {prompt, answer}")
     add_example_flags(p, "sft")
     p.add_argument("--val-fraction", type=float, default=SFT_VAL_FRACTION, help="share of examples held out to NAME_val.jsonl (chosen by hash of the prompt)")
 
-    p = sub.add_parser("eval", help="QA sets -> JSONL {question, answer}")
+    p = sub.add_parser("eval", formatter_class=argparse.ArgumentDefaultsHelpFormatter, help="QA sets -> JSONL {question, answer}")
     add_example_flags(p, "eval")
 
-    p = sub.add_parser("tokenizer", help="train an own SentencePiece vocabulary")
+    p = sub.add_parser("tokenizer", formatter_class=argparse.ArgumentDefaultsHelpFormatter, help="train an own SentencePiece vocabulary")
     add_input_flags(p, "pretrain")
     add_text_flags(p)
     p.add_argument("--vocab-size", type=int, required=True, help="number of pieces (at most 65535, so uint16 holds every id)")

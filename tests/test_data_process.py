@@ -68,6 +68,18 @@ def test_every_input_format_gives_the_same_documents(tmp_path, tiny_tokenizer_pa
     assert read_docs(tmp_path / "e.bin", tiny_tokenizer) == texts
 
 
+def test_json_arrays_stream_in_small_blocks_with_line_numbers(tmp_path):
+    records = [{"text": t, "n": i} for i, t in enumerate(make_chinese_texts(30, seed=13))]
+    (tmp_path / "a.json").write_text(json.dumps(records, ensure_ascii=False, indent=2), encoding="utf-8")
+    with open(tmp_path / "a.json", encoding="utf-8") as f:
+        streamed = list(data_process.iter_json_array(f, tmp_path / "a.json", block=16))
+    assert [r for _, r in streamed] == records
+    assert [line for line, _ in streamed[:2]] == [2, 6]  # where each element starts
+    (tmp_path / "b.json").write_text('[\n {"q": "一", "a": "二"},\n {"q": "二" "三"}\n]', encoding="utf-8")
+    with pytest.raises(SystemExit, match="b.json:3: malformed JSON"):
+        run("sft", "--input", tmp_path / "b.json", "--out", tmp_path / "o.jsonl")
+
+
 def test_output_is_identical_for_any_worker_count(tmp_path, tiny_tokenizer_path):
     texts = make_chinese_texts(300, seed=7)
     texts += texts[:40] + ["短"] * 5  # duplicates and too-short documents
@@ -160,3 +172,89 @@ def test_own_vocabulary_from_the_corpus(tmp_path, tiny_tokenizer_path):
     assert own.vocab_size == 420 and own.bos_id == 1 and own.eos_id == 2
     pretrain([src], tmp_path / "c", tmp_path / "own.model", "--val-fraction", "0")
     assert json.loads((tmp_path / "c.json").read_text())["tokenizer"]["sha256"] == own.sha256
+
+
+# ---------------------------------------------------------------------------- sft / eval
+
+def read_jsonl(path):
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+def sft(inputs, out, *extra):
+    run("sft", "--input", *inputs, "--out", out, "--val-fraction", "0", *extra)
+    return read_jsonl(out)
+
+
+def test_sft_alpaca_csv_and_conversations_normalize_to_prompt_answer(tmp_path):
+    alpaca = [{"instruction": "翻译成英文", "input": "你好", "output": "Hello"},
+              {"instruction": "头痛怎么办？", "input": "", "output": "多休息。"},
+              {"instruction": "还有呢", "input": "", "output": "多喝水。", "history": [["头痛怎么办？", "多休息。"]]}]
+    (tmp_path / "a.json").write_text(json.dumps(alpaca, ensure_ascii=False), encoding="utf-8")
+    assert sft([tmp_path / "a.json"], tmp_path / "a.jsonl") == [
+        {"prompt": "翻译成英文\n你好", "answer": "Hello"}, {"prompt": "头痛怎么办？", "answer": "多休息。"},
+        {"prompt": "问：头痛怎么办？\n答：多休息。\n还有呢", "answer": "多喝水。"}]
+
+    with open(tmp_path / "b.csv", "w", newline="", encoding="utf-8") as f:
+        csv.writer(f).writerows([["prompt", "answer"], ["发热怎么办", "量体温，\n多喝水"], ["咳嗽", "止咳"]])
+    assert sft([tmp_path / "b.csv"], tmp_path / "b.jsonl") == [
+        {"prompt": "发热怎么办", "answer": "量体温，\n多喝水"}, {"prompt": "咳嗽", "answer": "止咳"}]
+    with open(tmp_path / "c.csv", "w", newline="", encoding="utf-8") as f:
+        csv.writer(f).writerows([["ask", "reply", "prompt"], ["胃痛", "热敷", "unused"]])
+    assert sft([tmp_path / "c.csv"], tmp_path / "c.jsonl", "--prompt-field", "ask", "--answer-field", "reply") == [
+        {"prompt": "胃痛", "answer": "热敷"}]
+
+    chats = [{"conversations": [{"from": "system", "value": "你是医生"}, {"from": "human", "value": "我头痛"},
+                                {"from": "gpt", "value": "多久了？"}, {"from": "human", "value": "两天"},
+                                {"from": "gpt", "value": "请就医。"}]},
+             {"messages": [{"role": "user", "content": "你好"}, {"role": "assistant", "content": "你好！"}]}]
+    write_jsonl(tmp_path / "d.jsonl", chats)
+    assert sft([tmp_path / "d.jsonl"], tmp_path / "d.jsonl.out.jsonl") == [
+        {"prompt": "你是医生\n我头痛", "answer": "多久了？"},
+        {"prompt": "你是医生\n问：我头痛\n答：多久了？\n两天", "answer": "请就医。"},
+        {"prompt": "你好", "answer": "你好！"}]
+
+
+def test_sft_exclude_questions_dedup_and_val_split(tmp_path):
+    write_jsonl(tmp_path / "eval.jsonl", [{"question": "糖尿病 患者能吃西瓜吗？", "answer": "少量"},
+                                          {"question": "高血压要注意什么", "answer": "低盐"}])
+    examples = [{"instruction": "糖尿病患者，能吃西瓜吗", "input": "", "output": "a"},  # punctuation/space differ
+                {"instruction": "请问：高血压要注意什么？谢谢", "input": "", "output": "b"},  # contains it
+                {"instruction": "高血压", "input": "", "output": "c"},  # only a part of it: kept
+                {"instruction": "感冒了", "input": "", "output": "d"},
+                {"instruction": "感冒了", "input": "", "output": "d"},  # exact duplicate
+                {"instruction": "", "input": "", "output": "e"}]  # empty prompt
+    write_jsonl(tmp_path / "s.jsonl", examples)
+    out = sft([tmp_path / "s.jsonl"], tmp_path / "o.jsonl", "--exclude-questions", tmp_path / "eval.jsonl")
+    assert [e["answer"] for e in out] == ["c", "d"]
+
+    texts = make_chinese_texts(400, seed=12)
+    write_jsonl(tmp_path / "many.jsonl", [{"question": t, "answer": t[::-1]} for t in texts])
+    run("sft", "--input", tmp_path / "many.jsonl", "--out", tmp_path / "m.jsonl", "--val-fraction", "0.1")
+    train, val = read_jsonl(tmp_path / "m.jsonl"), read_jsonl(tmp_path / "m_val.jsonl")
+    assert len(train) + len(val) == len(set(texts)) and 15 <= len(val) <= 70
+    assert {e["prompt"] for e in val} == {t for t in set(texts) if data_process.is_val(t.encode(), 0.1)}
+
+
+def test_sft_bad_lines_and_length_filters(tmp_path, tiny_tokenizer_path, capsys):
+    lines = [json.dumps({"instruction": "头痛", "output": "休息"}, ensure_ascii=False), '{"instruction": "x",',
+             json.dumps({"instruction": "发热"}, ensure_ascii=False),
+             json.dumps({"conversations": [{"from": "gpt", "value": "先答"}]}, ensure_ascii=False),
+             json.dumps({"instruction": "咳嗽", "output": "止咳" * 50}, ensure_ascii=False)]
+    (tmp_path / "s.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    with pytest.raises(SystemExit, match="s.jsonl:2: malformed JSON"):
+        sft([tmp_path / "s.jsonl"], tmp_path / "o.jsonl")
+    assert not (tmp_path / "o.jsonl").exists() and not list(tmp_path.glob("*.tmp"))
+    out = sft([tmp_path / "s.jsonl"], tmp_path / "o.jsonl", "--skip-bad", "--tokenizer", tiny_tokenizer_path,
+              "--max-answer-tokens", 20)
+    assert out == [{"prompt": "头痛", "answer": "休息"}]
+    report = capsys.readouterr().out
+    assert "{'answer_too_long': 1}; 3 bad records skipped" in report
+    assert "s.jsonl:3: missing field 'output'" in report and "s.jsonl:4: turn 0 (gpt): turns must alternate" in report
+
+
+def test_eval_writes_question_answer(tmp_path):
+    write_jsonl(tmp_path / "test.jsonl", [{"instruction": "孩子发烧38度", "input": "怎么办", "output": "物理降温"},
+                                          {"question": "失眠吃什么药", "answer": "遵医嘱"}])
+    run("eval", "--input", tmp_path / "test.jsonl", "--out", tmp_path / "qa")
+    assert read_jsonl(tmp_path / "qa.jsonl") == [{"question": "孩子发烧38度\n怎么办", "answer": "物理降温"},
+                                                 {"question": "失眠吃什么药", "answer": "遵医嘱"}]

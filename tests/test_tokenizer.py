@@ -23,6 +23,7 @@ def test_unseen_characters_use_byte_fallback(tiny_tokenizer):
 def test_batch_encode_equals_single(tiny_tokenizer):
     texts = ["头痛发热怎么办", "", "心脏病的饮食", "检查血压123"]
     assert tiny_tokenizer.encode_batch(texts, num_threads=2) == [tiny_tokenizer.encode(t) for t in texts]
+    assert [a.tolist() for a in tiny_tokenizer.encode_batch_numpy(texts, num_threads=1)] == [tiny_tokenizer.encode(t) for t in texts]
 
 
 def test_identity_mismatch_is_refused(tiny_tokenizer):
