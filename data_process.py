@@ -787,7 +787,8 @@ def cmd_tokenizer(args):
     print(f"tokenizer: training a {args.vocab_size}-piece {args.model_type} vocabulary on {len(sample):,} of "
           f"{seen:,} documents ({len(lines):,} lines)")
     try:
-        train_sentencepiece(lines, args.vocab_size, out, model_type=args.model_type)
+        train_sentencepiece(lines, args.vocab_size, out, model_type=args.model_type,
+                            character_coverage=args.character_coverage)
     except (RuntimeError, ValueError) as e:  # e.g. a vocabulary too small for the characters seen
         raise DataError(f"sentencepiece training failed: {e}") from None
     print(f"tokenizer: wrote {out}; pass it as --tokenizer {out}")
@@ -860,6 +861,9 @@ def build_parser():
     p.add_argument("--vocab-size", type=int, required=True, help="number of pieces (at most 65535, so uint16 holds every id)")
     p.add_argument("--out", required=True, help="output PATH.model")
     p.add_argument("--model-type", default="bpe", choices=["bpe", "unigram"], help="SentencePiece model type")
+    p.add_argument("--character-coverage", type=float, default=0.9995,
+                   help="share of characters that get their own piece (0.98-1); the rest fall back to bytes. "
+                        "Lower it when a small vocabulary cannot hold every Chinese character seen")
     p.add_argument("--sample-docs", type=int, default=TOKENIZER_SAMPLE_DOCS, help="documents sampled (uniformly) for training")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
     return parser

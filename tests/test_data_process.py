@@ -258,3 +258,16 @@ def test_eval_writes_question_answer(tmp_path):
     run("eval", "--input", tmp_path / "test.jsonl", "--out", tmp_path / "qa")
     assert read_jsonl(tmp_path / "qa.jsonl") == [{"question": "孩子发烧38度\n怎么办", "answer": "物理降温"},
                                                  {"question": "失眠吃什么药", "answer": "遵医嘱"}]
+
+
+def test_small_vocabulary_needs_lower_character_coverage(tmp_path):
+    # A vocabulary too small for every character seen fails clearly at full coverage and
+    # trains at a lower one, where rare characters still round-trip through byte pieces.
+    texts = make_chinese_texts(300, seed=12) + ["罕见的字：龘靐齉"] * 2
+    src = write_jsonl(tmp_path / "docs.jsonl", [{"text": t} for t in texts])
+    with pytest.raises(SystemExit, match="(?i)character"):
+        run("tokenizer", "--input", src, "--vocab-size", 345, "--out", tmp_path / "a.model", "--character-coverage", "1.0")
+    assert not (tmp_path / "a.model").exists()
+    run("tokenizer", "--input", src, "--vocab-size", 345, "--out", tmp_path / "b.model", "--character-coverage", "0.98")
+    own = Tokenizer(tmp_path / "b.model")
+    assert own.vocab_size == 345 and own.decode(own.encode(texts[-1])) == texts[-1]
