@@ -237,7 +237,7 @@ class Transformer(nn.Module):
         return self.output(self.hidden_states(tokens)).float()
 
 
-def chunked_cross_entropy(h, weight, targets, chunk_rows=1024):
+def chunked_cross_entropy(h, weight, targets, chunk_rows=512):
     """Mean cross entropy of (h @ weight.T) against targets, ignoring IGNORE_INDEX, without
     ever holding more than one chunk's (rows, vocab) logits. When gradients are wanted, the
     forward pass also computes them (softmax - onehot, chunk by chunk) and keeps only those,
