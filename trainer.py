@@ -180,6 +180,7 @@ class Batches:
 
     def __init__(self, dataset, batch_size, seed, env, collate_fn=None, num_workers=0, make_epoch=None):
         self.dataset, self.collate_fn, self.num_workers = dataset, collate_fn, num_workers
+        self.pin_memory = env.device.type == "cuda"  # lets the host-to-GPU copies run asynchronously
         self.make_epoch = make_epoch or (lambda epoch: epoch_batches(
             len(dataset), batch_size, seed, epoch, env.rank, env.world_size))
         self.batches_per_epoch = len(self.make_epoch(0))
@@ -198,7 +199,8 @@ class Batches:
         # Its own generator: a DataLoader otherwise draws worker seeds from the global RNG,
         # which would shift dropout noise after a resume.
         loader = torch.utils.data.DataLoader(self.dataset, batch_sampler=remaining, collate_fn=self.collate_fn,
-                                             num_workers=self.num_workers, generator=torch.Generator().manual_seed(self.epoch))
+                                             num_workers=self.num_workers, pin_memory=self.pin_memory,
+                                             generator=torch.Generator().manual_seed(self.epoch))
         self._it = iter(loader)
 
     def __iter__(self):
@@ -497,9 +499,10 @@ def train(cfg, env, model, kind, tokenizer, train_batches, val_batches, resume=N
             micro = [next(train_batches) for _ in range(cfg.grad_accum)]
             # One small all-reduce per step: the step's real token count (for a token-weighted
             # mean over micro-batches and ranks) and whether any rank was asked to stop.
+            # Without DDP it stays on the CPU, so the GPU never waits for it.
             counts = torch.tensor([sum(int((y != IGNORE_INDEX).sum()) for _, y in micro),
                                    sum(x.numel() for x, _ in micro), float(stop.requested)],
-                                  dtype=torch.float64, device=env.device)
+                                  dtype=torch.float64, device=env.device if env.ddp else "cpu")
             if env.ddp:
                 dist.all_reduce(counts)
             n_valid = max(counts[0].item(), 1.0)
