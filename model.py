@@ -241,10 +241,13 @@ class Transformer(nn.Module):
 
     def hidden_states(self, tokens, positions=None, cache=None, attn_mask=None):
         B, T = tokens.shape
-        if positions is None:
+        if positions is None:  # consecutive positions: slice the tables (no device sync, compile-friendly)
             start = cache.length if cache is not None else 0
-            positions = torch.arange(start, start + T, device=tokens.device)
-        cos, sin = self.rope(positions)
+            if start + T > self.args.max_seq_len:
+                raise ValueError(f"position {start + T - 1} >= max_seq_len {self.args.max_seq_len}")
+            cos, sin = self.rope_cos[None, None, start:start + T], self.rope_sin[None, None, start:start + T]
+        else:
+            cos, sin = self.rope(positions)
         h = self.dropout(self.tok_embeddings(tokens))
         for layer in self.layers:
             h = layer(h, cos, sin, cache, attn_mask)
