@@ -340,11 +340,18 @@ class Transformer(nn.Module):
         return outputs
 
 
-def chunked_cross_entropy(h, weight, targets, chunk_rows=512):
+# Kept out of torch.compile: traced, this hand-written forward+backward gave a wrong loss in
+# CUDA bf16 training (fine eagerly, and compiled on CPU); eager, it costs one graph break.
+@torch.compiler.disable
+def chunked_cross_entropy(h, weight, targets, chunk_rows=None):
     """Mean cross entropy of (h @ weight.T) against targets, ignoring IGNORE_INDEX, without
     ever holding more than one chunk's (rows, vocab) logits. When gradients are wanted, the
     forward pass also computes them (softmax - onehot, chunk by chunk) and keeps only those,
     so backward is a multiply by the incoming gradient: no full logits and no recompute."""
+    if chunk_rows is None:
+        # Small chunks suit a CPU's caches; a GPU needs big ones to keep its kernels busy
+        # (8192 rows of a 64793-id vocab are 2 GB of fp32 logits: still far from the full ones).
+        chunk_rows = 8192 if h.is_cuda else 512
     h = h.reshape(-1, h.shape[-1])
     targets = targets.reshape(-1)
     n_valid = (targets != IGNORE_INDEX).sum().clamp(min=1)
