@@ -35,13 +35,15 @@ WORK_DIR = "data/demo"
 OUT_DIR = "out/demo"
 VOCAB_SIZE = 4096
 CHARACTER_COVERAGE = 0.99  # below SentencePiece's default so 4096 pieces suffice; rare characters use bytes
-MODEL = ["--dim", "128", "--n-layers", "4", "--n-heads", "4", "--max-seq-len", "256"]
-PRETRAIN = ["--batch-size", "32", "--grad-accum", "1", "--max-steps", "600", "--lr", "3e-3",
-            "--min-lr", "3e-4", "--warmup-steps", "30", "--eval-every", "200", "--eval-batches", "20",
-            "--log-every", "20", "--save-every", "200"]
-SFT = ["--batch-size", "32", "--max-steps", "250", "--epochs", "0", "--lr", "1e-3", "--min-lr", "1e-4",
-       "--warmup-steps", "10", "--eval-every", "125", "--eval-batches", "10", "--log-every", "25",
-       "--save-every", "125"]
+MODEL = ["--dim", "128", "--n-layers", "4", "--n-heads", "4", "--max-seq-len", "128"]
+# Muon for the hidden matrices: the recipe that reaches a given loss with fewer tokens
+# (bench/bench_recipe.py), which is what a fixed time budget needs.
+PRETRAIN = ["--batch-size", "64", "--grad-accum", "1", "--max-steps", "270", "--optimizer", "muon",
+            "--muon-lr", "0.02", "--lr", "3e-3", "--min-lr", "3e-4", "--warmup-steps", "20",
+            "--eval-every", "90", "--eval-batches", "40", "--log-every", "10", "--save-every", "90"]
+SFT = ["--batch-size", "32", "--max-steps", "150", "--epochs", "0", "--lr", "1e-3", "--min-lr", "1e-4",
+       "--warmup-steps", "10", "--eval-every", "75", "--eval-batches", "10", "--log-every", "15",
+       "--save-every", "75", "--num-workers", "1"]
 SFT_FILES = ["medical_*.jsonl"]  # the medical SFT files of the data dir
 EVAL_QUESTIONS = 100
 EVAL_ARGS = ["--batch-size", "25", "--max-new-tokens", "96", "--repetition-penalty", "1.2"]
