@@ -11,7 +11,6 @@ from typing import Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-import torch.utils.checkpoint
 
 IGNORE_INDEX = -100  # label value that never counts in the loss (padding, masked prompts)
 
@@ -238,21 +237,63 @@ class Transformer(nn.Module):
         return self.output(self.hidden_states(tokens)).float()
 
 
-def chunked_cross_entropy(h, weight, targets, chunk_rows=4096):
-    """Mean cross entropy of (h @ weight.T) against targets, ignoring IGNORE_INDEX.
-    Logits are made chunk by chunk and recomputed in backward, so at most one chunk's
-    (rows, vocab) fp32 logits exist at a time instead of the whole (B*T, vocab)."""
+def chunked_cross_entropy(h, weight, targets, chunk_rows=1024):
+    """Mean cross entropy of (h @ weight.T) against targets, ignoring IGNORE_INDEX, without
+    ever holding more than one chunk's (rows, vocab) logits. When gradients are wanted, the
+    forward pass also computes them (softmax - onehot, chunk by chunk) and keeps only those,
+    so backward is a multiply by the incoming gradient: no full logits and no recompute."""
     h = h.reshape(-1, h.shape[-1])
     targets = targets.reshape(-1)
     n_valid = (targets != IGNORE_INDEX).sum().clamp(min=1)
-    total = h.new_zeros((), dtype=torch.float32)
-    for start in range(0, h.shape[0], chunk_rows):
-        hc, tc = h[start:start + chunk_rows], targets[start:start + chunk_rows]
-        total = total + torch.utils.checkpoint.checkpoint(
-            _chunk_loss_sum, hc, weight, tc, use_reentrant=False)
+    if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
+        total = _LinearCrossEntropy.apply(h, weight, targets, chunk_rows)
+    else:
+        total = _linear_cross_entropy_sum(h, weight, targets, chunk_rows, with_grads=False)[0]
     return total / n_valid
 
 
-def _chunk_loss_sum(h, weight, targets):
-    logits = F.linear(h, weight).float()
-    return F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="sum")
+def _linear_cross_entropy_sum(h, weight, targets, chunk_rows, with_grads):
+    """Summed cross entropy and, optionally, its gradients w.r.t. h and weight. The matmuls
+    run in the autocast dtype when autocast is on (else in h's dtype); softmax is in fp32."""
+    device_type = h.device.type
+    dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else h.dtype
+    hc_all, w = h.to(dtype), weight.to(dtype)
+    total = torch.zeros((), dtype=torch.float32, device=h.device)
+    grad_h = torch.empty_like(hc_all) if with_grads else None
+    grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=h.device) if with_grads else None
+    with torch.autocast(device_type, enabled=False):
+        for start in range(0, h.shape[0], chunk_rows):
+            hc, tc = hc_all[start:start + chunk_rows], targets[start:start + chunk_rows]
+            logits = (hc @ w.t()).float()
+            valid = tc != IGNORE_INDEX
+            safe_t = tc.clamp(min=0)
+            lse = torch.logsumexp(logits, dim=-1)
+            target_logit = logits.gather(1, safe_t[:, None]).squeeze(1)
+            total += ((lse - target_logit) * valid).sum()
+            if not with_grads:
+                continue
+            probs = logits.sub_(lse[:, None]).exp_()  # in place: the chunk's softmax, no new buffer
+            probs[torch.arange(len(tc), device=h.device), safe_t] -= 1.0
+            probs.mul_(valid[:, None])  # d(sum of losses)/d(logits) = softmax - onehot, 0 where ignored
+            dlogits = probs.to(dtype)
+            grad_h[start:start + chunk_rows] = dlogits @ w
+            if dtype == torch.float32:
+                grad_w.addmm_(dlogits.t(), hc)
+            else:
+                grad_w += (dlogits.t() @ hc).float()
+    return total, grad_h, grad_w
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h, weight, targets, chunk_rows):
+        total, grad_h, grad_w = _linear_cross_entropy_sum(h, weight, targets, chunk_rows, with_grads=True)
+        ctx.save_for_backward(grad_h, grad_w)
+        ctx.dtypes = (h.dtype, weight.dtype)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        grad_h, grad_w = ctx.saved_tensors
+        h_dtype, w_dtype = ctx.dtypes
+        return (grad_h * grad_output).to(h_dtype), (grad_w * grad_output).to(w_dtype), None, None

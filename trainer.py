@@ -1,0 +1,561 @@
+"""The training machinery shared by pretrain.py and sft.py.
+
+A training script plugs in like this (pretrain.py is the worked example):
+
+    parser = argparse.ArgumentParser()
+    trainer.add_train_args(parser, DEFAULTS)        # shared flags; DEFAULTS: the script's own defaults
+    ...                                             # the script's own flags (data, model)
+    cfg = parser.parse_args(argv)
+    env = trainer.setup(cfg)                        # device, precision, DDP from torchrun's env, seeds
+    resume = trainer.load_resume(cfg, kind, tokenizer)  # latest checkpoint of cfg.out_dir, or None
+    model = Transformer(...)                        # built from resume["model_args"] when resuming
+    train_batches = trainer.Batches(dataset, cfg.batch_size, cfg.seed, env, collate_fn=...)
+    val_batches = lambda: trainer.eval_batches(val_dataset, cfg.batch_size, cfg.eval_batches, env)
+    trainer.train(cfg, env, model, kind, tokenizer, train_batches, val_batches, resume)
+    env.close()
+
+What the script provides: the model; the training batches as a `Batches` (an endless,
+resumable stream of (x, y) micro-batches for this rank; its state_dict() is the data
+position); a function returning this rank's validation batches; the tokenizer whose
+identity goes into every checkpoint. Any `extra` dict given to train() is stored in each
+checkpoint too.
+
+What train() does: the optimizer (AdamW, or Muon for hidden matrices), warmup + cosine
+schedule over the run's real number of optimizer steps, gradient accumulation (DDP syncs
+on the last micro-step only), bf16/fp16 autocast, clipping, optional torch.compile,
+validation, checkpoints (best.pt + the last K step_*.pt, and one on SIGINT/SIGTERM),
+exact resume, metrics.jsonl, the loss-curve PNG and progress logs.
+"""
+import argparse
+import contextlib
+import json
+import math
+import os
+import resource
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from checkpoint import load_checkpoint, resolve_checkpoint, save_checkpoint, step_checkpoints
+from model import IGNORE_INDEX
+
+# Shared defaults; a script passes its own overrides to add_train_args.
+TRAIN_DEFAULTS = dict(
+    batch_size=8, grad_accum=1, lr=3e-4, min_lr=3e-5, warmup_steps=1000, weight_decay=0.1,
+    beta1=0.9, beta2=0.95, grad_clip=1.0, max_steps=0, max_tokens=0, epochs=0.0,
+    eval_every=1000, eval_batches=50, save_every=1000, keep_last=3, log_every=10,
+    optimizer="adamw", muon_lr=0.02, muon_momentum=0.95, dtype="auto", device="auto",
+    compile=False, seed=1337, out_dir="out/train", stop_after_steps=0, peak_flops=0.0,
+)
+
+# Dense bf16 tensor-core peaks (FLOP/s) for the MFU estimate; --peak-flops overrides.
+PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "4090": 165e12,
+              "3090": 71e12, "A10G": 70e12, "V100": 125e12}
+
+
+def add_train_args(parser, defaults=None):
+    d = {**TRAIN_DEFAULTS, **(defaults or {})}
+    g = parser.add_argument_group("training")
+    g.add_argument("--out-dir", default=d["out_dir"], help="checkpoints, metrics.jsonl and the loss plot go here")
+    g.add_argument("--resume", action="store_true", help="continue from the latest step_*.pt in --out-dir (fresh start if none)")
+    g.add_argument("--batch-size", type=int, default=d["batch_size"], help="micro-batch size per process")
+    g.add_argument("--grad-accum", type=int, default=d["grad_accum"], help="micro-batches per optimizer step (per process)")
+    g.add_argument("--max-steps", type=int, default=d["max_steps"], help="budget in optimizer steps (0: unset)")
+    g.add_argument("--max-tokens", type=float, default=d["max_tokens"], help="budget in training tokens (0: unset)")
+    g.add_argument("--epochs", type=float, default=d["epochs"], help="budget in passes over the training data (0: unset)")
+    g.add_argument("--stop-after-steps", type=int, default=d["stop_after_steps"],
+                   help="stop with a checkpoint after this many steps in this invocation, keeping the planned schedule (0: never)")
+    g.add_argument("--lr", type=float, default=d["lr"], help="peak learning rate (AdamW)")
+    g.add_argument("--min-lr", type=float, default=d["min_lr"], help="learning rate at the end of the cosine decay")
+    g.add_argument("--warmup-steps", type=int, default=d["warmup_steps"], help="linear warmup steps (capped at a tenth of the run)")
+    g.add_argument("--weight-decay", type=float, default=d["weight_decay"], help="decoupled weight decay on >=2-D weights")
+    g.add_argument("--beta1", type=float, default=d["beta1"], help="AdamW beta1")
+    g.add_argument("--beta2", type=float, default=d["beta2"], help="AdamW beta2")
+    g.add_argument("--grad-clip", type=float, default=d["grad_clip"], help="clip the gradient norm to this (0: off)")
+    g.add_argument("--optimizer", choices=["adamw", "muon"], default=d["optimizer"],
+                   help="adamw for everything, or muon for the hidden 2-D matrices and AdamW for the rest")
+    g.add_argument("--muon-lr", type=float, default=d["muon_lr"], help="peak learning rate of Muon's matrices")
+    g.add_argument("--muon-momentum", type=float, default=d["muon_momentum"], help="Muon momentum")
+    g.add_argument("--eval-every", type=int, default=d["eval_every"], help="validate every N optimizer steps (0: only at the end)")
+    g.add_argument("--eval-batches", type=int, default=d["eval_batches"], help="validation micro-batches per process")
+    g.add_argument("--save-every", type=int, default=d["save_every"], help="write step_*.pt every N optimizer steps")
+    g.add_argument("--keep-last", type=int, default=d["keep_last"], help="how many step_*.pt to keep")
+    g.add_argument("--log-every", type=int, default=d["log_every"], help="log to stdout and metrics.jsonl every N steps")
+    g.add_argument("--device", default=d["device"], help="auto, cpu, cuda or cuda:N (under torchrun: the local rank's GPU)")
+    g.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default=d["dtype"],
+                   help="autocast dtype; auto: bf16 on CUDA where supported, else fp16 (with loss scaling); fp32 on CPU")
+    g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=d["compile"], help="torch.compile the model")
+    g.add_argument("--seed", type=int, default=d["seed"], help="seed for the init, dropout and data order")
+    g.add_argument("--peak-flops", type=float, default=d["peak_flops"], help="device peak FLOP/s for MFU (0: guess from the GPU name)")
+    return parser
+
+
+# ----------------------------------------------------------------------------- environment
+
+@dataclass
+class Env:
+    device: torch.device
+    rank: int
+    local_rank: int
+    world_size: int
+    ptdtype: torch.dtype  # autocast dtype (float32: autocast off)
+
+    @property
+    def ddp(self):
+        return self.world_size > 1
+
+    @property
+    def master(self):
+        return self.rank == 0
+
+    def autocast(self):
+        if self.ptdtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.ptdtype)
+
+    def print(self, *args):
+        if self.master:
+            print(*args, flush=True)
+
+    def close(self):
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def setup(cfg):
+    """Device, precision and (under torchrun) the process group; seeds every RNG."""
+    rank, local_rank, world_size = (int(os.environ.get(k, d)) for k, d in
+                                    (("RANK", 0), ("LOCAL_RANK", 0), ("WORLD_SIZE", 1)))
+    if cfg.device == "auto":
+        device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    else:
+        device = torch.device(cfg.device)
+        if device.type == "cuda" and world_size > 1:
+            device = torch.device(f"cuda:{local_rank}")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    if world_size > 1:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    dtype = cfg.dtype
+    if dtype == "auto":
+        if device.type == "cuda":
+            dtype = "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+        else:
+            dtype = "float32"
+    if dtype == "float16" and device.type != "cuda":
+        raise ValueError("--dtype float16 needs a CUDA device (use bfloat16 or float32 on CPU)")
+    torch.manual_seed(cfg.seed + rank)
+    return Env(device, rank, local_rank, world_size, getattr(torch, dtype))
+
+
+# ----------------------------------------------------------------------------- data
+
+def epoch_batches(n_items, batch_size, seed, epoch, rank, world_size, shuffle=True):
+    """This rank's micro-batches (lists of item indices) for one epoch. The seeded order is
+    cut into global batches of batch_size * world_size and each rank takes its slice, so
+    N processes see exactly what one process with N times the batch sees."""
+    order = np.random.default_rng([seed, epoch]).permutation(n_items) if shuffle else np.arange(n_items)
+    global_batch = batch_size * world_size
+    n_global = n_items // global_batch
+    if n_global == 0:
+        raise ValueError(f"{n_items} training items are fewer than one global batch of {global_batch}")
+    return [order[g * global_batch + rank * batch_size: g * global_batch + (rank + 1) * batch_size].tolist()
+            for g in range(n_global)]
+
+
+class Batches:
+    """An endless, resumable stream of this rank's training micro-batches over a map-style
+    dataset. The position (epoch, batches taken) is the whole state: resuming replays the
+    same order from that point. make_epoch(epoch) may replace the default shuffled order
+    (e.g. length-grouped batches); it must be deterministic in epoch."""
+
+    def __init__(self, dataset, batch_size, seed, env, collate_fn=None, num_workers=0, make_epoch=None):
+        self.dataset, self.collate_fn, self.num_workers = dataset, collate_fn, num_workers
+        self.make_epoch = make_epoch or (lambda epoch: epoch_batches(
+            len(dataset), batch_size, seed, epoch, env.rank, env.world_size))
+        self.batches_per_epoch = len(self.make_epoch(0))
+        self.epoch, self.taken = 0, 0
+        self._it = None
+
+    def state_dict(self):
+        return {"epoch": self.epoch, "taken": self.taken}
+
+    def load_state_dict(self, state):
+        self.epoch, self.taken = int(state["epoch"]), int(state["taken"])
+        self._it = None
+
+    def _start_epoch(self):
+        remaining = self.make_epoch(self.epoch)[self.taken:]
+        # Its own generator: a DataLoader otherwise draws worker seeds from the global RNG,
+        # which would shift dropout noise after a resume.
+        loader = torch.utils.data.DataLoader(self.dataset, batch_sampler=remaining, collate_fn=self.collate_fn,
+                                             num_workers=self.num_workers, generator=torch.Generator().manual_seed(self.epoch))
+        self._it = iter(loader)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        if self._it is None:
+            self._start_epoch()
+        try:
+            batch = next(self._it)
+        except StopIteration:
+            self.epoch, self.taken = self.epoch + 1, 0
+            self._start_epoch()
+            batch = next(self._it)
+        self.taken += 1
+        return batch
+
+
+def eval_batches(dataset, batch_size, max_batches, env, collate_fn=None):
+    """This rank's share of a fixed validation subset (the first max_batches * batch_size *
+    world_size items), the same at every evaluation; evaluate() weights by tokens, so the
+    result does not depend on how the subset is split over ranks."""
+    n = min(len(dataset), max_batches * batch_size * env.world_size)
+    mine = list(range(env.rank, n, env.world_size))
+    collate = collate_fn or torch.utils.data.default_collate
+    for start in range(0, len(mine), batch_size):
+        yield collate([dataset[i] for i in mine[start:start + batch_size]])
+
+
+# ----------------------------------------------------------------------------- optimization
+
+def lr_multiplier(step, warmup_steps, total_steps, min_ratio):
+    """Linear warmup to 1, then cosine decay to min_ratio at total_steps."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return min_ratio + 0.5 * (1.0 - min_ratio) * (1.0 + math.cos(math.pi * progress))
+
+
+def is_hidden_matrix(name, p):
+    """The attention and MLP weight matrices (Muon's domain): not embeddings, head or norms."""
+    return p.dim() == 2 and name.startswith("layers.")
+
+
+def build_optimizers(cfg, model, device):
+    """AdamW (decay on >= 2-D weights only), or Muon on hidden matrices plus AdamW on the rest."""
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    muon = [p for n, p in params if cfg.optimizer == "muon" and is_hidden_matrix(n, p)]
+    muon_ids = {id(p) for p in muon}
+    rest = [(n, p) for n, p in params if id(p) not in muon_ids]
+    groups = [{"params": [p for _, p in rest if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+              {"params": [p for _, p in rest if p.dim() < 2], "weight_decay": 0.0}]
+    adamw = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=device.type == "cuda")
+    optimizers = [adamw]
+    if muon:
+        optimizers.append(torch.optim.Muon(muon, lr=cfg.muon_lr, momentum=cfg.muon_momentum,
+                                           weight_decay=cfg.weight_decay))
+    for opt in optimizers:
+        for group in opt.param_groups:
+            group["peak_lr"] = group["lr"]
+    return optimizers
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+def load_resume(cfg, kind, tokenizer):
+    """The checkpoint to continue from when --resume is given and one exists, else None.
+    Refuses a checkpoint of another kind or another tokenizer."""
+    if not cfg.resume:
+        return None
+    try:
+        path = resolve_checkpoint(cfg.out_dir, prefer="latest")
+    except FileNotFoundError:
+        print(f"--resume: no checkpoint in {cfg.out_dir} yet, starting fresh", flush=True)
+        return None
+    ckpt = load_checkpoint(path, prefer="latest")
+    if ckpt.get("kind") != kind or "optimizers" not in ckpt:
+        raise ValueError(f"checkpoint {path} is not a resumable {kind} checkpoint (kind={ckpt.get('kind')})")
+    tokenizer.check_identity(ckpt["tokenizer"], f"checkpoint {path}")
+    return ckpt
+
+
+def rng_state(env):
+    """Every rank's torch RNG states, gathered to all ranks as uint8 tensors (weights_only-safe)."""
+    state = {"cpu": torch.get_rng_state()}
+    if env.device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(env.device)
+    if not env.ddp:
+        return [state]
+    gathered = [None] * env.world_size
+    dist.all_gather_object(gathered, state)
+    return gathered
+
+
+def set_rng_state(states, env):
+    if len(states) != env.world_size:
+        print(f"resume: the checkpoint has RNG states of {len(states)} processes, this run has "
+              f"{env.world_size}; dropout noise will differ from the uninterrupted run", flush=True)
+        return
+    torch.set_rng_state(states[env.rank]["cpu"])
+    if env.device.type == "cuda" and "cuda" in states[env.rank]:
+        torch.cuda.set_rng_state(states[env.rank]["cuda"], env.device)
+
+
+def prune_step_checkpoints(out_dir, keep_last):
+    for old in step_checkpoints(out_dir)[:-keep_last] if keep_last > 0 else []:
+        old.unlink(missing_ok=True)
+        old.with_suffix(".json").unlink(missing_ok=True)
+
+
+# ----------------------------------------------------------------------------- metrics
+
+def peak_memory_mb(device):
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def guess_peak_flops(device):
+    name = torch.cuda.get_device_name(device)
+    return next((f for key, f in PEAK_FLOPS.items() if key in name), 0.0)
+
+
+def read_metrics(path, up_to_step=None):
+    if not Path(path).is_file():
+        return []
+    rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    return [r for r in rows if up_to_step is None or r["step"] <= up_to_step]
+
+
+def write_metrics(path, rows):
+    tmp = Path(str(path) + ".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    os.replace(tmp, path)
+
+
+def plot_losses(rows, path, title):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    train = [(r["tokens"], r["train_loss"]) for r in rows if "train_loss" in r]
+    val = [(r["tokens"], r["val_loss"]) for r in rows if "val_loss" in r]
+    fig, ax = plt.subplots(figsize=(8, 5))
+    if train:
+        ax.plot(*zip(*train), label="train", lw=1)
+    if val:
+        ax.plot(*zip(*val), "o-", label="validation")
+    ax.set_xlabel("tokens")
+    ax.set_ylabel("cross entropy")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    tmp = Path(str(path) + ".tmp")
+    fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def format_seconds(s):
+    h, rem = divmod(int(s), 3600)
+    return f"{h}h{rem // 60:02d}m" if h else f"{rem // 60}m{rem % 60:02d}s"
+
+
+# ----------------------------------------------------------------------------- the loop
+
+@torch.no_grad()
+def evaluate(model, batches, env):
+    """Token-weighted mean loss over this rank's validation batches, reduced over ranks."""
+    model.eval()
+    sums = torch.zeros(2, dtype=torch.float64, device=env.device)
+    for x, y in batches:
+        x, y = x.to(env.device), y.to(env.device)
+        n = (y != IGNORE_INDEX).sum()
+        with env.autocast():
+            loss = model(x, y)
+        sums += torch.stack([loss.double() * n, n.double()])
+    if env.ddp:
+        dist.all_reduce(sums)
+    model.train()
+    return (sums[0] / sums[1].clamp(min=1)).item()
+
+
+def plan_steps(cfg, train_batches, tokens_per_step):
+    """Optimizer steps the run will take: the smallest of the budgets that are set."""
+    candidates = []
+    if cfg.max_steps:
+        candidates.append(cfg.max_steps)
+    if cfg.max_tokens:
+        candidates.append(math.ceil(cfg.max_tokens / tokens_per_step))
+    if cfg.epochs:
+        candidates.append(math.ceil(cfg.epochs * train_batches.batches_per_epoch / cfg.grad_accum))
+    if not candidates:
+        raise ValueError("set a budget: --max-steps, --max-tokens or --epochs")
+    return max(1, min(candidates))
+
+
+class StopFlag:
+    """Set by SIGINT/SIGTERM; the loop finishes its step, saves and exits."""
+
+    def __init__(self):
+        self.requested = False
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self._handler)
+
+    def _handler(self, signum, frame):
+        if self.requested:  # a second signal: the user wants out now
+            raise KeyboardInterrupt
+        self.requested = True
+        print(f"signal {signal.Signals(signum).name}: saving a checkpoint after this step", flush=True)
+
+
+def train(cfg, env, model, kind, tokenizer, train_batches, val_batches, resume=None, extra=None):
+    """Train model until the planned step; returns the last metrics row. See the module docstring."""
+    out_dir = Path(cfg.out_dir)
+    metrics_path, plot_path = out_dir / "metrics.jsonl", out_dir / "loss.png"
+    if env.master:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    model.to(env.device)
+    raw_model = model
+    optimizers = build_optimizers(cfg, raw_model, env.device)
+    scaler = torch.amp.GradScaler(env.device.type, enabled=env.ptdtype == torch.float16)
+
+    seq_len = raw_model.args.max_seq_len
+    tokens_per_micro = cfg.batch_size * seq_len * env.world_size  # upper bound when batches are padded shorter
+    tokens_per_step = tokens_per_micro * cfg.grad_accum
+    total_steps = plan_steps(cfg, train_batches, tokens_per_step)
+    warmup = min(cfg.warmup_steps, max(1, total_steps // 10))
+    min_ratio = cfg.min_lr / cfg.lr
+
+    step, tokens, best_val, elapsed_before = 0, 0, float("inf"), 0.0
+    if resume is not None:
+        raw_model.load_state_dict(resume["model"])
+        for opt, state in zip(optimizers, resume["optimizers"], strict=True):
+            opt.load_state_dict(state)
+        scaler.load_state_dict(resume["scaler"])
+        train_batches.load_state_dict(resume["data"])
+        set_rng_state(resume["rng"], env)
+        step, tokens, best_val = resume["step"], resume["tokens"], resume["best_val_loss"]
+        elapsed_before = resume.get("elapsed_s", 0.0)
+        env.print(f"resumed from {resume['path']} at step {step} ({tokens:,} tokens)")
+    # Rows logged after the checkpoint we resume from belong to a timeline that is replayed.
+    rows = read_metrics(metrics_path, up_to_step=step) if resume is not None else []
+    if env.master:
+        write_metrics(metrics_path, rows)
+
+    if cfg.compile:
+        model = torch.compile(model)
+    eval_model = model
+    if env.ddp:
+        model = DDP(model, device_ids=[env.local_rank] if env.device.type == "cuda" else None)
+
+    flops_per_token = raw_model.flops_per_token(seq_len)
+    peak_flops = cfg.peak_flops or (guess_peak_flops(env.device) if env.device.type == "cuda" else 0.0)
+    env.print(f"model: {raw_model.num_params() / 1e6:.2f}M parameters "
+              f"({raw_model.num_params(exclude_embeddings=True) / 1e6:.2f}M without embeddings), "
+              f"{env.world_size} process(es) on {env.device}, {str(env.ptdtype).removeprefix('torch.')}")
+    env.print(f"tokens per optimizer step: {tokens_per_step:,} = {cfg.batch_size} batch x {seq_len} seq "
+              f"x {cfg.grad_accum} accum x {env.world_size} procs; planned {total_steps:,} steps = "
+              f"{total_steps * tokens_per_step:,} tokens ({train_batches.batches_per_epoch:,} "
+              f"micro-batches per epoch per process)")
+
+    def checkpoint_dict():
+        return {"kind": kind, "model_args": raw_model.args.to_dict(), "tokenizer": tokenizer.identity(),
+                "model": raw_model.state_dict(), "step": step, "tokens": tokens,
+                "optimizers": [opt.state_dict() for opt in optimizers], "scaler": scaler.state_dict(),
+                "data": train_batches.state_dict(), "rng": rng_state(env), "best_val_loss": best_val,
+                "elapsed_s": elapsed_before + time.time() - t_start,
+                "config": {k: v for k, v in vars(cfg).items() if isinstance(v, (int, float, str, bool, type(None)))},
+                **(extra or {})}
+
+    def save(periodic, best):
+        ckpt = checkpoint_dict()  # collective under DDP (RNG gather): every rank calls it
+        if env.master:
+            if periodic:
+                save_checkpoint(out_dir / f"step_{step:08d}.pt", ckpt)
+                prune_step_checkpoints(out_dir, cfg.keep_last)
+            if best:
+                save_checkpoint(out_dir / "best.pt", ckpt)
+            write_metrics(metrics_path, rows)
+            plot_losses(rows, plot_path, f"{kind}: {out_dir.name}")
+
+    stop = StopFlag()
+    model.train()
+    t_start = t_log = time.time()
+    tokens_at_log, steps_this_run = tokens, 0
+    row = {}
+    while step < total_steps:
+        mult = lr_multiplier(step, warmup, total_steps, min_ratio)
+        for opt in optimizers:
+            for group in opt.param_groups:
+                group["lr"] = group["peak_lr"] * mult
+        micro = [next(train_batches) for _ in range(cfg.grad_accum)]
+        # One small all-reduce per step: the step's real token count (for a token-weighted
+        # mean over micro-batches and ranks) and whether any rank was asked to stop.
+        counts = torch.tensor([sum(int((y != IGNORE_INDEX).sum()) for _, y in micro),
+                               sum(x.numel() for x, _ in micro), float(stop.requested)],
+                              dtype=torch.float64, device=env.device)
+        if env.ddp:
+            dist.all_reduce(counts)
+        n_valid = max(counts[0].item(), 1.0)
+        step_loss = torch.zeros((), device=env.device)
+        for i, (x, y) in enumerate(micro):
+            x, y = x.to(env.device, non_blocking=True), y.to(env.device, non_blocking=True)
+            weight = (y != IGNORE_INDEX).sum() * env.world_size / n_valid  # DDP averages over ranks
+            sync = not env.ddp or i == len(micro) - 1
+            with (contextlib.nullcontext() if sync else model.no_sync()), env.autocast():
+                loss = model(x, y) * weight
+            scaler.scale(loss).backward()
+            step_loss += loss.detach() / env.world_size
+        if cfg.grad_clip > 0:
+            for opt in optimizers:
+                scaler.unscale_(opt)
+            torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip)
+        for opt in optimizers:
+            scaler.step(opt)
+        scaler.update()
+        for opt in optimizers:
+            opt.zero_grad(set_to_none=True)
+        step += 1
+        steps_this_run += 1
+        tokens += int(counts[1].item())
+
+        is_last = step == total_steps
+        do_eval = is_last or (cfg.eval_every and step % cfg.eval_every == 0)
+        do_log = do_eval or is_last or step % cfg.log_every == 0
+        if do_log:
+            if env.ddp:
+                dist.all_reduce(step_loss)
+            now = time.time()
+            tok_per_s = (tokens - tokens_at_log) / max(now - t_log, 1e-9)
+            t_log, tokens_at_log = now, tokens
+            row = {"step": step, "tokens": tokens, "train_loss": round(step_loss.item(), 6),
+                   "lr": optimizers[0].param_groups[0]["lr"], "tokens_per_s": round(tok_per_s, 1),
+                   "peak_mem_mb": round(peak_memory_mb(env.device), 1)}
+            if peak_flops:
+                row["mfu"] = round(flops_per_token * tok_per_s / env.world_size / peak_flops, 4)
+        best = False
+        if do_eval:
+            row["val_loss"] = round(evaluate(eval_model, val_batches(), env), 6)
+            best = row["val_loss"] < best_val
+            best_val = min(best_val, row["val_loss"])
+        if do_log:
+            rows.append(row)
+            if env.master:
+                with open(metrics_path, "a") as f:
+                    f.write(json.dumps(row) + "\n")
+            eta = (time.time() - t_start) / steps_this_run * (total_steps - step)
+            env.print(f"step {step}/{total_steps} | loss {row['train_loss']:.4f}"
+                      + (f" | val {row['val_loss']:.4f}" if "val_loss" in row else "")
+                      + f" | lr {row['lr']:.2e} | {row['tokens_per_s']:,.0f} tok/s"
+                      + (f" | mfu {100 * row['mfu']:.1f}%" if "mfu" in row else "")
+                      + f" | mem {row['peak_mem_mb']:,.0f} MB | eta {format_seconds(eta)}")
+        interrupted = counts[2].item() > 0
+        pause = cfg.stop_after_steps and steps_this_run >= cfg.stop_after_steps
+        periodic = is_last or interrupted or pause or step % cfg.save_every == 0
+        if periodic or best:
+            save(periodic, best)
+        if interrupted or pause:
+            env.print(f"stopped at step {step}; continue with --resume")
+            break
+    return row
