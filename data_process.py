@@ -23,6 +23,7 @@ import json
 import os
 import random
 import re
+import threading
 import time
 import unicodedata
 from collections import Counter, defaultdict, deque
@@ -36,9 +37,9 @@ from tqdm import tqdm
 from chatglm_tokenizer import Tokenizer, TokenizerNotFound, load_tokenizer, train_sentencepiece
 
 # -----------------------------------------------------------------------------
-# defaults (every one has a command-line flag)
+# defaults (command-line flags override all but the field lists and SUBSTRING_MIN_CHARS)
 WORKERS = os.cpu_count() or 1
-CHUNK_BYTES = 1 << 18  # input text per task handed to a worker
+CHUNK_BYTES = 1 << 20  # input text per task handed to a worker
 MIN_TOKENS = 6  # documents with fewer tokens are dropped (the seed drops <= 5)
 PRETRAIN_VAL_FRACTION = 0.005
 SFT_VAL_FRACTION = 0.01
@@ -148,6 +149,9 @@ def iter_raw(path, fmt):
         raise DataError(f"{path}: unknown input format (known: {', '.join(sorted(FORMATS))}, optionally .gz)")
 
 
+WHITESPACE = re.compile(r"\s*")
+
+
 def iter_json_array(f, path, block=1 << 20):
     """Stream the elements of a top-level JSON array without loading the whole file."""
     decoder = json.JSONDecoder()
@@ -156,7 +160,7 @@ def iter_json_array(f, path, block=1 << 20):
     def skip_space():
         nonlocal buf, pos, line, eof
         while True:
-            m = re.compile(r"\s*").match(buf, pos)
+            m = WHITESPACE.match(buf, pos)
             line += buf.count("\n", pos, m.end())
             pos = m.end()
             if pos < len(buf) or eof:
@@ -188,7 +192,7 @@ def iter_json_array(f, path, block=1 << 20):
         c = skip_space()
         if c == ",":
             pos += 1
-        elif c != "]":
+        elif c not in ("]", ""):  # at the end of the input the loop reports the unclosed array
             raise DataError(f"{path}:{line}: expected ',' or ']' between array elements")
 
 
@@ -461,6 +465,16 @@ def iter_tasks(files, chunk_bytes):
             yield "items", path, fmt, items
 
 
+def start_pool_worker(parent_pid, initializer, initargs):
+    """A worker exits when the main process is gone (killed), instead of waiting for work forever."""
+    def watch_parent():
+        while os.getppid() == parent_pid:
+            time.sleep(1)
+        os._exit(1)
+    threading.Thread(target=watch_parent, daemon=True).start()
+    initializer(*initargs)
+
+
 def map_ordered(fn, tasks, workers, initializer, initargs):
     """fn over tasks on `workers` processes, results in task order; at most 2 tasks per worker
     are in flight, so memory stays bounded however long `tasks` is."""
@@ -469,7 +483,7 @@ def map_ordered(fn, tasks, workers, initializer, initargs):
         yield from map(fn, tasks)
         return
     # (concurrent.futures rather than multiprocessing.Pool, whose manager thread spins on results)
-    with ProcessPoolExecutor(workers, initializer=initializer, initargs=initargs) as pool:
+    with ProcessPoolExecutor(workers, initializer=start_pool_worker, initargs=(os.getpid(), initializer, initargs)) as pool:
         pending = deque()
         for task in tasks:
             pending.append(pool.submit(fn, task))
@@ -810,7 +824,7 @@ def build_parser():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("pretrain", help="text corpora -> uint16 token .bin + .json meta")
+    p = sub.add_parser("pretrain", formatter_class=argparse.ArgumentDefaultsHelpFormatter, help="text corpora -> uint16 token .bin + .json meta")
     add_input_flags(p, "pretrain")
     add_text_flags(p)
     p.add_argument("--out", required=True, help="output NAME: writes NAME.bin, NAME.json, NAME_val.bin, NAME_val.json")
@@ -822,14 +836,14 @@ def build_parser():
                    help="drop exact duplicate documents (keeps 8 bytes per unique document in memory)")
     p.add_argument("--chunk-bytes", type=int, default=CHUNK_BYTES, help="input bytes per task handed to a worker")
 
-    p = sub.add_parser("sft", help="SFT sets -> normalized JSONL {prompt, answer}")
+    p = sub.add_parser("sft", formatter_class=argparse.ArgumentDefaultsHelpFormatter, help="SFT sets -> normalized JSONL {prompt, answer}")
     add_example_flags(p, "sft")
     p.add_argument("--val-fraction", type=float, default=SFT_VAL_FRACTION, help="share of examples held out to NAME_val.jsonl (chosen by hash of the prompt)")
 
-    p = sub.add_parser("eval", help="QA sets -> JSONL {question, answer}")
+    p = sub.add_parser("eval", formatter_class=argparse.ArgumentDefaultsHelpFormatter, help="QA sets -> JSONL {question, answer}")
     add_example_flags(p, "eval")
 
-    p = sub.add_parser("tokenizer", help="train an own SentencePiece vocabulary")
+    p = sub.add_parser("tokenizer", formatter_class=argparse.ArgumentDefaultsHelpFormatter, help="train an own SentencePiece vocabulary")
     add_input_flags(p, "pretrain")
     add_text_flags(p)
     p.add_argument("--vocab-size", type=int, required=True, help="number of pieces (at most 65535, so uint16 holds every id)")

@@ -395,12 +395,16 @@ def plan_steps(cfg, train_batches, tokens_per_step):
 
 
 class StopFlag:
-    """Set by SIGINT/SIGTERM; the loop finishes its step, saves and exits."""
+    """Set by SIGINT/SIGTERM while training; the loop finishes its step, saves and exits."""
 
-    def __init__(self):
+    def __enter__(self):
         self.requested = False
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, self._handler)
+        self.previous = {sig: signal.signal(sig, self._handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
 
     def _handler(self, signum, frame):
         if self.requested:  # a second signal: the user wants out now
@@ -479,83 +483,83 @@ def train(cfg, env, model, kind, tokenizer, train_batches, val_batches, resume=N
             write_metrics(metrics_path, rows)
             plot_losses(rows, plot_path, f"{kind}: {out_dir.name}")
 
-    stop = StopFlag()
-    model.train()
-    t_start = t_log = time.time()
-    tokens_at_log, steps_this_run = tokens, 0
-    row = {}
-    while step < total_steps:
-        mult = lr_multiplier(step, warmup, total_steps, min_ratio)
-        for opt in optimizers:
-            for group in opt.param_groups:
-                group["lr"] = group["peak_lr"] * mult
-        micro = [next(train_batches) for _ in range(cfg.grad_accum)]
-        # One small all-reduce per step: the step's real token count (for a token-weighted
-        # mean over micro-batches and ranks) and whether any rank was asked to stop.
-        counts = torch.tensor([sum(int((y != IGNORE_INDEX).sum()) for _, y in micro),
-                               sum(x.numel() for x, _ in micro), float(stop.requested)],
-                              dtype=torch.float64, device=env.device)
-        if env.ddp:
-            dist.all_reduce(counts)
-        n_valid = max(counts[0].item(), 1.0)
-        step_loss = torch.zeros((), device=env.device)
-        for i, (x, y) in enumerate(micro):
-            x, y = x.to(env.device, non_blocking=True), y.to(env.device, non_blocking=True)
-            weight = (y != IGNORE_INDEX).sum() * env.world_size / n_valid  # DDP averages over ranks
-            sync = not env.ddp or i == len(micro) - 1
-            with (contextlib.nullcontext() if sync else model.no_sync()), env.autocast():
-                loss = model(x, y) * weight
-            scaler.scale(loss).backward()
-            step_loss += loss.detach() / env.world_size
-        if cfg.grad_clip > 0:
+    with StopFlag() as stop:
+        model.train()
+        t_start = t_log = time.time()
+        tokens_at_log, steps_this_run = tokens, 0
+        row = {}
+        while step < total_steps:
+            mult = lr_multiplier(step, warmup, total_steps, min_ratio)
             for opt in optimizers:
-                scaler.unscale_(opt)
-            torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip)
-        for opt in optimizers:
-            scaler.step(opt)
-        scaler.update()
-        for opt in optimizers:
-            opt.zero_grad(set_to_none=True)
-        step += 1
-        steps_this_run += 1
-        tokens += int(counts[1].item())
-
-        is_last = step == total_steps
-        do_eval = is_last or (cfg.eval_every and step % cfg.eval_every == 0)
-        do_log = do_eval or is_last or step % cfg.log_every == 0
-        if do_log:
+                for group in opt.param_groups:
+                    group["lr"] = group["peak_lr"] * mult
+            micro = [next(train_batches) for _ in range(cfg.grad_accum)]
+            # One small all-reduce per step: the step's real token count (for a token-weighted
+            # mean over micro-batches and ranks) and whether any rank was asked to stop.
+            counts = torch.tensor([sum(int((y != IGNORE_INDEX).sum()) for _, y in micro),
+                                   sum(x.numel() for x, _ in micro), float(stop.requested)],
+                                  dtype=torch.float64, device=env.device)
             if env.ddp:
-                dist.all_reduce(step_loss)
-            now = time.time()
-            tok_per_s = (tokens - tokens_at_log) / max(now - t_log, 1e-9)
-            t_log, tokens_at_log = now, tokens
-            row = {"step": step, "tokens": tokens, "train_loss": round(step_loss.item(), 6),
-                   "lr": optimizers[0].param_groups[0]["lr"], "tokens_per_s": round(tok_per_s, 1),
-                   "peak_mem_mb": round(peak_memory_mb(env.device), 1)}
-            if peak_flops:
-                row["mfu"] = round(flops_per_token * tok_per_s / env.world_size / peak_flops, 4)
-        best = False
-        if do_eval:
-            row["val_loss"] = round(evaluate(eval_model, val_batches(), env), 6)
-            best = row["val_loss"] < best_val
-            best_val = min(best_val, row["val_loss"])
-        if do_log:
-            rows.append(row)
-            if env.master:
-                with open(metrics_path, "a") as f:
-                    f.write(json.dumps(row) + "\n")
-            eta = (time.time() - t_start) / steps_this_run * (total_steps - step)
-            env.print(f"step {step}/{total_steps} | loss {row['train_loss']:.4f}"
-                      + (f" | val {row['val_loss']:.4f}" if "val_loss" in row else "")
-                      + f" | lr {row['lr']:.2e} | {row['tokens_per_s']:,.0f} tok/s"
-                      + (f" | mfu {100 * row['mfu']:.1f}%" if "mfu" in row else "")
-                      + f" | mem {row['peak_mem_mb']:,.0f} MB | eta {format_seconds(eta)}")
-        interrupted = counts[2].item() > 0
-        pause = cfg.stop_after_steps and steps_this_run >= cfg.stop_after_steps
-        periodic = is_last or interrupted or pause or step % cfg.save_every == 0
-        if periodic or best:
-            save(periodic, best)
-        if interrupted or pause:
-            env.print(f"stopped at step {step}; continue with --resume")
-            break
-    return row
+                dist.all_reduce(counts)
+            n_valid = max(counts[0].item(), 1.0)
+            step_loss = torch.zeros((), device=env.device)
+            for i, (x, y) in enumerate(micro):
+                x, y = x.to(env.device, non_blocking=True), y.to(env.device, non_blocking=True)
+                weight = (y != IGNORE_INDEX).sum() * env.world_size / n_valid  # DDP averages over ranks
+                sync = not env.ddp or i == len(micro) - 1
+                with (contextlib.nullcontext() if sync else model.no_sync()), env.autocast():
+                    loss = model(x, y) * weight
+                scaler.scale(loss).backward()
+                step_loss += loss.detach() / env.world_size
+            if cfg.grad_clip > 0:
+                for opt in optimizers:
+                    scaler.unscale_(opt)
+                torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip)
+            for opt in optimizers:
+                scaler.step(opt)
+            scaler.update()
+            for opt in optimizers:
+                opt.zero_grad(set_to_none=True)
+            step += 1
+            steps_this_run += 1
+            tokens += int(counts[1].item())
+
+            is_last = step == total_steps
+            do_eval = is_last or (cfg.eval_every and step % cfg.eval_every == 0)
+            do_log = do_eval or is_last or step % cfg.log_every == 0
+            if do_log:
+                if env.ddp:
+                    dist.all_reduce(step_loss)
+                now = time.time()
+                tok_per_s = (tokens - tokens_at_log) / max(now - t_log, 1e-9)
+                t_log, tokens_at_log = now, tokens
+                row = {"step": step, "tokens": tokens, "train_loss": round(step_loss.item(), 6),
+                       "lr": optimizers[0].param_groups[0]["lr"], "tokens_per_s": round(tok_per_s, 1),
+                       "peak_mem_mb": round(peak_memory_mb(env.device), 1)}
+                if peak_flops:
+                    row["mfu"] = round(flops_per_token * tok_per_s / env.world_size / peak_flops, 4)
+            best = False
+            if do_eval:
+                row["val_loss"] = round(evaluate(eval_model, val_batches(), env), 6)
+                best = row["val_loss"] < best_val
+                best_val = min(best_val, row["val_loss"])
+            if do_log:
+                rows.append(row)
+                if env.master:
+                    with open(metrics_path, "a") as f:
+                        f.write(json.dumps(row) + "\n")
+                eta = (time.time() - t_start) / steps_this_run * (total_steps - step)
+                env.print(f"step {step}/{total_steps} | loss {row['train_loss']:.4f}"
+                          + (f" | val {row['val_loss']:.4f}" if "val_loss" in row else "")
+                          + f" | lr {row['lr']:.2e} | {row['tokens_per_s']:,.0f} tok/s"
+                          + (f" | mfu {100 * row['mfu']:.1f}%" if "mfu" in row else "")
+                          + f" | mem {row['peak_mem_mb']:,.0f} MB | eta {format_seconds(eta)}")
+            interrupted = counts[2].item() > 0
+            pause = cfg.stop_after_steps and steps_this_run >= cfg.stop_after_steps
+            periodic = is_last or interrupted or pause or step % cfg.save_every == 0
+            if periodic or best:
+                save(periodic, best)
+            if interrupted or pause:
+                env.print(f"stopped at step {step}; continue with --resume")
+                break
+        return row

@@ -36,3 +36,13 @@ def tiny_tokenizer_path(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_tokenizer(tiny_tokenizer_path):
     return Tokenizer(tiny_tokenizer_path)
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models train fastest on one thread (more so on a busy machine)."""
+    import torch
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -68,6 +68,18 @@ def test_every_input_format_gives_the_same_documents(tmp_path, tiny_tokenizer_pa
     assert read_docs(tmp_path / "e.bin", tiny_tokenizer) == texts
 
 
+def test_json_arrays_stream_in_small_blocks_with_line_numbers(tmp_path):
+    records = [{"text": t, "n": i} for i, t in enumerate(make_chinese_texts(30, seed=13))]
+    (tmp_path / "a.json").write_text(json.dumps(records, ensure_ascii=False, indent=2), encoding="utf-8")
+    with open(tmp_path / "a.json", encoding="utf-8") as f:
+        streamed = list(data_process.iter_json_array(f, tmp_path / "a.json", block=16))
+    assert [r for _, r in streamed] == records
+    assert [line for line, _ in streamed[:2]] == [2, 6]  # where each element starts
+    (tmp_path / "b.json").write_text('[\n {"q": "一", "a": "二"},\n {"q": "二" "三"}\n]', encoding="utf-8")
+    with pytest.raises(SystemExit, match="b.json:3: malformed JSON"):
+        run("sft", "--input", tmp_path / "b.json", "--out", tmp_path / "o.jsonl")
+
+
 def test_output_is_identical_for_any_worker_count(tmp_path, tiny_tokenizer_path):
     texts = make_chinese_texts(300, seed=7)
     texts += texts[:40] + ["短"] * 5  # duplicates and too-short documents

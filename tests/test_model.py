@@ -1,7 +1,7 @@
 import torch
 import torch.nn.functional as F
 
-from model import IGNORE_INDEX, KVCache, ModelArgs, Transformer
+from model import IGNORE_INDEX, KVCache, ModelArgs, Transformer, apply_rope, chunked_cross_entropy
 
 
 def tiny_model(**kw):
@@ -35,3 +35,64 @@ def test_kv_cache_logits_equal_full_forward():
     torch.testing.assert_close(first, full[:, 6], atol=1e-5, rtol=1e-4)
     for t, logits in zip(range(7, 12), steps):
         torch.testing.assert_close(logits, full[:, t], atol=1e-5, rtol=1e-4)
+
+
+def test_memory_lean_loss_matches_plain_cross_entropy_in_value_and_gradient():
+    torch.manual_seed(0)
+    h = torch.randn(2, 19, 16, requires_grad=True)
+    w = torch.randn(50, 16, requires_grad=True)
+    y = torch.randint(0, 50, (2, 19))
+    y[0, :7] = IGNORE_INDEX
+    y[1, -1] = IGNORE_INDEX
+    loss = chunked_cross_entropy(h, w, y, chunk_rows=8)  # several chunks, a ragged last one
+    ref = F.cross_entropy(F.linear(h, w).view(-1, 50), y.view(-1), ignore_index=IGNORE_INDEX)
+    torch.testing.assert_close(loss, ref)
+    grads = torch.autograd.grad(2.5 * loss, (h, w))  # backward scales by the incoming gradient
+    ref_grads = torch.autograd.grad(2.5 * ref, (h, w))
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r)
+
+
+def test_memory_lean_loss_under_bf16_autocast_returns_fp32_gradients():
+    torch.manual_seed(0)
+    h = torch.randn(24, 16, requires_grad=True)
+    w = torch.randn(50, 16, requires_grad=True)
+    y = torch.randint(0, 50, (24,))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = chunked_cross_entropy(h, w, y, chunk_rows=8)
+        ref = F.cross_entropy(F.linear(h, w).float(), y)
+    assert loss.dtype == torch.float32
+    torch.testing.assert_close(loss, ref)
+    grads, ref_grads = torch.autograd.grad(loss, (h, w)), torch.autograd.grad(ref, (h, w))
+    for g, r in zip(grads, ref_grads):
+        assert g.dtype == torch.float32
+        torch.testing.assert_close(g, r, atol=1e-2, rtol=2e-2)
+
+
+def test_sdpa_attention_equals_manual_softmax_attention():
+    model = tiny_model(n_kv_heads=2, qk_norm=True)
+    attn, x = model.layers[0].attention, torch.randn(2, 10, 32)
+    cos, sin = model.rope(torch.arange(10))
+    B, T, H, D = 2, 10, 4, 8
+    q = attn.wq(x).view(B, T, H, D).transpose(1, 2)
+    k = attn.wk(x).view(B, T, 2, D).transpose(1, 2)
+    v = attn.wv(x).view(B, T, 2, D).transpose(1, 2)
+    q, k = apply_rope(attn.q_norm(q), cos, sin), apply_rope(attn.k_norm(k), cos, sin)
+    k, v = k.repeat_interleave(2, dim=1), v.repeat_interleave(2, dim=1)  # each kv head serves 2 query heads
+    scores = (q @ k.transpose(-1, -2)) / D ** 0.5
+    scores = scores.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), float("-inf"))
+    manual = attn.wo((scores.softmax(-1) @ v).transpose(1, 2).reshape(B, T, H * D))
+    torch.testing.assert_close(attn(x, cos, sin), manual, atol=1e-5, rtol=1e-4)
+
+
+def test_tiny_model_overfits_one_batch(one_thread):
+    model = tiny_model()
+    x = torch.randint(0, 101, (4, 16))
+    y = torch.roll(x, -1, dims=1)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for _ in range(100):
+        loss = model(x, y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.05
