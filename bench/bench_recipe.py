@@ -38,7 +38,7 @@ OUT_DIR = "out/bench_recipe"
 VOCAB_SIZE = 8192  # the ChatGLM2 head (64793) would make the model mostly head and too slow on a CPU
 MODEL = dict(dim=128, n_layers=4, n_heads=4, max_seq_len=128)  # embeddings ~57% of parameters, as in the seed
 BATCH_SIZE = 16
-MAX_TOKENS = 1e6
+MAX_TOKENS = 2e6
 EVAL_EVERY = 25  # optimizer steps
 EVAL_BATCHES = 8  # x 16 x 128 = 16k held-out tokens, the same for every recipe
 WARMUP_FRACTION = 0.05
@@ -46,14 +46,13 @@ WARMUP_FRACTION = 0.05
 # 58M parameters. The best of them by final validation loss sets the target, so a candidate
 # only wins against a tuned baseline.
 SEED_LRS = (1.5e-3, 3e-3)
-CANDIDATE_ADAMW_LR = 3e-3  # embeddings, norms and head under Muon
+MUON = ["--optimizer", "muon", "--muon-lr", "0.02", "--lr", "3e-3"]  # --lr: AdamW's embeddings, norms, head
 RECIPES = {  # name -> pretrain.py flags on top of the shared ones
     **{f"seed_lr{lr:g}": ["--optimizer", "adamw", "--lr", f"{lr:g}"] for lr in SEED_LRS},
-    "muon": ["--optimizer", "muon", "--muon-lr", "0.02", "--lr", f"{CANDIDATE_ADAMW_LR:g}"],
-    "muon_qknorm_untied": ["--optimizer", "muon", "--muon-lr", "0.02", "--lr", f"{CANDIDATE_ADAMW_LR:g}",
-                           "--qk-norm", "--untie-head"],
+    "muon": MUON,
+    "muon_untied": [*MUON, "--untie-head"],
+    "muon_qknorm_untied": [*MUON, "--qk-norm", "--untie-head"],
 }
-DEFAULT_RECIPES = [*(f"seed_lr{lr:g}" for lr in SEED_LRS), "muon_qknorm_untied"]
 RECOMMENDED = "muon_qknorm_untied"
 TARGET_TOKENS_RATIO, TARGET_WALL_RATIO = 0.7, 1.15
 
@@ -67,7 +66,7 @@ def parse_args():
     p.add_argument("--vocab-size", type=int, default=VOCAB_SIZE, help="size of the vocabulary trained on --data")
     p.add_argument("--max-tokens", type=float, default=MAX_TOKENS, help="training tokens per recipe")
     p.add_argument("--eval-every", type=int, default=EVAL_EVERY, help="validate every N optimizer steps")
-    p.add_argument("--recipes", nargs="+", default=DEFAULT_RECIPES, choices=list(RECIPES), help="recipes to train")
+    p.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=list(RECIPES), help="recipes to train")
     p.add_argument("--jobs", type=int, default=0, help="recipes trained at once (0: all at once)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per training run")
     p.add_argument("--seed", type=int, default=1337, help="init and data-order seed, the same for every recipe")
@@ -191,7 +190,7 @@ def plot(runs, target, path):
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for name, r in runs.items():
-        tokens, losses = zip(*r["curve"][1:]) if len(r["curve"]) > 1 else zip(*r["curve"])
+        tokens, losses = zip(*r["curve"])
         ax.plot([t / 1e6 for t in tokens], losses, marker=".", label=name)
     ax.axhline(target, color="gray", linestyle="--", linewidth=1, label="target: best seed final")
     ax.set_xlabel("training tokens (M)")
