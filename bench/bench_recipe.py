@@ -45,11 +45,12 @@ WARMUP_FRACTION = 0.05
 # The seed recipe (AdamW on everything, tied head) at each of these peak lrs; its 3e-4 is for
 # 58M parameters. The best of them by final validation loss sets the target, so a candidate
 # only wins against a tuned baseline.
-SEED_LRS = (1.5e-3, 3e-3)
+SEED_LRS = (1.5e-3, 3e-3, 6e-3)
 MUON = ["--optimizer", "muon", "--muon-lr", "0.02", "--lr", "3e-3"]  # --lr: AdamW's embeddings, norms, head
 RECIPES = {  # name -> pretrain.py flags on top of the shared ones
     **{f"seed_lr{lr:g}": ["--optimizer", "adamw", "--lr", f"{lr:g}"] for lr in SEED_LRS},
     "muon": MUON,
+    "muon_qknorm": [*MUON, "--qk-norm"],
     "muon_untied": [*MUON, "--untie-head"],
     "muon_qknorm_untied": [*MUON, "--qk-norm", "--untie-head"],
 }
