@@ -212,10 +212,13 @@ class Transformer(nn.Module):
 
     def hidden_states(self, tokens, positions=None, cache=None, attn_mask=None):
         B, T = tokens.shape
-        if positions is None:
+        if positions is None:  # consecutive positions: slice the tables (no device sync, compile-friendly)
             start = cache.length if cache is not None else 0
-            positions = torch.arange(start, start + T, device=tokens.device)
-        cos, sin = self.rope(positions)
+            if start + T > self.args.max_seq_len:
+                raise ValueError(f"position {start + T - 1} >= max_seq_len {self.args.max_seq_len}")
+            cos, sin = self.rope_cos[None, None, start:start + T], self.rope_sin[None, None, start:start + T]
+        else:
+            cos, sin = self.rope(positions)
         h = self.dropout(self.tok_embeddings(tokens))
         for layer in self.layers:
             h = layer(h, cos, sin, cache, attn_mask)
@@ -237,7 +240,7 @@ class Transformer(nn.Module):
         return self.output(self.hidden_states(tokens)).float()
 
 
-def chunked_cross_entropy(h, weight, targets, chunk_rows=1024):
+def chunked_cross_entropy(h, weight, targets, chunk_rows=512):
     """Mean cross entropy of (h @ weight.T) against targets, ignoring IGNORE_INDEX, without
     ever holding more than one chunk's (rows, vocab) logits. When gradients are wanted, the
     forward pass also computes them (softmax - onehot, chunk by chunk) and keeps only those,
@@ -267,15 +270,18 @@ def _linear_cross_entropy_sum(h, weight, targets, chunk_rows, with_grads):
             logits = (hc @ w.t()).float()
             valid = tc != IGNORE_INDEX
             safe_t = tc.clamp(min=0)
-            lse = torch.logsumexp(logits, dim=-1)
             target_logit = logits.gather(1, safe_t[:, None]).squeeze(1)
-            total += ((lse - target_logit) * valid).sum()
+            # Softmax in place over the chunk (few passes over it, no second buffer).
+            row_max = logits.amax(dim=-1, keepdim=True)
+            exps = logits.sub_(row_max).exp_()
+            sum_exp = exps.sum(dim=-1)
+            total += ((sum_exp.log() + row_max.squeeze(1) - target_logit) * valid).sum()
             if not with_grads:
                 continue
-            probs = logits.sub_(lse[:, None]).exp_()  # in place: the chunk's softmax, no new buffer
-            probs[torch.arange(len(tc), device=h.device), safe_t] -= 1.0
-            probs.mul_(valid[:, None])  # d(sum of losses)/d(logits) = softmax - onehot, 0 where ignored
-            dlogits = probs.to(dtype)
+            # d(sum of losses)/d(logits) = softmax - onehot on counted rows, 0 on ignored ones.
+            dlogits = exps.mul_((valid / sum_exp)[:, None])
+            dlogits[torch.arange(len(tc), device=h.device), safe_t] -= valid.float()
+            dlogits = dlogits.to(dtype)
             grad_h[start:start + chunk_rows] = dlogits @ w
             if dtype == torch.float32:
                 grad_w.addmm_(dlogits.t(), hc)

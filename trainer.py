@@ -158,27 +158,29 @@ def setup(cfg):
 
 # ----------------------------------------------------------------------------- data
 
-def epoch_batches(n_items, batch_size, seed, epoch, rank, world_size, shuffle=True):
-    """This rank's micro-batches (lists of item indices) for one epoch. The seeded order is
-    cut into global batches of batch_size * world_size and each rank takes its slice, so
-    N processes see exactly what one process with N times the batch sees."""
-    order = np.random.default_rng([seed, epoch]).permutation(n_items) if shuffle else np.arange(n_items)
+def epoch_batches(n_items, batch_size, seed, epoch, rank, world_size):
+    """This rank's micro-batches for one epoch: an array (n_batches, batch_size) of item
+    indices. The seeded order is cut into global batches of batch_size * world_size and each
+    rank takes its slice, so N processes see exactly what one process with an N times
+    larger batch sees. The last incomplete global batch is dropped."""
     global_batch = batch_size * world_size
     n_global = n_items // global_batch
     if n_global == 0:
         raise ValueError(f"{n_items} training items are fewer than one global batch of {global_batch}")
-    return [order[g * global_batch + rank * batch_size: g * global_batch + (rank + 1) * batch_size].tolist()
-            for g in range(n_global)]
+    order = np.random.default_rng([seed, epoch]).permutation(n_items)
+    return order[:n_global * global_batch].reshape(n_global, world_size, batch_size)[:, rank]
 
 
 class Batches:
     """An endless, resumable stream of this rank's training micro-batches over a map-style
     dataset. The position (epoch, batches taken) is the whole state: resuming replays the
     same order from that point. make_epoch(epoch) may replace the default shuffled order
-    (e.g. length-grouped batches); it must be deterministic in epoch."""
+    (e.g. length-grouped batches): it returns this rank's batches of item indices (a list of
+    lists or a 2-D array) and must be deterministic in epoch."""
 
     def __init__(self, dataset, batch_size, seed, env, collate_fn=None, num_workers=0, make_epoch=None):
         self.dataset, self.collate_fn, self.num_workers = dataset, collate_fn, num_workers
+        self.pin_memory = env.device.type == "cuda"  # lets the host-to-GPU copies run asynchronously
         self.make_epoch = make_epoch or (lambda epoch: epoch_batches(
             len(dataset), batch_size, seed, epoch, env.rank, env.world_size))
         self.batches_per_epoch = len(self.make_epoch(0))
@@ -197,7 +199,8 @@ class Batches:
         # Its own generator: a DataLoader otherwise draws worker seeds from the global RNG,
         # which would shift dropout noise after a resume.
         loader = torch.utils.data.DataLoader(self.dataset, batch_sampler=remaining, collate_fn=self.collate_fn,
-                                             num_workers=self.num_workers, generator=torch.Generator().manual_seed(self.epoch))
+                                             num_workers=self.num_workers, pin_memory=self.pin_memory,
+                                             generator=torch.Generator().manual_seed(self.epoch))
         self._it = iter(loader)
 
     def __iter__(self):
@@ -496,9 +499,10 @@ def train(cfg, env, model, kind, tokenizer, train_batches, val_batches, resume=N
             micro = [next(train_batches) for _ in range(cfg.grad_accum)]
             # One small all-reduce per step: the step's real token count (for a token-weighted
             # mean over micro-batches and ranks) and whether any rank was asked to stop.
+            # Without DDP it stays on the CPU, so the GPU never waits for it.
             counts = torch.tensor([sum(int((y != IGNORE_INDEX).sum()) for _, y in micro),
                                    sum(x.numel() for x, _ in micro), float(stop.requested)],
-                                  dtype=torch.float64, device=env.device)
+                                  dtype=torch.float64, device=env.device if env.ddp else "cpu")
             if env.ddp:
                 dist.all_reduce(counts)
             n_valid = max(counts[0].item(), 1.0)
