@@ -26,6 +26,7 @@ import re
 import threading
 import time
 import unicodedata
+import zlib
 from collections import Counter, defaultdict, deque
 from concurrent.futures import ProcessPoolExecutor
 from itertools import compress
@@ -38,7 +39,7 @@ from chatglm_tokenizer import Tokenizer, TokenizerNotFound, load_tokenizer, trai
 
 # -----------------------------------------------------------------------------
 # defaults (command-line flags override all but the field lists and SUBSTRING_MIN_CHARS)
-WORKERS = os.cpu_count() or 1
+WORKERS = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1  # usable cores
 CHUNK_BYTES = 1 << 20  # input text per task handed to a worker
 MIN_TOKENS = 6  # documents with fewer tokens are dropped (the seed drops <= 5)
 PRETRAIN_VAL_FRACTION = 0.005
@@ -277,7 +278,11 @@ def document_text(record, text_field=None, template=None):
     elif text_field:
         text = string_field(record, text_field)
     else:
-        field = next((f for f in TEXT_FIELDS if f in record), TEXT_FIELDS[0])
+        for field in TEXT_FIELDS:
+            if field in record:
+                break
+        else:
+            field = TEXT_FIELDS[0]  # named in the error
         text = string_field(record, field)
     return text, utf8(text)
 
@@ -372,12 +377,13 @@ def clear_outputs(outputs, files):
 
 
 def doc_hash(data):
+    """64-bit key for exact-duplicate removal."""
     return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little")
 
 
-def is_val(h, fraction):
-    """Deterministic held-out choice from 64-bit hashes (an int or a uint64 array)."""
-    return (h >> 40) < fraction * (1 << 24)
+def is_val(data, fraction):
+    """Deterministic held-out choice by a (cheap) hash of the bytes."""
+    return zlib.crc32(data) < fraction * (1 << 32)
 
 
 # -----------------------------------------------------------------------------
@@ -393,8 +399,9 @@ def init_worker(settings):
 
 
 def encode_chunk(task):
-    """One task -> ids (uint16, each document + eos), per-document lengths and hashes, and
-    the bad records as (line, message), lines counted from the task's first line."""
+    """One task -> ids (uint16, each document + eos), per-document lengths, held-out flags and
+    (with --dedup) hashes, and the bad records as (line, message), lines counted from the
+    task's first line."""
     kind, path, fmt, payload = task
     w = _worker
     if kind == "range":  # a byte range of lines, read here rather than sent by the main process
@@ -406,7 +413,7 @@ def encode_chunk(task):
     else:
         items = payload
     bad = []
-    texts, lines, hashes = [], [], []
+    texts, lines, hashes, val = [], [], [], []
     for line_no, record in parse_items(fmt, items, lambda line_no, message: bad.append((line_no, message))):
         try:
             text, text_bytes = document_text(record, w["text_field"], w["template"])
@@ -415,14 +422,17 @@ def encode_chunk(task):
             continue
         texts.append(text)
         lines.append(line_no)
-        hashes.append(doc_hash(text_bytes))
+        val.append(is_val(text_bytes, w["val_fraction"]))
+        if w["dedup"]:
+            hashes.append(doc_hash(text_bytes))
     encoded = w["tokenizer"].encode_batch_numpy(texts, num_threads=1)  # the pool is the parallelism
     lengths = np.fromiter(map(len, encoded), dtype=np.int64, count=len(encoded)) + 1  # + eos
     keep = lengths > w["min_tokens"]
     eos = np.array([w["eos_id"]], dtype=np.int32)
     ids = np.concatenate([a for doc in compress(encoded, keep) for a in (doc, eos)] or [eos[:0]])
     return dict(path=path, relative_lines=kind == "range", n_lines=block.count(b"\n") if kind == "range" else 0,
-                ids=ids.astype("<u2"), lengths=lengths[keep], hashes=np.asarray(hashes, dtype=np.uint64)[keep],
+                ids=ids.astype("<u2"), lengths=lengths[keep], val=np.asarray(val, dtype=bool)[keep],
+                hashes=np.asarray(hashes, dtype=np.uint64)[keep] if w["dedup"] else None,
                 n_read=len(texts) + len(bad), n_short=int((~keep).sum()), bad=bad,
                 out_of_vocab=first_out_of_vocab(ids, lengths[keep], w["vocab_size"], np.asarray(lines)[keep]))
 
@@ -509,7 +519,8 @@ def cmd_pretrain(args):
     text_field = args.text_field or next((PRESETS["pretrain"][p].get("text_field") for p in args.preset or []), None)
     template = args.template.replace("\\n", "\n").replace("\\t", "\t") if args.template else None
     settings = dict(tokenizer_path=str(tokenizer.path), vocab_size=tokenizer.vocab_size, eos_id=tokenizer.eos_id,
-                        min_tokens=args.min_tokens, text_field=text_field, template=template, skip_bad=args.skip_bad)
+                        min_tokens=args.min_tokens, text_field=text_field, template=template, skip_bad=args.skip_bad,
+                    val_fraction=args.val_fraction, dedup=args.dedup)
     stats = Counter()
     bad = BadCounter(args.skip_bad)
     seen = set() if args.dedup else None
@@ -538,7 +549,7 @@ def cmd_pretrain(args):
                     keep[i] = h not in seen
                     seen.add(h)
                 stats["duplicate"] += int((~keep).sum())
-            val = is_val(r["hashes"], args.val_fraction)
+            val = r["val"]
             for split, mask in (("train", keep & ~val), ("val", keep & val)):
                 if mask.any():
                     splits[split].f.write(r["ids"][np.repeat(mask, r["lengths"])].tobytes())
@@ -724,7 +735,7 @@ def cmd_examples(args, kind):
             if reason:
                 stats[reason] += 1
                 continue
-            split = "val" if val_fraction > 0 and is_val(doc_hash(prompt.encode("utf-8")), val_fraction) else "train"
+            split = "val" if val_fraction > 0 and is_val(prompt.encode("utf-8"), val_fraction) else "train"
             outputs[split].f.write(json.dumps(dict(zip(keys, (prompt, answer))), ensure_ascii=False) + "\n")
             stats[split] += 1
         for split in sorted(outputs, key=lambda s: s == "train"):  # the main file last: it marks completion

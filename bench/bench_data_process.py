@@ -28,7 +28,7 @@ sys.path.insert(0, str(ROOT))
 from chatglm_tokenizer import load_tokenizer  # noqa: E402
 
 TOKENIZER = ROOT / "../shared/data/tokenizer/chatglm2/tokenizer.model"
-CORES = os.cpu_count() or 1
+CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1  # taskset counts
 
 
 def naive(files, tokenizer_path, out):

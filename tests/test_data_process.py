@@ -232,7 +232,7 @@ def test_sft_exclude_questions_dedup_and_val_split(tmp_path):
     run("sft", "--input", tmp_path / "many.jsonl", "--out", tmp_path / "m.jsonl", "--val-fraction", "0.1")
     train, val = read_jsonl(tmp_path / "m.jsonl"), read_jsonl(tmp_path / "m_val.jsonl")
     assert len(train) + len(val) == len(set(texts)) and 15 <= len(val) <= 70
-    assert {e["prompt"] for e in val} == {t for t in set(texts) if data_process.is_val(data_process.doc_hash(t.encode()), 0.1)}
+    assert {e["prompt"] for e in val} == {t for t in set(texts) if data_process.is_val(t.encode(), 0.1)}
 
 
 def test_sft_bad_lines_and_length_filters(tmp_path, tiny_tokenizer_path, capsys):
