@@ -20,8 +20,9 @@ def names_of(model, params):
     return {n for n, p in model.named_parameters() if id(p) in ids}
 
 
-def test_seed_recipe_is_adamw_on_everything():
-    model, optimizers = build()
+def test_default_is_muon_and_the_seed_recipe_is_one_flag_away():
+    assert pretrain.parse_args([]).optimizer == "muon"
+    model, optimizers = build("--optimizer", "adamw")
     assert [type(o) for o in optimizers] == [torch.optim.AdamW]
     decay, no_decay = optimizers[0].param_groups
     assert names_of(model, decay["params"]) == {n for n, p in model.named_parameters() if p.dim() >= 2}
