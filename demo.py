@@ -35,12 +35,12 @@ WORK_DIR = "data/demo"
 OUT_DIR = "out/demo"
 VOCAB_SIZE = 4096
 CHARACTER_COVERAGE = 0.99  # below SentencePiece's default so 4096 pieces suffice; rare characters use bytes
-MODEL = ["--dim", "128", "--n-layers", "4", "--n-heads", "4", "--max-seq-len", "128"]
+MODEL = ["--dim", "128", "--n-layers", "4", "--n-heads", "4", "--max-seq-len", "256"]
 # Muon for the hidden matrices: the recipe that reaches a given loss with fewer tokens
 # (bench/bench_recipe.py), which is what a fixed time budget needs.
-PRETRAIN = ["--batch-size", "64", "--grad-accum", "1", "--max-steps", "600", "--optimizer", "muon",
+PRETRAIN = ["--batch-size", "32", "--grad-accum", "1", "--max-steps", "600", "--optimizer", "muon",
             "--muon-lr", "0.02", "--lr", "3e-3", "--min-lr", "3e-4", "--warmup-steps", "30",
-            "--eval-every", "150", "--eval-batches", "40", "--log-every", "25", "--save-every", "150"]
+            "--eval-every", "150", "--eval-batches", "80", "--log-every", "25", "--save-every", "150"]
 SFT = ["--batch-size", "32", "--max-steps", "400", "--epochs", "0", "--lr", "1e-3", "--min-lr", "1e-4",
        "--warmup-steps", "20", "--eval-every", "100", "--eval-batches", "10", "--log-every", "25",
        "--save-every", "200", "--num-workers", "1"]
