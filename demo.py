@@ -1,4 +1,4 @@
-"""The whole pipeline on a small demo preset, in about a quarter of an hour on a 2-core CPU:
+"""The whole pipeline on a small demo preset, in under 10 minutes on a 2-core CPU:
 
     own tokenizer -> data_process (pretrain, sft, eval) -> pretrain -> sft -> eval
 
@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 # -----------------------------------------------------------------------------
-# defaults (flags override). Sized so that the whole run fits ~15 minutes on 2 CPU cores:
+# defaults (flags override). Sized so that the whole run fits well within 15 minutes on 2 CPU cores:
 # a small own vocabulary (the 64793-id ChatGLM2 head alone would eat the budget) and a
 # model of 1.3M parameters, pretrained on 4.9M tokens.
 DATA_DIR = os.environ.get("DATA_DIR", "")  # empty: download subsets from the Hub
