@@ -11,6 +11,7 @@ eos, as documents follow each other in the pretraining stream) until it ends the
 import argparse
 import sys
 
+from data_process import context_prompt
 from eval import add_generation_args, load_for_inference, sampling_settings, sft_prompt_ids
 
 # -----------------------------------------------------------------------------
@@ -25,14 +26,10 @@ SEED = 1337
 # -----------------------------------------------------------------------------
 
 
-def context_text(history, question):
-    return "".join(f"问：{q}\n答：{a}\n" for q, a in history) + question
-
-
 def sft_prompt(tok, history, question, budget):
     """Prompt ids for the question after as many of the latest turns as fit in budget tokens."""
     for first in range(len(history) + 1):
-        ids = sft_prompt_ids(tok, context_text(history[first:], question))
+        ids = sft_prompt_ids(tok, context_prompt(history[first:], question))
         if len(ids) <= budget:
             return ids
     return ids[-budget:]  # even the bare question is too long: keep its end and the bos

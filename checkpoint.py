@@ -26,6 +26,15 @@ CHECKPOINT_FORMAT = "baby-llama2-chinese/1"
 STEP_PATTERN = re.compile(r"^step_(\d+)\.pt$")
 
 
+def write_text_atomic(path, text):
+    """Write text under a temporary name and rename it into place, so a reader never sees
+    half a file."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
 def save_checkpoint(path, ckpt):
     """Atomically write ckpt to path, with a readable .json of its config beside it."""
     path = Path(path)
@@ -37,9 +46,7 @@ def save_checkpoint(path, ckpt):
         os.fsync(f.fileno())
     os.replace(tmp, path)
     summary = {k: ckpt[k] for k in ("format", "kind", "step", "model_args", "tokenizer") if k in ckpt}
-    tmp_json = path.with_suffix(".json.tmp")
-    tmp_json.write_text(json.dumps(summary, ensure_ascii=False, indent=2))
-    os.replace(tmp_json, path.with_suffix(".json"))
+    write_text_atomic(path.with_suffix(".json"), json.dumps(summary, ensure_ascii=False, indent=2))
 
 
 def step_checkpoints(out_dir):

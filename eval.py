@@ -18,7 +18,6 @@ import argparse
 import csv
 import json
 import math
-import os
 import re
 import sys
 import time
@@ -29,7 +28,7 @@ import torch
 from nltk.translate.bleu_score import SmoothingFunction, sentence_bleu
 from tqdm import tqdm
 
-from checkpoint import load_checkpoint, model_from_checkpoint, tokenizer_for_checkpoint
+from checkpoint import load_checkpoint, model_from_checkpoint, tokenizer_for_checkpoint, write_text_atomic
 from model import IGNORE_INDEX
 
 # -----------------------------------------------------------------------------
@@ -227,12 +226,6 @@ def answer_perplexity(model, tok, prompts, answers, batch_size):
     return math.exp(total_nll / total_tokens)
 
 
-def write_atomic(path, text):
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 # -----------------------------------------------------------------------------
 
 def parse_args(argv=None):
@@ -286,11 +279,11 @@ def evaluate(args):
     }
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    write_atomic(out_dir / "predictions.jsonl", "".join(
+    write_text_atomic(out_dir / "predictions.jsonl", "".join(
         json.dumps({"index": i, "question": r["question"], "reference": r["answer"],
                     "prediction": pred, "n_new_tokens": len(ids)}, ensure_ascii=False) + "\n"
         for i, (r, pred, ids) in enumerate(zip(rows, predictions, generated))))
-    write_atomic(out_dir / "metrics.json", json.dumps(metrics, ensure_ascii=False, indent=2) + "\n")
+    write_text_atomic(out_dir / "metrics.json", json.dumps(metrics, ensure_ascii=False, indent=2) + "\n")
     print(f"n={metrics['n']}  bleu4_char_corpus={metrics['bleu4_char_corpus']:.2f}  "
           f"bleu_sentence_avg={metrics['bleu_sentence_avg']:.2f}  answer_ppl={metrics['answer_ppl']:.2f}  "
           f"-> {out_dir}")

@@ -42,7 +42,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from checkpoint import load_checkpoint, resolve_checkpoint, save_checkpoint, step_checkpoints
+from checkpoint import load_checkpoint, resolve_checkpoint, save_checkpoint, step_checkpoints, write_text_atomic
 from model import IGNORE_INDEX
 
 # Shared defaults; a script passes its own overrides to add_train_args.
@@ -332,9 +332,7 @@ def read_metrics(path, up_to_step=None):
 
 
 def write_metrics(path, rows):
-    tmp = Path(str(path) + ".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    os.replace(tmp, path)
+    write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in rows))
 
 
 def plot_losses(rows, path, title):
