@@ -9,7 +9,9 @@ rounds and each reports its fastest step (the least disturbed one).
 
 The reference is the model as the original wrote it: attention as an explicit softmax over
 the full (T, T) score matrix and the loss as F.cross_entropy over the full fp32 (B, T, vocab)
-logits. Each variant runs in a fresh subprocess, so its peak memory (ru_maxrss on CPU,
+logits. Ours computes the loss chunk by chunk without the full logits; on CPU in fp32 its
+matmuls go through oneDNN (see model._matmul_t), the layers of both variants through the same
+nn.Linear. Each variant runs in a fresh subprocess, so its peak memory (ru_maxrss on CPU,
 max_memory_allocated on CUDA) is its own. Random token ids: throughput does not depend on
 the text.
 """
@@ -49,6 +51,7 @@ def parse_args():
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
                    help="autocast dtype; auto: bf16 on CUDA, fp32 on CPU")
     p.add_argument("--compile", action="store_true", help="torch.compile our model; the reference stays eager, as the original ran")
+    p.add_argument("--no-onednn", action="store_true", help="our loss's CPU matmuls through plain `@` (MKL) too")
     p.add_argument("--peak-flops", type=float, default=0.0, help="device peak FLOP/s for MFU (0: guess from the GPU name)")
     p.add_argument("--variant", choices=VARIANTS, default=None, help="(internal) run one variant and print JSON")
     return p.parse_args()
@@ -89,6 +92,8 @@ def run_variant(cfg):
         model_module.Attention.forward = manual_attention_forward
         model = ReferenceTransformer(args)
     else:
+        if cfg.no_onednn:
+            model_module._ONEDNN_LINEAR = None
         model = Transformer(args)
     model.to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
@@ -143,7 +148,7 @@ def main():
                  for v in VARIANTS)
     print(f"\nconfig: dim {cfg.dim}, {cfg.n_layers} layers, {cfg.n_heads} heads, vocab {cfg.vocab_size}, "
           f"batch {cfg.batch_size} x seq {cfg.seq_len}, {ours['device']} {ours['dtype']}"
-          f"{', ours compiled' if cfg.compile else ''}, {torch.get_num_threads()} threads, best of {cfg.rounds} rounds "
+          f"{', ours compiled' if cfg.compile else ''}{', no oneDNN' if cfg.no_onednn else ''}, {torch.get_num_threads()} threads, best of {cfg.rounds} rounds "
           f"x {cfg.steps} timed steps")
     print(f"{'variant':<10} {'tokens/s':>10} {'s/step':>8} {'peak MB':>9} {'MFU':>6}  loss")
     for r in (ref, ours):

@@ -1,6 +1,8 @@
+import pytest
 import torch
 import torch.nn.functional as F
 
+import model as model_module
 from model import IGNORE_INDEX, KVCache, ModelArgs, Transformer, apply_rope, chunked_cross_entropy
 
 
@@ -37,7 +39,13 @@ def test_kv_cache_logits_equal_full_forward():
         torch.testing.assert_close(logits, full[:, t], atol=1e-5, rtol=1e-4)
 
 
-def test_memory_lean_loss_matches_plain_cross_entropy_in_value_and_gradient():
+@pytest.mark.parametrize("onednn", [True, False])
+def test_memory_lean_loss_matches_plain_cross_entropy_in_value_and_gradient(monkeypatch, onednn):
+    if onednn and model_module._ONEDNN_LINEAR is None:
+        pytest.skip("this torch has no oneDNN linear")
+    if not onednn:
+        monkeypatch.setattr(model_module, "_ONEDNN_LINEAR", None)
+    monkeypatch.setattr(model_module, "CPU_VOCAB_BLOCK", 16)  # several vocabulary blocks, a ragged last one
     torch.manual_seed(0)
     h = torch.randn(2, 19, 16, requires_grad=True)
     w = torch.randn(50, 16, requires_grad=True)
