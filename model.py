@@ -130,16 +130,72 @@ def sample_next_token(logits, temperature=0.0, top_k=None, top_p=None, generator
     return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(-1)
 
 
+# oneDNN's fp32 matmul (what torch.compile's inductor calls for CPU linear layers) runs 1.5-2x
+# faster than the MKL sgemm behind F.linear on some CPUs (AMD's, where MKL takes a slower
+# path), in full fp32 precision. On CPU in fp32 every matmul of the model goes through it when
+# this torch has it: the linear layers (training and generation) and the loss.
+def _find_onednn_linear():
+    try:
+        op = torch.ops.mkldnn._linear_pointwise
+    except (AttributeError, RuntimeError):
+        return None
+    return op if torch.backends.mkldnn.is_available() else None
+
+
+_ONEDNN_LINEAR = _find_onednn_linear()
+CPU_VOCAB_BLOCK = 4096  # the loss's CPU matmul outputs of (rows, 4096) stay in cache
+
+
+def _onednn_applies(x, w):
+    return _ONEDNN_LINEAR is not None and x.device.type == "cpu" and x.dtype == w.dtype == torch.float32
+
+
+def _matmul_t(x, w):
+    """x @ w.T, through oneDNN for CPU fp32 where available."""
+    if _onednn_applies(x, w):
+        return _ONEDNN_LINEAR(x, w, None, "none", [], "")
+    return x @ w.t()
+
+
+class _OneDNNLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, w):
+        ctx.save_for_backward(x, w)
+        return _matmul_t(x, w)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, w = ctx.saved_tensors
+        grad_y2, x2 = grad_y.reshape(-1, grad_y.shape[-1]), x.reshape(-1, x.shape[-1])
+        grad_x = _matmul_t(grad_y2, w.t()).view(x.shape)
+        grad_w = _matmul_t(grad_y2.t().contiguous(), x2.t().contiguous())
+        return grad_x, grad_w
+
+
+class Linear(nn.Linear):
+    """A bias-free nn.Linear whose CPU fp32 matmuls go through oneDNN (see above); anything
+    else (GPU, autocast, torch.compile) takes F.linear."""
+
+    def __init__(self, in_features, out_features):
+        super().__init__(in_features, out_features, bias=False)
+
+    def forward(self, x):
+        if _onednn_applies(x, self.weight) and not torch.is_autocast_enabled("cpu") \
+                and not torch.compiler.is_compiling():
+            return _OneDNNLinear.apply(x, self.weight) if torch.is_grad_enabled() else _matmul_t(x, self.weight)
+        return F.linear(x, self.weight)
+
+
 class Attention(nn.Module):
     def __init__(self, args, layer_id):
         super().__init__()
         self.layer_id = layer_id
         self.n_heads, self.n_kv_heads = args.n_heads, args.n_kv_heads
         self.head_dim = args.dim // args.n_heads
-        self.wq = nn.Linear(args.dim, args.n_heads * self.head_dim, bias=False)
-        self.wk = nn.Linear(args.dim, args.n_kv_heads * self.head_dim, bias=False)
-        self.wv = nn.Linear(args.dim, args.n_kv_heads * self.head_dim, bias=False)
-        self.wo = nn.Linear(args.n_heads * self.head_dim, args.dim, bias=False)
+        self.wq = Linear(args.dim, args.n_heads * self.head_dim)
+        self.wk = Linear(args.dim, args.n_kv_heads * self.head_dim)
+        self.wv = Linear(args.dim, args.n_kv_heads * self.head_dim)
+        self.wo = Linear(args.n_heads * self.head_dim, args.dim)
         self.q_norm = RMSNorm(self.head_dim, args.norm_eps) if args.qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, args.norm_eps) if args.qk_norm else None
         self.dropout = args.dropout
@@ -168,9 +224,9 @@ class Attention(nn.Module):
 class FeedForward(nn.Module):
     def __init__(self, args):
         super().__init__()
-        self.w1 = nn.Linear(args.dim, args.hidden_dim, bias=False)
-        self.w2 = nn.Linear(args.hidden_dim, args.dim, bias=False)
-        self.w3 = nn.Linear(args.dim, args.hidden_dim, bias=False)
+        self.w1 = Linear(args.dim, args.hidden_dim)
+        self.w2 = Linear(args.hidden_dim, args.dim)
+        self.w3 = Linear(args.dim, args.hidden_dim)
         self.dropout = nn.Dropout(args.dropout)
 
     def forward(self, x):
@@ -198,7 +254,7 @@ class Transformer(nn.Module):
         self.dropout = nn.Dropout(args.dropout)
         self.layers = nn.ModuleList(TransformerBlock(args, i) for i in range(args.n_layers))
         self.norm = RMSNorm(args.dim, args.norm_eps)
-        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+        self.output = Linear(args.dim, args.vocab_size)
         if args.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
         cos, sin = rope_tables(args.dim // args.n_heads, args.max_seq_len, args.rope_theta)
@@ -338,32 +394,6 @@ class Transformer(nn.Module):
                 if t is not None:
                     out.append(t)
         return outputs
-
-
-# oneDNN's fp32 matmul (what torch.compile's inductor calls for CPU linear layers) runs 1.5-2x
-# faster than the MKL sgemm behind `@` on some CPUs (AMD's, where MKL takes a slower path), in
-# full fp32 precision. The loss's three big matmuls use it on CPU when this torch has it.
-def _find_onednn_linear():
-    try:
-        op = torch.ops.mkldnn._linear_pointwise
-    except (AttributeError, RuntimeError):
-        return None
-    return op if torch.backends.mkldnn.is_available() else None
-
-
-_ONEDNN_LINEAR = _find_onednn_linear()
-CPU_VOCAB_BLOCK = 4096  # on CPU, matmul outputs of (rows, 4096) stay in cache
-
-
-def _onednn_applies(x, w):
-    return _ONEDNN_LINEAR is not None and x.device.type == "cpu" and x.dtype == w.dtype == torch.float32
-
-
-def _matmul_t(x, w):
-    """x @ w.T, through oneDNN for CPU fp32 where available."""
-    if _onednn_applies(x, w):
-        return _ONEDNN_LINEAR(x, w, None, "none", [], "")
-    return x @ w.t()
 
 
 # Kept out of torch.compile: traced, this hand-written forward+backward gave a wrong loss in

@@ -39,6 +39,23 @@ def test_kv_cache_logits_equal_full_forward():
         torch.testing.assert_close(logits, full[:, t], atol=1e-5, rtol=1e-4)
 
 
+def test_linear_through_onednn_equals_f_linear_in_value_and_gradient():
+    if model_module._ONEDNN_LINEAR is None:
+        pytest.skip("this torch has no oneDNN linear")
+    torch.manual_seed(0)
+    layer = model_module.Linear(16, 24)
+    x = torch.randn(2, 7, 16, requires_grad=True)
+    y = layer(x)
+    ref = F.linear(x, layer.weight)
+    torch.testing.assert_close(y, ref)
+    grads = torch.autograd.grad((y * y).sum(), (x, layer.weight))
+    ref_grads = torch.autograd.grad((ref * ref).sum(), (x, layer.weight))
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), ref)
+
+
 @pytest.mark.parametrize("onednn", [True, False])
 def test_memory_lean_loss_matches_plain_cross_entropy_in_value_and_gradient(monkeypatch, onednn):
     if onednn and model_module._ONEDNN_LINEAR is None:
