@@ -399,9 +399,10 @@ def init_worker(settings):
 
 
 def encode_chunk(task):
-    """One task -> ids (uint16, each document + eos), per-document lengths, held-out flags and
-    (with --dedup) hashes, and the bad records as (line, message), lines counted from the
-    task's first line."""
+    """One task -> per split ("train", "val") the uint16 ids of its kept documents (each one's
+    ids + eos) and their lengths; per kept document in input order its held-out flag and (with
+    --dedup) hash; and the bad records as (line, message), lines counted from the task's first
+    line."""
     kind, path, fmt, payload = task
     w = _worker
     if kind == "range":  # a byte range of lines, read here rather than sent by the main process
@@ -409,7 +410,7 @@ def encode_chunk(task):
         with open(path, "rb") as f:
             f.seek(start)
             block = f.read(end - start)
-        items = [(i, line) for i, line in enumerate(block.split(b"\n"), 1) if line.strip()]
+        items = [(i, line) for i, line in enumerate(block.split(b"\n"), 1) if line and not line.isspace()]
     else:
         items = payload
     bad = []
@@ -425,27 +426,29 @@ def encode_chunk(task):
         val.append(is_val(text_bytes, w["val_fraction"]))
         if w["dedup"]:
             hashes.append(doc_hash(text_bytes))
-    encoded = w["tokenizer"].encode_batch_numpy(texts, num_threads=1)  # the pool is the parallelism
-    lengths = np.fromiter(map(len, encoded), dtype=np.int64, count=len(encoded)) + 1  # + eos
+    encoded = w["tokenizer"].encode_batch_numpy(texts, num_threads=1, eos=True)  # the pool is the parallelism
+    lengths = np.fromiter(map(len, encoded), dtype=np.int64, count=len(encoded))
     keep = lengths > w["min_tokens"]
-    eos = np.array([w["eos_id"]], dtype=np.int32)
-    ids = np.concatenate([a for doc in compress(encoded, keep) for a in (doc, eos)] or [eos[:0]])
-    return dict(path=path, relative_lines=kind == "range", n_lines=block.count(b"\n") if kind == "range" else 0,
-                ids=ids.astype("<u2"), lengths=lengths[keep], val=np.asarray(val, dtype=bool)[keep],
-                hashes=np.asarray(hashes, dtype=np.uint64)[keep] if w["dedup"] else None,
-                n_read=len(texts) + len(bad), n_short=int((~keep).sum()), bad=bad,
-                out_of_vocab=first_out_of_vocab(ids, lengths[keep], w["vocab_size"], np.asarray(lines)[keep]))
+    val = np.asarray(val, dtype=bool)
+    result = dict(path=path, relative_lines=kind == "range", n_lines=block.count(b"\n") if kind == "range" else 0,
+                  held_out=val[keep], hashes=np.asarray(hashes, dtype=np.uint64)[keep] if w["dedup"] else None,
+                  n_read=len(texts) + len(bad), n_short=int((~keep).sum()), bad=bad, out_of_vocab=None)
+    for split, mask in (("train", keep & ~val), ("val", keep & val)):
+        ids = np.concatenate(list(compress(encoded, mask)) or [np.empty(0, dtype=np.int32)])
+        if len(ids) and ids.max() >= w["vocab_size"] and result["out_of_vocab"] is None:
+            result["out_of_vocab"] = first_out_of_vocab(encoded, keep, lines, w["vocab_size"])
+        result[split] = (ids.astype("<u2"), lengths[mask])
+    return result
 
 
-def first_out_of_vocab(ids, lengths, vocab_size, lines):
+def first_out_of_vocab(encoded, keep, lines, vocab_size):
     """Every id must be < vocab_size (and so fit uint16) before it is written: (line, message)
-    of the first document breaking that, or None."""
-    if not len(ids) or ids.max() < vocab_size:
-        return None
-    first = int(np.argmax(ids >= vocab_size))
-    doc = int(np.searchsorted(np.cumsum(lengths), first, side="right"))
-    return int(lines[doc]), (f"token id {ids[first]} is outside the vocabulary (vocab size {vocab_size}); "
-                             f"is the tokenizer the right one?")
+    of the first kept document breaking that."""
+    for doc, kept, line in zip(encoded, keep, lines):
+        if kept and doc.max() >= vocab_size:
+            return line, (f"token id {doc.max()} is outside the vocabulary (vocab size {vocab_size}); "
+                          f"is the tokenizer the right one?")
+    return None
 
 
 def iter_tasks(files, chunk_bytes):
@@ -486,8 +489,9 @@ def start_pool_worker(parent_pid, initializer, initargs):
 
 
 def map_ordered(fn, tasks, workers, initializer, initargs):
-    """fn over tasks on `workers` processes, results in task order; at most 2 tasks per worker
-    are in flight, so memory stays bounded however long `tasks` is."""
+    """fn over tasks on `workers` processes, results in task order. Up to 8 tasks per worker are
+    in flight: enough that a worker rarely idles behind a slow task at the head of the queue,
+    few enough that memory stays bounded however long `tasks` is."""
     if workers <= 1:
         initializer(*initargs)
         yield from map(fn, tasks)
@@ -497,7 +501,7 @@ def map_ordered(fn, tasks, workers, initializer, initargs):
         pending = deque()
         for task in tasks:
             pending.append(pool.submit(fn, task))
-            if len(pending) >= 2 * workers:
+            if len(pending) >= 8 * workers:
                 yield pending.popleft().result()
         while pending:
             yield pending.popleft().result()
@@ -543,17 +547,20 @@ def cmd_pretrain(args):
             for line_no, message in r["bad"]:
                 bad(path, line_no + offset, message)
             stats.update(read=r["n_read"], short=r["n_short"])
-            keep = np.ones(len(r["lengths"]), dtype=bool)
+            keep = np.ones(len(r["held_out"]), dtype=bool)  # kept documents in input order, train and val
             if seen is not None:
                 for i, h in enumerate(r["hashes"].tolist()):
                     keep[i] = h not in seen
                     seen.add(h)
                 stats["duplicate"] += int((~keep).sum())
-            val = r["val"]
-            for split, mask in (("train", keep & ~val), ("val", keep & val)):
-                if mask.any():
-                    splits[split].f.write(r["ids"][np.repeat(mask, r["lengths"])].tobytes())
-                    counts[split].update(docs=int(mask.sum()), tokens=int(r["lengths"][mask].sum()))
+            for split, in_split in (("train", ~r["held_out"]), ("val", r["held_out"])):
+                ids, lengths = r[split]
+                split_keep = keep[in_split]
+                if not split_keep.all():  # duplicates: drop their ids
+                    ids, lengths = ids[np.repeat(split_keep, lengths)], lengths[split_keep]
+                if len(lengths):
+                    splits[split].f.write(ids.tobytes())
+                    counts[split].update(docs=len(lengths), tokens=int(lengths.sum()))
             tokens = counts["train"]["tokens"] + counts.get("val", {}).get("tokens", 0)
             pbar.update(r["n_read"])
             pbar.set_postfix_str(f"{tokens / max(time.time() - t0, 1e-9) / 1e3:,.0f}k tok/s", refresh=False)

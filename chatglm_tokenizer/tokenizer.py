@@ -97,9 +97,10 @@ class Tokenizer:
         """Encode many texts at once; sentencepiece runs them on num_threads threads (-1: all cores)."""
         return self.sp.encode(list(texts), num_threads=num_threads)
 
-    def encode_batch_numpy(self, texts, num_threads=-1):
-        """encode_batch, but each result is an int32 numpy array: faster, as no Python ints are made."""
-        return self.sp.encode_as_numpy(list(texts), num_threads=num_threads)
+    def encode_batch_numpy(self, texts, num_threads=-1, eos=False):
+        """encode_batch, but each result is an int32 numpy array: faster, as no Python ints are
+        made. eos=True ends each with eos_id."""
+        return self.sp.encode_as_numpy(list(texts), num_threads=num_threads, add_eos=eos)
 
     def decode(self, ids):
         # ids past the SentencePiece pieces (ChatGLM2's extra specials) have no text.
