@@ -56,12 +56,15 @@ def test_linear_through_onednn_equals_f_linear_in_value_and_gradient():
         torch.testing.assert_close(layer(x), ref)
 
 
-@pytest.mark.parametrize("onednn", [True, False])
-def test_memory_lean_loss_matches_plain_cross_entropy_in_value_and_gradient(monkeypatch, onednn):
+# CPU's paths (oneDNN or not), and GPU's (padded vocabulary, the fused softmax step, here eager)
+@pytest.mark.parametrize("onednn, vocab_multiple, fused", [(True, 1, False), (False, 1, False), (False, 64, True)])
+def test_memory_lean_loss_matches_plain_cross_entropy_in_value_and_gradient(monkeypatch, onednn, vocab_multiple, fused):
     if onednn and model_module._ONEDNN_LINEAR is None:
         pytest.skip("this torch has no oneDNN linear")
     if not onednn:
         monkeypatch.setattr(model_module, "_ONEDNN_LINEAR", None)
+    monkeypatch.setattr(model_module, "_vocab_multiple", lambda h: vocab_multiple)
+    monkeypatch.setattr(model_module, "_fused_softmax_grad", lambda h: model_module._softmax_grad if fused else None)
     monkeypatch.setattr(model_module, "CPU_VOCAB_BLOCK", 16)  # several vocabulary blocks, a ragged last one
     torch.manual_seed(0)
     h = torch.randn(2, 19, 16, requires_grad=True)
