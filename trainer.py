@@ -84,9 +84,9 @@ def add_train_args(parser, defaults=None):
     g.add_argument("--muon-momentum", type=float, default=d["muon_momentum"], help="Muon momentum")
     g.add_argument("--eval-every", type=int, default=d["eval_every"], help="validate every N optimizer steps (0: only at the end)")
     g.add_argument("--eval-batches", type=int, default=d["eval_batches"], help="validation micro-batches per process")
-    g.add_argument("--save-every", type=int, default=d["save_every"], help="write step_*.pt every N optimizer steps")
+    g.add_argument("--save-every", type=int, default=d["save_every"], help="write step_*.pt every N optimizer steps (0: only at the end)")
     g.add_argument("--keep-last", type=int, default=d["keep_last"], help="how many step_*.pt to keep")
-    g.add_argument("--log-every", type=int, default=d["log_every"], help="log to stdout and metrics.jsonl every N steps")
+    g.add_argument("--log-every", type=int, default=d["log_every"], help="log to stdout and metrics.jsonl every N steps (0: only at the end)")
     g.add_argument("--device", default=d["device"], help="auto, cpu, cuda or cuda:N (under torchrun: the local rank's GPU)")
     g.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default=d["dtype"],
                    help="autocast dtype; auto: bf16 on CUDA where supported, else fp16 (with loss scaling); fp32 on CPU")
@@ -528,7 +528,7 @@ def train(cfg, env, model, kind, tokenizer, train_batches, val_batches, resume=N
 
             is_last = step == total_steps
             do_eval = val_batches is not None and (is_last or (cfg.eval_every and step % cfg.eval_every == 0))
-            do_log = do_eval or is_last or step % cfg.log_every == 0
+            do_log = do_eval or is_last or (cfg.log_every and step % cfg.log_every == 0)
             if do_log:
                 if env.ddp:
                     dist.all_reduce(step_loss)
@@ -558,7 +558,7 @@ def train(cfg, env, model, kind, tokenizer, train_batches, val_batches, resume=N
                           + f" | mem {row['peak_mem_mb']:,.0f} MB | eta {format_seconds(eta)}")
             interrupted = counts[2].item() > 0
             pause = cfg.stop_after_steps and steps_this_run >= cfg.stop_after_steps
-            periodic = is_last or interrupted or pause or step % cfg.save_every == 0
+            periodic = is_last or interrupted or pause or (cfg.save_every and step % cfg.save_every == 0)
             if periodic or best:
                 save(periodic, best)
             if interrupted or pause:

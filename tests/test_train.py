@@ -117,6 +117,12 @@ def test_recipe_flags_muon_qk_norm_untied_head_train(bins, tmp_path):
     assert last[1] < first[1]
 
 
+def test_zero_intervals_mean_only_at_the_end(bins, tmp_path):
+    run(bins, tmp_path, "--max-steps", "4", "--eval-every", "0", "--save-every", "0", "--log-every", "0")
+    assert [(step, val is not None) for step, _, val in losses(tmp_path)] == [(4, True)]
+    assert [p.name for p in sorted(tmp_path.glob("step_*.pt"))] == ["step_00000004.pt"]
+
+
 def test_corrupt_checkpoint_is_refused_on_resume(bins, tmp_path):
     run(bins, tmp_path, "--max-steps", "2", "--eval-every", "100", "--save-every", "100")
     ckpt = tmp_path / "step_00000002.pt"
