@@ -9,9 +9,9 @@ rounds and each reports its fastest step (the least disturbed one).
 
 The reference is the model as the original wrote it: attention as an explicit softmax over
 the full (T, T) score matrix and the loss as F.cross_entropy over the full fp32 (B, T, vocab)
-logits. Ours computes the loss chunk by chunk without the full logits; on CPU in fp32 its
-matmuls go through oneDNN (see model._matmul_t), the layers of both variants through the same
-nn.Linear. Each variant runs in a fresh subprocess, so its peak memory (ru_maxrss on CPU,
+logits. Ours computes the loss chunk by chunk without the full logits. Both share the linear
+layers (on CPU in fp32 their matmuls go through oneDNN, see model.Linear, and the reference's
+head and logits too), so the two differ in attention and loss only. Each variant runs in a fresh subprocess, so its peak memory (ru_maxrss on CPU,
 max_memory_allocated on CUDA) is its own. Random token ids: throughput does not depend on
 the text.
 """
@@ -51,7 +51,7 @@ def parse_args():
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
                    help="autocast dtype; auto: bf16 on CUDA, fp32 on CPU")
     p.add_argument("--compile", action="store_true", help="torch.compile our model; the reference stays eager, as the original ran")
-    p.add_argument("--no-onednn", action="store_true", help="our loss's CPU matmuls through plain `@` (MKL) too")
+    p.add_argument("--no-onednn", action="store_true", help="CPU matmuls of both variants through MKL, not oneDNN")
     p.add_argument("--peak-flops", type=float, default=0.0, help="device peak FLOP/s for MFU (0: guess from the GPU name)")
     p.add_argument("--variant", choices=VARIANTS, default=None, help="(internal) run one variant and print JSON")
     return p.parse_args()
@@ -88,12 +88,12 @@ def run_variant(cfg):
     args = ModelArgs(dim=cfg.dim, n_layers=cfg.n_layers, n_heads=cfg.n_heads, vocab_size=cfg.vocab_size,
                      max_seq_len=cfg.seq_len)
     torch.manual_seed(0)
+    if cfg.no_onednn:
+        model_module._ONEDNN_LINEAR = None
     if cfg.variant == "reference":
         model_module.Attention.forward = manual_attention_forward
         model = ReferenceTransformer(args)
     else:
-        if cfg.no_onednn:
-            model_module._ONEDNN_LINEAR = None
         model = Transformer(args)
     model.to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
