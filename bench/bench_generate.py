@@ -47,6 +47,16 @@ def greedy_recompute(model, prompt, new_tokens):
     return seq[0, len(prompt):].tolist()
 
 
+def weight_read_seconds(model, repeats=5):
+    """A cached decode step reads every weight once: the time that takes at the read bandwidth
+    of this machine (a sum over a tensor of the weights' size), the step's floor."""
+    n_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    block = torch.ones(n_bytes // 4)
+    block.sum()
+    seconds = min(timed(block.sum)[1] for _ in range(repeats))
+    return n_bytes, seconds
+
+
 def timed(fn):
     t0 = time.perf_counter()
     result = fn()
@@ -79,6 +89,10 @@ def main():
     print(f"decode {args.new_tokens} after {args.prompt_len}: cache {args.new_tokens / t_cache:.1f} tok/s, "
           f"recompute {args.new_tokens / t_full:.2f} tok/s -> {speedup:.1f}x (target >= 15x); "
           f"same tokens: {cached == recomputed}")
+    n_bytes, floor = weight_read_seconds(model)
+    print(f"  a cached step reads {n_bytes / 1e6:.0f} MB of weights: at {n_bytes / floor / 1e9:.0f} GB/s "
+          f"(this machine's read bandwidth) at least {1e3 * floor:.1f} ms, so the cache can be at most "
+          f"{t_full / args.new_tokens / floor:.1f}x recompute here ({1e3 * t_cache / args.new_tokens:.1f} ms measured)")
 
     tok = load_tokenizer(args.tokenizer)
     rows = read_qa(args.data, limit=args.n_questions)
@@ -98,7 +112,8 @@ def main():
         Path(args.out).write_text(json.dumps({
             "threads": torch.get_num_threads(), "device": args.device,
             "decode_cache_tok_s": args.new_tokens / t_cache, "decode_recompute_tok_s": args.new_tokens / t_full,
-            "decode_speedup": speedup, "eval_q_per_s": q_per_s, "eval_batch_gain": batch_gain}, indent=2))
+            "decode_speedup": speedup, "decode_speedup_ceiling": t_full / args.new_tokens / floor,
+            "eval_q_per_s": q_per_s, "eval_batch_gain": batch_gain}, indent=2))
 
 
 if __name__ == "__main__":
