@@ -132,7 +132,7 @@ def sample_next_token(logits, temperature=0.0, top_k=None, top_p=None, generator
     return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(-1)
 
 
-# oneDNN's fp32 matmul (what torch.compile's inductor calls for CPU linear layers) runs 1.5-2x
+# oneDNN's fp32 matmul (what torch.compile's inductor calls for CPU linear layers) runs 1.6-2.8x
 # faster than the MKL sgemm behind F.linear on some CPUs (AMD's, where MKL takes a slower
 # path), in full fp32 precision. On CPU in fp32 every matmul of the model goes through it when
 # this torch has it: the linear layers (training and generation) and the loss.
