@@ -522,8 +522,8 @@ def cmd_pretrain(args):
     clear_outputs([meta_path, paths["val"][1], bin_path, paths["val"][0]], files)
     text_field = args.text_field or next((PRESETS["pretrain"][p].get("text_field") for p in args.preset or []), None)
     template = args.template.replace("\\n", "\n").replace("\\t", "\t") if args.template else None
-    settings = dict(tokenizer_path=str(tokenizer.path), vocab_size=tokenizer.vocab_size, eos_id=tokenizer.eos_id,
-                        min_tokens=args.min_tokens, text_field=text_field, template=template, skip_bad=args.skip_bad,
+    settings = dict(tokenizer_path=str(tokenizer.path), vocab_size=tokenizer.vocab_size,
+                    min_tokens=args.min_tokens, text_field=text_field, template=template, skip_bad=args.skip_bad,
                     val_fraction=args.val_fraction, dedup=args.dedup)
     stats = Counter()
     bad = BadCounter(args.skip_bad)

@@ -481,7 +481,8 @@ def _linear_cross_entropy_sum(h, weight, targets, chunk_rows, with_grads):
     dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else h.dtype
     hc_all, w = h.to(dtype), weight.to(dtype)
     n_rows, vocab = hc_all.shape[0], w.shape[0]
-    w = torch.cat([w, w.new_zeros(-vocab % _vocab_multiple(h), w.shape[1])])
+    if vocab % _vocab_multiple(h):
+        w = torch.cat([w, w.new_zeros(-vocab % _vocab_multiple(h), w.shape[1])])
     fused = _fused_softmax_grad(h)
     # Without the fused kernel, one fp32 logits buffer serves every chunk (on CPU a fresh 100+ MB
     # tensor per chunk would cost its page faults each time), filled by vocabulary blocks on CPU.
