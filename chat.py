@@ -11,34 +11,20 @@ eos, as documents follow each other in the pretraining stream) until it ends the
 import argparse
 import sys
 
-from data_process import context_prompt
-from eval import add_generation_args, load_for_inference, sampling_settings, sft_prompt_ids
+from generate import add_generation_args, generate_stream, load_for_inference, sampling_settings
+from prompt import fit_prompt
 
 # -----------------------------------------------------------------------------
-# defaults (flags override)
-CKPT = "out/sft"
-MAX_NEW_TOKENS = 256
-TEMPERATURE = 0.7
-TOP_K = None
-TOP_P = 0.9
-REPETITION_PENALTY = 1.1  # small models fall into loops; a mild penalty breaks most of them
-SEED = 1337
+# defaults (flags override); a mild repetition penalty breaks most of a small model's loops
+GENERATION = dict(ckpt="out/sft", max_new_tokens=256, temperature=0.7, top_k=None, top_p=0.9,
+                  repetition_penalty=1.1, seed=1337)
 # -----------------------------------------------------------------------------
-
-
-def sft_prompt(tok, history, question, budget):
-    """Prompt ids for the question after as many of the latest turns as fit in budget tokens."""
-    for first in range(len(history) + 1):
-        ids = sft_prompt_ids(tok, context_prompt(history[first:], question))
-        if len(ids) <= budget:
-            return ids
-    return ids[-budget:]  # even the bare question is too long: keep its end and the bos
 
 
 def stream_reply(model, tok, prompt_ids, max_new_tokens, sampling):
     """Generate one reply, printing its text as it grows; returns the whole reply."""
     out, ids, shown = sys.stdout, [], ""
-    for step in model.generate_stream([prompt_ids], max_new_tokens, **sampling):
+    for step in generate_stream(model, [prompt_ids], max_new_tokens, **sampling):
         if step[0] is None:  # eos
             break
         ids.append(step[0])
@@ -56,7 +42,7 @@ def stream_reply(model, tok, prompt_ids, max_new_tokens, sampling):
 def main(argv=None):
     p = argparse.ArgumentParser(description="Chat with a pretrained or SFT checkpoint in the terminal.")
     p.add_argument("--prompt", default=None, help="answer this one prompt and exit")
-    add_generation_args(p, CKPT, TEMPERATURE, TOP_K, TOP_P, REPETITION_PENALTY, MAX_NEW_TOKENS, SEED)
+    add_generation_args(p, GENERATION)
     args = p.parse_args(argv)
 
     ckpt, model, tok = load_for_inference(args.ckpt, args.tokenizer, args.device)
@@ -69,7 +55,7 @@ def main(argv=None):
 
     def reply(text, history):
         if is_sft:
-            prompt_ids = sft_prompt(tok, history, text, budget)
+            prompt_ids = fit_prompt(tok, history, text, budget)[0]
         else:
             prompt_ids = ([tok.eos_id] + tok.encode(text))[-budget:]
             sys.stdout.write(text)

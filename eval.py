@@ -7,7 +7,7 @@ Writes OUT_DIR/predictions.jsonl (one object per question, in input order) and
 OUT_DIR/metrics.json with
   bleu4_char_corpus  corpus BLEU-4 over character tokens, 0-100 (the headline number),
   bleu_sentence_avg  sentence BLEU-4 with nltk's smoothing method1 over the same character
-                     tokens, averaged over questions, 0-100 (the original project's score),
+                     tokens, averaged over questions, 0-100 (the upstream project's score),
   answer_ppl         perplexity of the reference answers under the model with teacher forcing:
                      the SFT loss (answer ids + eos, prompt masked) over all answers,
   n                  number of questions scored.
@@ -28,23 +28,20 @@ import torch
 from nltk.translate.bleu_score import SmoothingFunction, sentence_bleu
 from tqdm import tqdm
 
-from checkpoint import load_checkpoint, model_from_checkpoint, tokenizer_for_checkpoint, write_text_atomic
+from checkpoint import write_text_atomic
+from generate import add_generation_args, generate_answers, load_for_inference, sampling_settings
 from model import IGNORE_INDEX
+from prompt import fit_prompt
 
 # -----------------------------------------------------------------------------
 # defaults (flags override)
-CKPT = "out/sft"
 DATA = "data/eval/medical_qa.jsonl"
 OUT_DIR = "out/eval"
 QUESTION_FIELD = "question"
 ANSWER_FIELD = "answer"
 BATCH_SIZE = 16
-MAX_NEW_TOKENS = 256
-SEED = 1337
-TEMPERATURE = 0.0  # greedy, so the score is reproducible
-TOP_K = None
-TOP_P = None
-REPETITION_PENALTY = 1.0
+GENERATION = dict(ckpt="out/sft", max_new_tokens=256, seed=1337, top_k=None, top_p=None, repetition_penalty=1.0,
+                  temperature=0.0)  # greedy, so the score is reproducible
 # -----------------------------------------------------------------------------
 
 CHAR_TOKEN = re.compile(r"[A-Za-z0-9]+|\S")
@@ -144,65 +141,7 @@ def read_qa(path, question_field=QUESTION_FIELD, answer_field=ANSWER_FIELD, limi
 
 
 # -----------------------------------------------------------------------------
-# model, prompts, generation (chat.py and bench/ use these too)
-
-def default_device():
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def load_for_inference(ckpt_path, tokenizer_path=None, device=None, dtype=None):
-    """-> (checkpoint dict without weights, model in eval mode, tokenizer). dtype None: bf16
-    on a GPU that has it, else fp32."""
-    device = device or default_device()
-    ckpt = load_checkpoint(ckpt_path)
-    tok = tokenizer_for_checkpoint(ckpt, tokenizer_path)
-    model = model_from_checkpoint(ckpt, device).eval()
-    if dtype is None:
-        dtype = torch.bfloat16 if device.startswith("cuda") and torch.cuda.is_bf16_supported() else torch.float32
-    model.to(dtype)
-    del ckpt["model"]
-    return ckpt, model, tok
-
-
-def sft_prompt_ids(tok, prompt_text):
-    """The prompt exactly as SFT encodes it: prompt ids, then bos; the answer follows."""
-    return tok.encode(prompt_text) + [tok.bos_id]
-
-
-def add_generation_args(parser, ckpt, temperature, top_k, top_p, repetition_penalty, max_new_tokens, seed):
-    """The flags eval.py and chat.py share: which model, where, and how to sample."""
-    parser.add_argument("--ckpt", default=ckpt, help="checkpoint file or out dir (its best.pt, else latest step)")
-    parser.add_argument("--tokenizer", default=None, help="tokenizer.model to use instead of the one the checkpoint names")
-    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    parser.add_argument("--max-new-tokens", type=int, default=max_new_tokens, help="most tokens generated per answer")
-    parser.add_argument("--temperature", type=float, default=temperature, help="0 = greedy; > 0 samples")
-    parser.add_argument("--top-k", type=int, default=top_k, help="sample only from the k most likely tokens")
-    parser.add_argument("--top-p", type=float, default=top_p, help="sample only from the smallest set with this probability mass")
-    parser.add_argument("--repetition-penalty", type=float, default=repetition_penalty,
-                        help="> 1 discourages tokens already in the prompt or answer (1 = off)")
-    parser.add_argument("--seed", type=int, default=seed, help="seed of the sampling generator")
-
-
-def sampling_settings(args, tok, device):
-    """generate()'s keyword arguments from the parsed sampling flags."""
-    generator = torch.Generator(device=device).manual_seed(args.seed)
-    return dict(eos_id=tok.eos_id, pad_id=tok.pad_id, temperature=args.temperature, top_k=args.top_k,
-                top_p=args.top_p, repetition_penalty=args.repetition_penalty, generator=generator)
-
-
-def generate_answers(model, prompts, batch_size, max_new_tokens, progress=True, **sampling):
-    """Generated ids for every prompt, in input order. Prompts are batched by length so that
-    little padding is needed; batching does not change greedy results."""
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    answers = [None] * len(prompts)
-    with tqdm(total=len(prompts), unit="q", desc="generate", disable=not progress) as bar:
-        for start in range(0, len(order), batch_size):
-            rows = order[start:start + batch_size]
-            for i, ids in zip(rows, model.generate([prompts[i] for i in rows], max_new_tokens, **sampling)):
-                answers[i] = ids
-            bar.update(len(rows))
-    return answers
-
+# scoring
 
 @torch.inference_mode()
 def answer_perplexity(model, tok, prompts, answers, batch_size):
@@ -236,7 +175,7 @@ def parse_args(argv=None):
     p.add_argument("--answer-field", default=ANSWER_FIELD, help="field holding the reference answer")
     p.add_argument("--limit", type=int, default=None, help="score only the first N rows")
     p.add_argument("--batch-size", type=int, default=BATCH_SIZE, help="questions generated together")
-    add_generation_args(p, CKPT, TEMPERATURE, TOP_K, TOP_P, REPETITION_PENALTY, MAX_NEW_TOKENS, SEED)
+    add_generation_args(p, GENERATION)
     return p.parse_args(argv)
 
 
@@ -250,10 +189,9 @@ def evaluate(args):
     if prompt_budget < 2:
         raise ValueError(f"--max-new-tokens {args.max_new_tokens} leaves no room for a prompt "
                          f"within max_seq_len {model.args.max_seq_len}")
-    prompts = [sft_prompt_ids(tok, r["question"]) for r in rows]
     # A question too long for the context keeps its end (usually the actual question) and the bos.
-    n_truncated = sum(len(p) > prompt_budget for p in prompts)
-    prompts = [p[-prompt_budget:] for p in prompts]
+    fitted = [fit_prompt(tok, [], r["question"], prompt_budget) for r in rows]
+    prompts, n_truncated = [ids for ids, _, _ in fitted], sum(cut for _, _, cut in fitted)
 
     t0 = time.time()
     generated = generate_answers(model, prompts, args.batch_size, args.max_new_tokens,

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from checkpoint import load_checkpoint, model_from_checkpoint, tokenizer_for_checkpoint
+from prompt import chat_template
 
 # -----------------------------------------------------------------------------
 # defaults (flags override)
@@ -34,18 +35,6 @@ CHECK_TEXTS = [
     "  Mixed English 和中文, digits 2024年3月15日 and  double  spaces\n\ttab ½ ＡＢＣ",
 ]
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-# The multi-turn SFT prompt (earlier turns as "问：q\n答：a\n", then the question, then bos)
-# as a chat template, so apply_chat_template and chat servers such as vLLM prompt the model
-# the way it was fine-tuned.
-CHAT_TEMPLATE = (
-    "{%- for message in messages -%}"
-    "{%- if message['role'] == 'user' and loop.last -%}{{ message['content'] }}"
-    "{%- elif message['role'] == 'user' -%}{{ '问：' + message['content'] + '\n' }}"
-    "{%- elif message['role'] == 'assistant' -%}{{ '答：' + message['content'] + '\n' }}"
-    "{%- endif -%}"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}{{ bos_token }}{%- endif -%}"
-)
 
 # -----------------------------------------------------------------------------
 # weights and config
@@ -241,7 +230,7 @@ def write_tokenizer(out_dir, tok, max_seq_len, vocab_size):
                "unk_token": tok.id_to_piece(tok.sp.unk_id()), "pad_token": tok.id_to_piece(tok.pad_id)}
     config = {"tokenizer_class": "PreTrainedTokenizerFast", **special,
               "add_bos_token": False, "add_eos_token": False, "clean_up_tokenization_spaces": False,
-              "model_max_length": max_seq_len, "chat_template": CHAT_TEMPLATE}
+              "model_max_length": max_seq_len, "chat_template": chat_template()}
     _write_json(out_dir / "tokenizer_config.json", config)
     _write_json(out_dir / "special_tokens_map.json", special)
 

@@ -1,9 +1,9 @@
 """Generation speed, in one run so that both comparisons share the machine's state:
   1. decode tokens/s with the KV cache beside recomputing the whole sequence for every new
-     token (the original project's way), NEW_TOKENS after a PROMPT_LEN-token prompt, greedy;
+     token (upstream's way), NEW_TOKENS after a PROMPT_LEN-token prompt, greedy;
   2. eval questions/s (eval.py's batched generation) at batch 16 beside batch 1, on real
      medical questions encoded with the ChatGLM2 tokenizer.
-Random weights in the seed config (dim 512, 8 layers, 8 heads, vocab 64793): speed does not
+Random weights in the default config (upstream's: dim 512, 8 layers, 8 heads, vocab 64793): speed does not
 depend on what the weights say, and greedy decoding makes both sides do the same work.
 
     python bench/bench_generate.py [--threads 2] [--n-questions 32]
@@ -22,8 +22,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from chatglm_tokenizer import load_tokenizer  # noqa: E402
-from eval import generate_answers, read_qa, sft_prompt_ids  # noqa: E402
+import kernels  # noqa: E402
+from eval import read_qa  # noqa: E402
+from generate import generate, generate_answers  # noqa: E402
 from model import ModelArgs, Transformer  # noqa: E402
+from prompt import sft_prompt_ids  # noqa: E402
 
 # -----------------------------------------------------------------------------
 # defaults (flags override)
@@ -79,11 +82,12 @@ def main():
         torch.set_num_threads(args.threads)
     torch.manual_seed(SEED)
     model = Transformer(ModelArgs()).to(args.device).eval()
-    print(f"seed config, {model.num_params() / 1e6:.1f}M params, {args.device}, {torch.get_num_threads()} threads")
+    speed = kernels.speed_up(model, args.device)
+    print(f"default config, {model.num_params() / 1e6:.1f}M params, {args.device}, {torch.get_num_threads()} threads; {speed}")
 
     prompt = torch.randint(3, model.args.vocab_size, (args.prompt_len,)).tolist()
-    model.generate([prompt], 4)  # warm-up
-    cached, t_cache = timed(lambda: model.generate([prompt], args.new_tokens)[0])
+    generate(model, [prompt], 4)  # warm-up
+    cached, t_cache = timed(lambda: generate(model, [prompt], args.new_tokens)[0])
     recomputed, t_full = timed(lambda: greedy_recompute(model, prompt, args.new_tokens))
     speedup = t_full / t_cache
     print(f"decode {args.new_tokens} after {args.prompt_len}: cache {args.new_tokens / t_cache:.1f} tok/s, "

@@ -1,17 +1,18 @@
 """Training-step throughput and peak memory of our model beside a plain reference, in one run.
 
-    python bench/bench_train.py                      # seed config, batch 8, seq 512, CPU fp32
+    python bench/bench_train.py                      # default config, batch 8, seq 512, CPU fp32
     python bench/bench_train.py --device cuda         # bf16 autocast on a GPU, reports MFU
     python bench/bench_train.py --compile             # torch.compile ours (the reference stays eager)
 
 On a shared or busy machine, step times swing widely; the variants run in alternating
 rounds and each reports its fastest step (the least disturbed one).
 
-The reference is the model as the original wrote it: attention as an explicit softmax over
+The reference is the model as upstream wrote it: attention as an explicit softmax over
 the full (T, T) score matrix and the loss as F.cross_entropy over the full fp32 (B, T, vocab)
-logits. Ours computes the loss chunk by chunk without the full logits. Both share the linear
-layers (on CPU in fp32 their matmuls go through oneDNN, see model.Linear, and the reference's
-head and logits too), so the two differ in attention and loss only. Each variant runs in a fresh subprocess, so its peak memory (ru_maxrss on CPU,
+logits. Ours is model.py with kernels.speed_up: the loss chunk by chunk without the full
+logits. Both share the linear layers (on CPU in fp32 their matmuls go through oneDNN, see
+kernels.OneDNNLinear, the reference's head and logits too), so the two differ in attention
+and loss only. Each variant runs in a fresh subprocess, so its peak memory (ru_maxrss on CPU,
 max_memory_allocated on CUDA) is its own. Random token ids: throughput does not depend on
 the text.
 """
@@ -29,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import kernels  # noqa: E402
 import model as model_module  # noqa: E402
 from model import IGNORE_INDEX, ModelArgs, Transformer  # noqa: E402
 from trainer import guess_peak_flops  # noqa: E402
@@ -50,7 +52,7 @@ def parse_args():
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
                    help="autocast dtype; auto: bf16 on CUDA, fp32 on CPU")
-    p.add_argument("--compile", action="store_true", help="torch.compile our model; the reference stays eager, as the original ran")
+    p.add_argument("--compile", action="store_true", help="torch.compile our model; the reference stays eager, as upstream ran")
     p.add_argument("--no-onednn", action="store_true", help="CPU matmuls of both variants through MKL, not oneDNN")
     p.add_argument("--peak-flops", type=float, default=0.0, help="device peak FLOP/s for MFU (0: guess from the GPU name)")
     p.add_argument("--variant", choices=VARIANTS, default=None, help="(internal) run one variant and print JSON")
@@ -58,7 +60,7 @@ def parse_args():
 
 
 def manual_attention_forward(self, x, cos, sin, cache=None, attn_mask=None):
-    """The original's attention: materialized scores, mask, softmax, dropout, then values."""
+    """Upstream's attention: materialized scores, mask, softmax, dropout, then values."""
     B, T, _ = x.shape
     q = self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
     k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
@@ -88,14 +90,15 @@ def run_variant(cfg):
     args = ModelArgs(dim=cfg.dim, n_layers=cfg.n_layers, n_heads=cfg.n_heads, vocab_size=cfg.vocab_size,
                      max_seq_len=cfg.seq_len)
     torch.manual_seed(0)
-    if cfg.no_onednn:
-        model_module._ONEDNN_LINEAR = None
     if cfg.variant == "reference":
         model_module.Attention.forward = manual_attention_forward
-        model = ReferenceTransformer(args)
+        model = ReferenceTransformer(args).to(device)
+        if device.type == "cpu" and dtype == "float32" and not cfg.no_onednn:
+            kernels.use_onednn_linears(model)
     else:
-        model = Transformer(args)
-    model.to(device)
+        model = Transformer(args).to(device)
+        print(f"ours: {kernels.speed_up(model, device, getattr(torch, dtype), onednn=not cfg.no_onednn)}",
+              file=sys.stderr)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
     step_model = torch.compile(model) if cfg.compile and cfg.variant == "ours" else model
     x = torch.randint(0, cfg.vocab_size, (cfg.batch_size, cfg.seq_len), device=device)

@@ -15,6 +15,7 @@ from chatglm_tokenizer import Tokenizer  # noqa: E402
 from conftest import ROOT, make_chinese_texts  # noqa: E402
 from export import export, hf_tokenizer  # noqa: E402
 from model import ModelArgs, Transformer  # noqa: E402
+from prompt import messages_prompt, sft_prompt_ids  # noqa: E402
 
 TEXT = "医生你好，我头痛发热三天了，咳嗽，应该吃什么药？"
 MIXED_TEXTS = ["", " ", "  两个空格", "\n", "第一行\n\n第二行 ", "体温38.5度，血压140/90", "Hello 世界  tabs\tand\r\nCRLF",
@@ -107,6 +108,9 @@ def test_chat_template_gives_the_sft_prompt(tmp_path, tiny_tokenizer):
     ids = hf_tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
     expected = tiny_tokenizer.encode("问：头痛怎么办\n答：多休息\n还发热呢") + [tiny_tokenizer.bos_id]
     assert list(ids) == expected
+    with_system = [{"role": "system", "content": "你是医生"}, *messages]
+    ids = hf_tok.apply_chat_template(with_system, add_generation_prompt=True, tokenize=True, return_dict=False)
+    assert list(ids) == sft_prompt_ids(tiny_tokenizer, messages_prompt(with_system))
 
 
 def test_export_refuses_qk_norm_and_existing_out(tmp_path, tiny_tokenizer):

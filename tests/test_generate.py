@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from model import ModelArgs, Transformer, apply_repetition_penalty, sample_next_token
+from generate import apply_repetition_penalty, generate, generate_stream, sample_next_token
+from model import ModelArgs, Transformer
 
 MAX_SEQ_LEN = 40
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -38,48 +39,48 @@ def greedy_without_cache(model, prompt, max_new_tokens, eos_id=None):
 
 def test_cached_greedy_equals_uncached_greedy(model):
     for prompt in PROMPTS:
-        cached = model.generate([prompt], 20)[0]
+        cached = generate(model, [prompt], 20)[0]
         assert len(cached) == 20
         assert cached == greedy_without_cache(model, prompt, 20)
     assert len(set(cached)) > 3  # the model really varies its output
 
 
 def test_batched_prompts_of_different_lengths_equal_one_at_a_time(model):
-    batched = model.generate(PROMPTS, 15)
-    assert batched == [model.generate([p], 15)[0] for p in PROMPTS]
+    batched = generate(model, PROMPTS, 15)
+    assert batched == [generate(model, [p], 15)[0] for p in PROMPTS]
 
 
 def test_each_row_stops_at_eos_and_the_others_go_on(model):
-    free = model.generate(PROMPTS, 15)
+    free = generate(model, PROMPTS, 15)
     eos = free[0][4]
-    stopped = model.generate(PROMPTS, 15, eos_id=eos)
+    stopped = generate(model, PROMPTS, 15, eos_id=eos)
     for row_free, row_stopped in zip(free, stopped):
         expected = row_free[:row_free.index(eos)] if eos in row_free else row_free
         assert row_stopped == expected
     assert stopped[0] == free[0][:free[0].index(eos)]
     # the stream reports an ended row as None from its eos on
-    steps = list(model.generate_stream(PROMPTS, 15, eos_id=eos))
+    steps = list(generate_stream(model, PROMPTS, 15, eos_id=eos))
     end = free[0].index(eos)
     assert all(step[0] is None for step in steps[end:]) and steps[end - 1][0] is not None
-    assert stopped == model.generate(PROMPTS, 15, eos_id=eos) == [
+    assert stopped == generate(model, PROMPTS, 15, eos_id=eos) == [
         greedy_without_cache(model, p, 15, eos_id=eos) for p in PROMPTS]
 
 
 def test_generation_respects_max_seq_len(model):
-    out = model.generate([list(range(1, 36)), [7, 8]], 20)
+    out = generate(model, [list(range(1, 36)), [7, 8]], 20)
     assert len(out[0]) == len(out[1]) == MAX_SEQ_LEN - 35  # the longest prompt bounds the batch
     with pytest.raises(ValueError, match="max_seq_len"):
-        model.generate([list(range(1, MAX_SEQ_LEN + 1))], 5)
+        generate(model, [list(range(1, MAX_SEQ_LEN + 1))], 5)
     with pytest.raises(ValueError, match="empty prompt"):
-        model.generate([[3], []], 5)
+        generate(model, [[3], []], 5)
 
 
 def test_sampling_is_reproducible_with_a_seeded_generator(model):
     def sample(seed, **kw):
-        return model.generate(PROMPTS, 12, temperature=1.0, generator=torch.Generator().manual_seed(seed), **kw)
+        return generate(model, PROMPTS, 12, temperature=1.0, generator=torch.Generator().manual_seed(seed), **kw)
     assert sample(1) == sample(1)
     assert sample(1) != sample(2)
-    assert sample(3, top_k=1) == model.generate(PROMPTS, 12)  # top-1 sampling is greedy
+    assert sample(3, top_k=1) == generate(model, PROMPTS, 12)  # top-1 sampling is greedy
     assert sample(4, top_p=0.9, repetition_penalty=1.3) == sample(4, top_p=0.9, repetition_penalty=1.3)
 
 
@@ -98,5 +99,5 @@ def test_top_k_top_p_and_repetition_penalty_filter_the_right_tokens():
 
 
 def test_stream_yields_the_same_tokens_as_generate(model):
-    steps = list(model.generate_stream(PROMPTS[:2], 10))
-    assert [list(col) for col in zip(*steps)] == model.generate(PROMPTS[:2], 10)
+    steps = list(generate_stream(model, PROMPTS[:2], 10))
+    assert [list(col) for col in zip(*steps)] == generate(model, PROMPTS[:2], 10)

@@ -1,0 +1,87 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+import kernels
+from kernels import LinearCrossEntropy, OneDNNLinear, softmax_grad
+from model import IGNORE_INDEX, ModelArgs, Transformer
+
+needs_onednn = pytest.mark.skipif(kernels.onednn_linear_op() is None, reason="this torch has no oneDNN linear")
+
+
+@needs_onednn
+def test_onednn_linear_equals_f_linear_in_value_and_gradient():
+    torch.manual_seed(0)
+    layer = OneDNNLinear(16, 24, bias=False)
+    x = torch.randn(2, 7, 16, requires_grad=True)
+    y = layer(x)
+    ref = F.linear(x, layer.weight)
+    torch.testing.assert_close(y, ref)
+    grads = torch.autograd.grad((y * y).sum(), (x, layer.weight))
+    ref_grads = torch.autograd.grad((ref * ref).sum(), (x, layer.weight))
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), ref)
+
+
+# CPU's paths (oneDNN or MKL), and GPU's (padded vocabulary, the fused softmax step, here eager)
+@pytest.mark.parametrize("loss_fn", [
+    LinearCrossEntropy(chunk_rows=8, vocab_block=16, onednn=True),  # several chunks and blocks, ragged last ones
+    LinearCrossEntropy(chunk_rows=8, vocab_block=16, onednn=False),
+    LinearCrossEntropy(chunk_rows=8, vocab_multiple=64, fused=softmax_grad),
+], ids=["onednn", "mkl", "gpu-path"])
+def test_lean_loss_matches_plain_cross_entropy_in_value_and_gradient(loss_fn):
+    if loss_fn.onednn and kernels.onednn_linear_op() is None:
+        pytest.skip("this torch has no oneDNN linear")
+    torch.manual_seed(0)
+    h = torch.randn(2, 19, 16, requires_grad=True)
+    w = torch.randn(50, 16, requires_grad=True)
+    y = torch.randint(0, 50, (2, 19))
+    y[0, :7] = IGNORE_INDEX
+    y[1, -1] = IGNORE_INDEX
+    loss = loss_fn(h, w, y)
+    ref = F.cross_entropy(F.linear(h, w).view(-1, 50), y.view(-1), ignore_index=IGNORE_INDEX)
+    torch.testing.assert_close(loss, ref)
+    grads = torch.autograd.grad(2.5 * loss, (h, w))  # backward scales by the incoming gradient
+    ref_grads = torch.autograd.grad(2.5 * ref, (h, w))
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r)
+
+
+def test_lean_loss_under_bf16_autocast_returns_fp32_gradients():
+    torch.manual_seed(0)
+    h = torch.randn(24, 16, requires_grad=True)
+    w = torch.randn(50, 16, requires_grad=True)
+    y = torch.randint(0, 50, (24,))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = LinearCrossEntropy(chunk_rows=8)(h, w, y)
+        ref = F.cross_entropy(F.linear(h, w).float(), y)
+    assert loss.dtype == torch.float32
+    torch.testing.assert_close(loss, ref)
+    grads, ref_grads = torch.autograd.grad(loss, (h, w)), torch.autograd.grad(ref, (h, w))
+    for g, r in zip(grads, ref_grads):
+        assert g.dtype == torch.float32
+        torch.testing.assert_close(g, r, atol=1e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("onednn", [True, False])
+def test_speed_up_keeps_the_models_loss_gradients_and_tied_weights(onednn):
+    torch.manual_seed(0)
+    plain = Transformer(ModelArgs(dim=32, n_layers=2, n_heads=4, vocab_size=101, max_seq_len=24))
+    fast = Transformer(plain.args)
+    fast.load_state_dict(plain.state_dict())
+    described = kernels.speed_up(fast, "cpu", torch.float32, onednn=onednn)
+    assert "lean loss" in described
+    swapped = onednn and kernels.onednn_linear_op() is not None
+    assert ("oneDNN" in described) == swapped
+    assert isinstance(fast.layers[0].attention.wq, OneDNNLinear) == swapped
+    assert fast.output.weight is fast.tok_embeddings.weight  # still tied
+    assert fast.state_dict().keys() == plain.state_dict().keys()
+    x, y = torch.randint(0, 101, (3, 16)), torch.randint(0, 101, (3, 16))
+    loss, ref = fast(x, y), plain(x, y)
+    torch.testing.assert_close(loss, ref)
+    loss.backward()
+    ref.backward()
+    for (name, p), r in zip(fast.named_parameters(), plain.parameters()):
+        torch.testing.assert_close(p.grad, r.grad, msg=name)
