@@ -65,7 +65,8 @@ def chat_template():
     return (
         "{%- set ns = namespace(system='') -%}"
         "{%- for message in messages if message['role'] == 'system' -%}"
-        "{%- set ns.system = message['content'] + '" + end + "' -%}{%- endfor -%}"
+        "{%- set ns.system = message['content'] + '" + end + "' if message['content'] else '' -%}"
+        "{%- endfor -%}"
         "{{ ns.system }}"
         "{%- for message in messages if message['role'] != 'system' -%}"
         "{%- if message['role'] == 'user' and loop.last -%}{{ message['content'] }}"

@@ -21,7 +21,8 @@ def test_malformed_conversations_are_refused(messages):
         messages_prompt(messages)
 
 
-@pytest.mark.parametrize("messages", [CONVERSATION, CONVERSATION[1:], CONVERSATION[1:2]])
+@pytest.mark.parametrize("messages", [CONVERSATION, CONVERSATION[1:], CONVERSATION[1:2],
+                                      [CONVERSATION[0], {"role": "system", "content": ""}, *CONVERSATION[1:]]])
 def test_chat_template_renders_exactly_the_prompt_then_bos(messages):
     # rendered as transformers renders chat templates
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
