@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 from conftest import ROOT, make_chinese_texts
 
+import corpus
 import data_process
 from chatglm_tokenizer import Tokenizer
 from dataset import PretrainDataset
@@ -72,7 +73,7 @@ def test_json_arrays_stream_in_small_blocks_with_line_numbers(tmp_path):
     records = [{"text": t, "n": i} for i, t in enumerate(make_chinese_texts(30, seed=13))]
     (tmp_path / "a.json").write_text(json.dumps(records, ensure_ascii=False, indent=2), encoding="utf-8")
     with open(tmp_path / "a.json", encoding="utf-8") as f:
-        streamed = list(data_process.iter_json_array(f, tmp_path / "a.json", block=16))
+        streamed = list(corpus.iter_json_array(f, tmp_path / "a.json", block=16))
     assert [r for _, r in streamed] == records
     assert [line for line, _ in streamed[:2]] == [2, 6]  # where each element starts
     (tmp_path / "b.json").write_text('[\n {"q": "一", "a": "二"},\n {"q": "二" "三"}\n]', encoding="utf-8")
