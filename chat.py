@@ -11,7 +11,7 @@ eos, as documents follow each other in the pretraining stream) until it ends the
 import argparse
 import sys
 
-from data_process import context_prompt
+from prompt import context_prompt
 from eval import add_generation_args, load_for_inference, sampling_settings, sft_prompt_ids
 
 # -----------------------------------------------------------------------------

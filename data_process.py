@@ -33,6 +33,7 @@ from tqdm import tqdm
 from chatglm_tokenizer import Tokenizer, TokenizerNotFound, load_tokenizer, train_sentencepiece
 from corpus import (TEXT_FIELDS, BadCounter, DataError, document_text, expand_inputs, input_format, iter_raw,
                     iter_records, known_format, map_ordered, parse_items, string_field, utf8)
+from prompt import context_prompt
 
 # -----------------------------------------------------------------------------
 # defaults (command-line flags override all but the field lists and SUBSTRING_MIN_CHARS)
@@ -344,11 +345,6 @@ def print_pretrain_summary(paths, counts, stats, bad, args, seconds):
 # -----------------------------------------------------------------------------
 # sft / eval: records -> (prompt, answer) examples -> filters -> normalized JSONL
 
-def context_prompt(turns, question):
-    """The contract's multi-turn prompt: earlier (q, a) turns as context, then the question."""
-    return "".join(f"问：{q}\n答：{a}\n" for q, a in turns) + question
-
-
 def alpaca_question(instruction, input_text):
     return instruction if not input_text.strip() else instruction + "\n" + input_text
 
@@ -357,7 +353,8 @@ USER_ROLES, ASSISTANT_ROLES = {"human", "user"}, {"gpt", "assistant", "bot", "ch
 
 
 def conversation_examples(messages):
-    """ShareGPT {from,value} or chat {role,content} turns -> one example per assistant turn."""
+    """ShareGPT {from,value} or chat {role,content} turns -> one example per assistant turn, its
+    prompt made by prompt.context_prompt from the turns before it and the last system text."""
     if not isinstance(messages, list):
         raise DataError("'conversations' must be a list of turns")
     system, turns, question = "", [], None
@@ -368,11 +365,11 @@ def conversation_examples(messages):
         role = str(m.get("from", m.get("role", ""))).lower()
         text = string_field(m, "value" if "value" in m else "content").strip()
         if role == "system":
-            system = text + "\n"
+            system = text
         elif role in USER_ROLES and question is None:
             question = text
         elif role in ASSISTANT_ROLES and question is not None:
-            examples.append((system + context_prompt(turns, question), text))
+            examples.append((context_prompt(turns, question, system), text))
             turns.append((question, text))
             question = None
         else:

@@ -14,6 +14,7 @@ import corpus
 import data_process
 from chatglm_tokenizer import Tokenizer
 from dataset import PretrainDataset
+from prompt import context_prompt
 
 
 def write_jsonl(path, records):
@@ -213,6 +214,17 @@ def test_sft_alpaca_csv_and_conversations_normalize_to_prompt_answer(tmp_path):
         {"prompt": "你是医生\n我头痛", "answer": "多久了？"},
         {"prompt": "你是医生\n问：我头痛\n答：多久了？\n两天", "answer": "请就医。"},
         {"prompt": "你好", "answer": "你好！"}]
+
+
+def test_conversation_prompts_are_prompt_context_prompt():
+    turns = [{"role": "system", "content": "你是医生"}, {"role": "user", "content": "我头痛"},
+             {"role": "assistant", "content": "多久了？"}, {"role": "user", "content": "两天"},
+             {"role": "assistant", "content": "请就医。"}]
+    assert data_process.conversation_examples(turns) == [
+        (context_prompt([], "我头痛", "你是医生"), "多久了？"),
+        (context_prompt([("我头痛", "多久了？")], "两天", "你是医生"), "请就医。")]
+    blank_system = [{"from": "system", "value": " "}, {"from": "human", "value": "你好"}, {"from": "gpt", "value": "好"}]
+    assert data_process.conversation_examples(blank_system) == [("你好", "好")]  # adds no empty line
 
 
 def test_sft_exclude_questions_dedup_and_val_split(tmp_path):
