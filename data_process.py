@@ -268,7 +268,7 @@ def cmd_pretrain(args):
     text_field = args.text_field or next((PRESETS["pretrain"][p].get("text_field") for p in args.preset or []), None)
     template = args.template.replace("\\n", "\n").replace("\\t", "\t") if args.template else None
     settings = dict(tokenizer_path=str(tokenizer.path), vocab_size=tokenizer.vocab_size,
-                    min_tokens=args.min_tokens, text_field=text_field, template=template, skip_bad=args.skip_bad,
+                    min_tokens=args.min_tokens, text_field=text_field, template=template,
                     val_fraction=args.val_fraction, dedup=args.dedup)
     stats = Counter()
     bad = BadCounter(args.skip_bad)
@@ -503,7 +503,6 @@ def cmd_examples(args, kind):
     print(f"  dropped: {dropped or 'none'}" + (f"; {bad.count:,} bad records skipped" if args.skip_bad else ""))
     for message in bad.examples:
         print(f"    e.g. {message}")
-    return stats
 
 
 # -----------------------------------------------------------------------------
@@ -545,16 +544,15 @@ def cmd_tokenizer(args):
 # -----------------------------------------------------------------------------
 # command line
 
-def add_input_flags(p, kind, skip_bad=True):
+def add_input_flags(p, kind):
     p.add_argument("--input", nargs="+", default=[], metavar="PATH_OR_GLOB",
                    help="input files, directories or globs (JSONL, JSON array, CSV/TSV, Parquet, text; optionally .gz)")
     p.add_argument("--preset", nargs="+", choices=sorted(PRESETS[kind]), default=[],
                    help="download public corpora from the Hugging Face Hub into --raw-dir and use them as input")
     p.add_argument("--raw-dir", default=RAW_DIR, help="where presets download to")
     p.add_argument("--force", action="store_true", help="redo outputs that a previous run finished")
-    if skip_bad:
-        p.add_argument("--skip-bad", action="store_true",
-                       help="skip malformed records (bad JSON, missing field, non-UTF-8), count and report them, instead of stopping")
+    p.add_argument("--skip-bad", action="store_true",
+                   help="skip malformed records (bad JSON, missing field, non-UTF-8), count and report them, instead of stopping")
 
 
 def add_text_flags(p):
@@ -622,7 +620,7 @@ def main(argv=None):
     commands = {"pretrain": cmd_pretrain, "sft": lambda a: cmd_examples(a, "sft"),
                 "eval": lambda a: cmd_examples(a, "eval"), "tokenizer": cmd_tokenizer}
     try:
-        return commands[args.command](args)
+        commands[args.command](args)
     except (DataError, TokenizerNotFound) as e:
         raise SystemExit(f"error: {e}") from None
 
