@@ -24,8 +24,10 @@ import time
 import unicodedata
 import zlib
 from collections import Counter, defaultdict
+from dataclasses import dataclass
 from itertools import compress
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 from tqdm import tqdm
@@ -164,55 +166,94 @@ def is_val(data, fraction):
 # pretrain: chunks of documents are tokenized in worker processes; the main process keeps
 # their order, removes duplicates, splits train/val and appends to the output files.
 
-_worker = {}
+class Task(NamedTuple):
+    """A piece of one input file for a worker: a byte range (start, end) of whole lines that
+    the worker reads itself (uncompressed JSONL and text), or the raw items [(line_no, item)]
+    that the main process read (every other format)."""
+    path: Path
+    fmt: str
+    byte_range: tuple | None = None
+    items: list | None = None
+
+
+@dataclass(frozen=True)
+class EncodeSettings:
+    """What every worker needs to turn records into documents and documents into ids alike;
+    sent once, when the worker starts."""
+    tokenizer_path: str
+    vocab_size: int  # every id must be below it (and so fit uint16)
+    min_tokens: int  # documents with fewer tokens (eos not counted) are dropped
+    text_field: str | None
+    template: str | None
+    val_fraction: float
+    dedup: bool  # hash every document, for the main process to drop repeats
+
+
+@dataclass
+class EncodedChunk:
+    """A worker's result for one task, in what the main process needs to write it in input
+    order. Its line numbers count from the task's first line when relative_lines (a byte
+    range: the worker cannot know where in the file it starts), else from the file's."""
+    path: Path
+    relative_lines: bool
+    n_lines: int  # lines a byte range spans: where the file's next range starts
+    held_out: np.ndarray  # per kept document, in input order: True if it goes to val
+    hashes: np.ndarray | None  # per kept document, in input order: doc_hash (with --dedup)
+    n_read: int  # records read, bad ones included
+    n_short: int  # documents dropped for fewer than min_tokens tokens
+    bad: list  # (line_no, message) per bad record
+    out_of_vocab: tuple | None  # (line_no, message) of the first kept document with an id >= vocab_size
+    train: tuple  # (uint16 ids of the split's kept documents, each followed by eos; their lengths)
+    val: tuple
+
+
+_worker = {}  # in each worker process: its EncodeSettings and Tokenizer
 
 
 def init_worker(settings):
-    _worker.clear()
-    _worker.update(settings, tokenizer=Tokenizer(settings["tokenizer_path"]))
+    _worker.update(settings=settings, tokenizer=Tokenizer(settings.tokenizer_path))
 
 
 def encode_chunk(task):
-    """One task -> per split ("train", "val") the uint16 ids of its kept documents (each one's
-    ids + eos) and their lengths; per kept document in input order its held-out flag and (with
-    --dedup) hash; and the bad records as (line, message), lines counted from the task's first
-    line."""
-    kind, path, fmt, payload = task
-    w = _worker
-    if kind == "range":  # a byte range of lines, read here rather than sent by the main process
-        start, end = payload
-        with open(path, "rb") as f:
+    """One Task -> its EncodedChunk; runs in a worker process."""
+    w = _worker["settings"]
+    n_lines = 0
+    if task.byte_range is not None:  # read here rather than sent by the main process
+        start, end = task.byte_range
+        with open(task.path, "rb") as f:
             f.seek(start)
             block = f.read(end - start)
         items = [(i, line) for i, line in enumerate(block.split(b"\n"), 1) if line and not line.isspace()]
+        n_lines = block.count(b"\n")
     else:
-        items = payload
+        items = task.items
     bad = []
     texts, lines, hashes, val = [], [], [], []
-    for line_no, record in parse_items(fmt, items, lambda line_no, message: bad.append((line_no, message))):
+    for line_no, record in parse_items(task.fmt, items, lambda line_no, message: bad.append((line_no, message))):
         try:
-            text, text_bytes = document_text(record, w["text_field"], w["template"])
+            text, text_bytes = document_text(record, w.text_field, w.template)
         except DataError as e:
             bad.append((line_no, str(e)))
             continue
         texts.append(text)
         lines.append(line_no)
-        val.append(is_val(text_bytes, w["val_fraction"]))
-        if w["dedup"]:
+        val.append(is_val(text_bytes, w.val_fraction))
+        if w.dedup:
             hashes.append(doc_hash(text_bytes))
-    encoded = w["tokenizer"].encode_batch_numpy(texts, num_threads=1, eos=True)  # the pool is the parallelism
+    encoded = _worker["tokenizer"].encode_batch_numpy(texts, num_threads=1, eos=True)  # the pool is the parallelism
     lengths = np.fromiter(map(len, encoded), dtype=np.int64, count=len(encoded))
-    keep = lengths > w["min_tokens"]
+    keep = lengths > w.min_tokens
     val = np.asarray(val, dtype=bool)
-    result = dict(path=path, relative_lines=kind == "range", n_lines=block.count(b"\n") if kind == "range" else 0,
-                  held_out=val[keep], hashes=np.asarray(hashes, dtype=np.uint64)[keep] if w["dedup"] else None,
-                  n_read=len(texts) + len(bad), n_short=int((~keep).sum()), bad=bad, out_of_vocab=None)
+    splits, out_of_vocab = {}, None
     for split, mask in (("train", keep & ~val), ("val", keep & val)):
         ids = np.concatenate(list(compress(encoded, mask)) or [np.empty(0, dtype=np.int32)])
-        if len(ids) and ids.max() >= w["vocab_size"] and result["out_of_vocab"] is None:
-            result["out_of_vocab"] = first_out_of_vocab(encoded, keep, lines, w["vocab_size"])
-        result[split] = (ids.astype("<u2"), lengths[mask])
-    return result
+        if len(ids) and ids.max() >= w.vocab_size and out_of_vocab is None:
+            out_of_vocab = first_out_of_vocab(encoded, keep, lines, w.vocab_size)
+        splits[split] = (ids.astype("<u2"), lengths[mask])
+    return EncodedChunk(path=task.path, relative_lines=task.byte_range is not None, n_lines=n_lines,
+                        held_out=val[keep], hashes=np.asarray(hashes, dtype=np.uint64)[keep] if w.dedup else None,
+                        n_read=len(texts) + len(bad), n_short=int((~keep).sum()), bad=bad,
+                        out_of_vocab=out_of_vocab, **splits)
 
 
 def first_out_of_vocab(encoded, keep, lines, vocab_size):
@@ -238,7 +279,7 @@ def iter_tasks(files, chunk_bytes):
                 while start < size:
                     f.seek(min(start + chunk_bytes, size))
                     f.readline()  # on to the start of the next line
-                    yield "range", path, fmt, (start, f.tell())
+                    yield Task(path, fmt, byte_range=(start, f.tell()))
                     start = f.tell()
             continue
         items, size = [], 0
@@ -246,10 +287,10 @@ def iter_tasks(files, chunk_bytes):
             items.append((line_no, item))
             size += len(item) if isinstance(item, bytes) else sum(len(v) for v in item.values() if isinstance(v, str))
             if size >= chunk_bytes:
-                yield "items", path, fmt, items
+                yield Task(path, fmt, items=items)
                 items, size = [], 0
         if items:
-            yield "items", path, fmt, items
+            yield Task(path, fmt, items=items)
 
 
 def pretrain_paths(out):
@@ -267,9 +308,9 @@ def cmd_pretrain(args):
     clear_outputs([meta_path, paths["val"][1], bin_path, paths["val"][0]], files)
     text_field = args.text_field or next((PRESETS["pretrain"][p].get("text_field") for p in args.preset or []), None)
     template = args.template.replace("\\n", "\n").replace("\\t", "\t") if args.template else None
-    settings = dict(tokenizer_path=str(tokenizer.path), vocab_size=tokenizer.vocab_size,
-                    min_tokens=args.min_tokens, text_field=text_field, template=template,
-                    val_fraction=args.val_fraction, dedup=args.dedup)
+    settings = EncodeSettings(tokenizer_path=str(tokenizer.path), vocab_size=tokenizer.vocab_size,
+                              min_tokens=args.min_tokens, text_field=text_field, template=template,
+                              val_fraction=args.val_fraction, dedup=args.dedup)
     stats = Counter()
     bad = BadCounter(args.skip_bad)
     seen = set() if args.dedup else None
@@ -283,23 +324,22 @@ def cmd_pretrain(args):
         results = map_ordered(encode_chunk, iter_tasks(files, args.chunk_bytes), args.workers, init_worker, (settings,))
         path, first_line = None, 0
         for r in results:
-            if r["path"] != path:
-                path, first_line = r["path"], 0
-            offset = first_line if r["relative_lines"] else 0  # lines of earlier ranges of the file
-            first_line += r["n_lines"]
-            if r["out_of_vocab"]:
-                raise DataError(f"{path}:{r['out_of_vocab'][0] + offset}: {r['out_of_vocab'][1]}")
-            for line_no, message in r["bad"]:
+            if r.path != path:
+                path, first_line = r.path, 0
+            offset = first_line if r.relative_lines else 0  # lines of earlier ranges of the file
+            first_line += r.n_lines
+            if r.out_of_vocab:
+                raise DataError(f"{path}:{r.out_of_vocab[0] + offset}: {r.out_of_vocab[1]}")
+            for line_no, message in r.bad:
                 bad(path, line_no + offset, message)
-            stats.update(read=r["n_read"], short=r["n_short"])
-            keep = np.ones(len(r["held_out"]), dtype=bool)  # kept documents in input order, train and val
+            stats.update(read=r.n_read, short=r.n_short)
+            keep = np.ones(len(r.held_out), dtype=bool)  # kept documents in input order, train and val
             if seen is not None:
-                for i, h in enumerate(r["hashes"].tolist()):
+                for i, h in enumerate(r.hashes.tolist()):
                     keep[i] = h not in seen
                     seen.add(h)
                 stats["duplicate"] += int((~keep).sum())
-            for split, in_split in (("train", ~r["held_out"]), ("val", r["held_out"])):
-                ids, lengths = r[split]
+            for split, (ids, lengths), in_split in (("train", r.train, ~r.held_out), ("val", r.val, r.held_out)):
                 split_keep = keep[in_split]
                 if not split_keep.all():  # duplicates: drop their ids
                     ids, lengths = ids[np.repeat(split_keep, lengths)], lengths[split_keep]
@@ -307,7 +347,7 @@ def cmd_pretrain(args):
                     splits[split].f.write(ids.tobytes())
                     counts[split].update(docs=len(lengths), tokens=int(lengths.sum()))
             tokens = counts["train"]["tokens"] + counts.get("val", {}).get("tokens", 0)
-            pbar.update(r["n_read"])
+            pbar.update(r.n_read)
             pbar.set_postfix_str(f"{tokens / max(time.time() - t0, 1e-9) / 1e3:,.0f}k tok/s", refresh=False)
         pbar.close()
         for split in splits:  # data first, metas after, the train meta last: it marks completion
