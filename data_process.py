@@ -134,6 +134,13 @@ class AtomicFile:
         self.tmp.unlink(missing_ok=True)
 
 
+def discard_unfinished(files):
+    """After a failure: remove the .tmp of every AtomicFile not committed yet."""
+    for f in files:
+        if not f.f.closed:
+            f.discard()
+
+
 def already_done(done_marker, force, what):
     if done_marker.exists() and not force:
         print(f"{what}: {done_marker} exists, skipping (--force redoes it)")
@@ -163,8 +170,12 @@ def is_val(data, fraction):
 
 
 # -----------------------------------------------------------------------------
-# pretrain: chunks of documents are tokenized in worker processes; the main process keeps
-# their order, removes duplicates, splits train/val and appends to the output files.
+# pretrain: the input is cut into tasks (iter_tasks) that worker processes parse and tokenize
+# (encode_chunk); the main process takes their results in input order, drops repeated
+# documents and appends each split's ids to its .bin (write_bins). Outputs appear only when
+# complete: the .bin files are written as .tmp and renamed once all the input is in, then the
+# .json metas are written, the train meta last of all, so NAME.json exists only after a
+# finished run (and a rerun without --force skips it).
 
 class Task(NamedTuple):
     """A piece of one input file for a worker: a byte range (start, end) of whole lines that
@@ -207,6 +218,45 @@ class EncodedChunk:
     val: tuple
 
 
+def iter_tasks(files, chunk_bytes):
+    """Work for the pool, cut at points that depend on the input only, never on the worker
+    count (so the output does not either)."""
+    for path in files:
+        fmt = input_format(path)
+        if fmt in ("jsonl", "text") and not path.name.endswith(".gz"):
+            yield from byte_range_tasks(path, fmt, chunk_bytes)
+        else:
+            yield from item_tasks(path, fmt, chunk_bytes)
+
+
+def byte_range_tasks(path, fmt, chunk_bytes):
+    """Ranges of about chunk_bytes, each ending at a line end, for the workers to read: the
+    main process only seeks, it never reads the data."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        start = 0
+        while start < size:
+            f.seek(min(start + chunk_bytes, size))
+            f.readline()  # on to the start of the next line
+            yield Task(path, fmt, byte_range=(start, f.tell()))
+            start = f.tell()
+
+
+def item_tasks(path, fmt, chunk_bytes):
+    """The file's raw items, read here, in tasks of about chunk_bytes of text."""
+    items, size = [], 0
+    for line_no, item in iter_raw(path, fmt):
+        items.append((line_no, item))
+        size += len(item) if isinstance(item, bytes) else sum(len(v) for v in item.values() if isinstance(v, str))
+        if size >= chunk_bytes:
+            yield Task(path, fmt, items=items)
+            items, size = [], 0
+    if items:
+        yield Task(path, fmt, items=items)
+
+
+# in the worker processes
+
 _worker = {}  # in each worker process: its EncodeSettings and Tokenizer
 
 
@@ -216,44 +266,57 @@ def init_worker(settings):
 
 def encode_chunk(task):
     """One Task -> its EncodedChunk; runs in a worker process."""
-    w = _worker["settings"]
-    n_lines = 0
-    if task.byte_range is not None:  # read here rather than sent by the main process
-        start, end = task.byte_range
-        with open(task.path, "rb") as f:
-            f.seek(start)
-            block = f.read(end - start)
-        items = [(i, line) for i, line in enumerate(block.split(b"\n"), 1) if line and not line.isspace()]
-        n_lines = block.count(b"\n")
-    else:
-        items = task.items
+    settings = _worker["settings"]
+    items, n_lines = read_task(task)
     bad = []
-    texts, lines, hashes, val = [], [], [], []
-    for line_no, record in parse_items(task.fmt, items, lambda line_no, message: bad.append((line_no, message))):
+    texts, lines, held_out, hashes = parse_documents(task.fmt, items, settings, bad)
+    encoded = _worker["tokenizer"].encode_batch_numpy(texts, num_threads=1, eos=True)  # the pool is the parallelism
+    lengths = np.fromiter(map(len, encoded), dtype=np.int64, count=len(encoded))
+    keep = lengths > settings.min_tokens
+    in_train, in_val = keep & ~held_out, keep & held_out
+    train_ids, val_ids = concat_ids(encoded, in_train), concat_ids(encoded, in_val)
+    out_of_vocab = None
+    if max(train_ids.max(initial=0), val_ids.max(initial=0)) >= settings.vocab_size:  # before uint16 cuts them
+        out_of_vocab = first_out_of_vocab(encoded, keep, lines, settings.vocab_size)
+    return EncodedChunk(path=task.path, relative_lines=task.byte_range is not None, n_lines=n_lines,
+                        held_out=held_out[keep], hashes=hashes[keep] if settings.dedup else None,
+                        n_read=len(texts) + len(bad), n_short=int((~keep).sum()), bad=bad, out_of_vocab=out_of_vocab,
+                        train=(train_ids.astype("<u2"), lengths[in_train]), val=(val_ids.astype("<u2"), lengths[in_val]))
+
+
+def read_task(task):
+    """The task's raw items, and the number of lines its byte range spans (0 for items)."""
+    if task.byte_range is None:
+        return task.items, 0
+    start, end = task.byte_range
+    with open(task.path, "rb") as f:
+        f.seek(start)
+        block = f.read(end - start)
+    items = [(i, line) for i, line in enumerate(block.split(b"\n"), 1) if line and not line.isspace()]
+    return items, block.count(b"\n")
+
+
+def parse_documents(fmt, items, settings, bad):
+    """Raw items -> per document, in input order: its text, line, held-out flag and (with
+    --dedup) hash. Bad records are appended to `bad` as (line_no, message)."""
+    texts, lines, held_out, hashes = [], [], [], []
+    for line_no, record in parse_items(fmt, items, lambda line_no, message: bad.append((line_no, message))):
         try:
-            text, text_bytes = document_text(record, w.text_field, w.template)
+            text, text_bytes = document_text(record, settings.text_field, settings.template)
         except DataError as e:
             bad.append((line_no, str(e)))
             continue
         texts.append(text)
         lines.append(line_no)
-        val.append(is_val(text_bytes, w.val_fraction))
-        if w.dedup:
+        held_out.append(is_val(text_bytes, settings.val_fraction))
+        if settings.dedup:
             hashes.append(doc_hash(text_bytes))
-    encoded = _worker["tokenizer"].encode_batch_numpy(texts, num_threads=1, eos=True)  # the pool is the parallelism
-    lengths = np.fromiter(map(len, encoded), dtype=np.int64, count=len(encoded))
-    keep = lengths > w.min_tokens
-    val = np.asarray(val, dtype=bool)
-    splits, out_of_vocab = {}, None
-    for split, mask in (("train", keep & ~val), ("val", keep & val)):
-        ids = np.concatenate(list(compress(encoded, mask)) or [np.empty(0, dtype=np.int32)])
-        if len(ids) and ids.max() >= w.vocab_size and out_of_vocab is None:
-            out_of_vocab = first_out_of_vocab(encoded, keep, lines, w.vocab_size)
-        splits[split] = (ids.astype("<u2"), lengths[mask])
-    return EncodedChunk(path=task.path, relative_lines=task.byte_range is not None, n_lines=n_lines,
-                        held_out=val[keep], hashes=np.asarray(hashes, dtype=np.uint64)[keep] if w.dedup else None,
-                        n_read=len(texts) + len(bad), n_short=int((~keep).sum()), bad=bad,
-                        out_of_vocab=out_of_vocab, **splits)
+    return texts, lines, np.asarray(held_out, dtype=bool), np.asarray(hashes, dtype=np.uint64)
+
+
+def concat_ids(encoded, mask):
+    """The id arrays of the documents in `mask`, one after another."""
+    return np.concatenate(list(compress(encoded, mask)) or [np.empty(0, dtype=np.int32)])
 
 
 def first_out_of_vocab(encoded, keep, lines, vocab_size):
@@ -266,108 +329,124 @@ def first_out_of_vocab(encoded, keep, lines, vocab_size):
     return None
 
 
-def iter_tasks(files, chunk_bytes):
-    """Work for the pool. Uncompressed line files become byte ranges that the workers read;
-    other formats are read here and sent as records. The cut points depend on the input
-    only, never on the worker count."""
-    for path in files:
-        fmt = input_format(path)
-        if fmt in ("jsonl", "text") and not path.name.endswith(".gz"):
-            size = path.stat().st_size
-            with open(path, "rb") as f:
-                start = 0
-                while start < size:
-                    f.seek(min(start + chunk_bytes, size))
-                    f.readline()  # on to the start of the next line
-                    yield Task(path, fmt, byte_range=(start, f.tell()))
-                    start = f.tell()
-            continue
-        items, size = [], 0
-        for line_no, item in iter_raw(path, fmt):
-            items.append((line_no, item))
-            size += len(item) if isinstance(item, bytes) else sum(len(v) for v in item.values() if isinstance(v, str))
-            if size >= chunk_bytes:
-                yield Task(path, fmt, items=items)
-                items, size = [], 0
-        if items:
-            yield Task(path, fmt, items=items)
+# in the main process
+
+def cmd_pretrain(args):
+    """Text corpora -> NAME.bin + NAME.json, and a held-out share -> NAME_val.bin + NAME_val.json;
+    NAME.json, which marks a finished run, is removed first and written last."""
+    paths = pretrain_paths(args.out)
+    if already_done(paths["train"][1], args.force, "pretrain"):
+        return
+    tokenizer = load_tokenizer(args.tokenizer)
+    files = resolve_inputs(args, "pretrain")
+    clear_outputs([paths["train"][1], paths["val"][1], paths["train"][0], paths["val"][0]], files)
+    settings = encode_settings(args, tokenizer)
+    bins = {"train": AtomicFile(paths["train"][0], "wb")}
+    if args.val_fraction > 0:
+        bins["val"] = AtomicFile(paths["val"][0], "wb")
+    t0 = time.time()
+    try:
+        counts, stats, bad = write_bins(files, settings, bins, args)
+        for f in bins.values():  # every .bin complete before a meta names it
+            f.commit()
+        seconds = time.time() - t0
+        summary = dict(documents_read=stats["read"], dropped_short=stats["short"], dropped_duplicate=stats["duplicate"],
+                       skipped_bad=bad.count, seconds=round(seconds, 2), workers=args.workers)
+        write_metas(paths, counts, files, settings, tokenizer, summary)
+    except BaseException:
+        discard_unfinished(bins.values())
+        raise
+    print_pretrain_summary(paths, counts, stats, bad, args, seconds)
 
 
 def pretrain_paths(out):
+    """{split: (.bin path, .json path)} for --out NAME (or NAME.bin)."""
     out = out[:-4] if out.endswith(".bin") else out
     return {split: (Path(f"{out}{suffix}.bin"), Path(f"{out}{suffix}.json")) for split, suffix in (("train", ""), ("val", "_val"))}
 
 
-def cmd_pretrain(args):
-    paths = pretrain_paths(args.out)
-    bin_path, meta_path = paths["train"]
-    if already_done(meta_path, args.force, "pretrain"):
-        return
-    tokenizer = load_tokenizer(args.tokenizer)
-    files = resolve_inputs(args, "pretrain")
-    clear_outputs([meta_path, paths["val"][1], bin_path, paths["val"][0]], files)
+def encode_settings(args, tokenizer):
+    """The workers' settings: a preset's text field is the default field, and the template's
+    escapes \\n and \\t become a newline and a tab."""
     text_field = args.text_field or next((PRESETS["pretrain"][p].get("text_field") for p in args.preset or []), None)
     template = args.template.replace("\\n", "\n").replace("\\t", "\t") if args.template else None
-    settings = EncodeSettings(tokenizer_path=str(tokenizer.path), vocab_size=tokenizer.vocab_size,
-                              min_tokens=args.min_tokens, text_field=text_field, template=template,
-                              val_fraction=args.val_fraction, dedup=args.dedup)
-    stats = Counter()
-    bad = BadCounter(args.skip_bad)
-    seen = set() if args.dedup else None
-    splits = {"train": AtomicFile(bin_path, "wb")}
-    if args.val_fraction > 0:
-        splits["val"] = AtomicFile(paths["val"][0], "wb")
-    counts = {s: Counter() for s in splits}
+    return EncodeSettings(tokenizer_path=str(tokenizer.path), vocab_size=tokenizer.vocab_size,
+                          min_tokens=args.min_tokens, text_field=text_field, template=template,
+                          val_fraction=args.val_fraction, dedup=args.dedup)
+
+
+def write_bins(files, settings, bins, args):
+    """Encode the files on args.workers processes and append the documents of every chunk to
+    their split's .bin in input order, without repeats (--dedup). Returns (counts per split,
+    stats, the BadCounter): it stops the run at a bad record, or counts them (--skip-bad)."""
+    counts, stats, bad = {split: Counter() for split in bins}, Counter(), BadCounter(args.skip_bad)
+    seen = set() if settings.dedup else None  # hashes of the documents so far
+    pbar = tqdm(unit="doc", unit_scale=True, desc=f"pretrain {bins['train'].path.name}", smoothing=0.1)
     t0 = time.time()
-    try:
-        pbar = tqdm(unit="doc", unit_scale=True, desc=f"pretrain {bin_path.name}", smoothing=0.1)
-        results = map_ordered(encode_chunk, iter_tasks(files, args.chunk_bytes), args.workers, init_worker, (settings,))
-        path, first_line = None, 0
-        for r in results:
-            if r.path != path:
-                path, first_line = r.path, 0
-            offset = first_line if r.relative_lines else 0  # lines of earlier ranges of the file
-            first_line += r.n_lines
-            if r.out_of_vocab:
-                raise DataError(f"{path}:{r.out_of_vocab[0] + offset}: {r.out_of_vocab[1]}")
-            for line_no, message in r.bad:
-                bad(path, line_no + offset, message)
-            stats.update(read=r.n_read, short=r.n_short)
-            keep = np.ones(len(r.held_out), dtype=bool)  # kept documents in input order, train and val
-            if seen is not None:
-                for i, h in enumerate(r.hashes.tolist()):
-                    keep[i] = h not in seen
-                    seen.add(h)
-                stats["duplicate"] += int((~keep).sum())
-            for split, (ids, lengths), in_split in (("train", r.train, ~r.held_out), ("val", r.val, r.held_out)):
-                split_keep = keep[in_split]
-                if not split_keep.all():  # duplicates: drop their ids
-                    ids, lengths = ids[np.repeat(split_keep, lengths)], lengths[split_keep]
-                if len(lengths):
-                    splits[split].f.write(ids.tobytes())
-                    counts[split].update(docs=len(lengths), tokens=int(lengths.sum()))
-            tokens = counts["train"]["tokens"] + counts.get("val", {}).get("tokens", 0)
-            pbar.update(r.n_read)
-            pbar.set_postfix_str(f"{tokens / max(time.time() - t0, 1e-9) / 1e3:,.0f}k tok/s", refresh=False)
-        pbar.close()
-        for split in splits:  # data first, metas after, the train meta last: it marks completion
-            splits[split].commit()
-        seconds = time.time() - t0
-        summary = dict(documents_read=stats["read"], dropped_short=stats["short"], dropped_duplicate=stats["duplicate"],
-                       skipped_bad=bad.count, seconds=round(seconds, 2), workers=args.workers)
-        for split in sorted(splits, key=lambda s: s == "train"):
-            meta = dict(tokenizer=tokenizer.identity(), vocab_size=tokenizer.vocab_size, eos_id=tokenizer.eos_id,
-                        dtype="uint16", n_tokens=counts[split]["tokens"], n_documents=counts[split]["docs"],
-                        split=split, sources=[str(p) for p in files], val_fraction=args.val_fraction,
-                        min_tokens=args.min_tokens, dedup=args.dedup, text_field=text_field, template=template,
-                        summary=summary)
-            write_json_atomic(paths[split][1], meta)
-    except BaseException:
-        for f in splits.values():
-            if not f.f.closed:
-                f.discard()
-        raise
-    print_pretrain_summary(paths, counts, stats, bad, args, seconds)
+    chunks = map_ordered(encode_chunk, iter_tasks(files, args.chunk_bytes), args.workers, init_worker, (settings,))
+    for chunk, line_offset in with_line_offsets(chunks):
+        report_problems(chunk, line_offset, bad)
+        new = first_seen(chunk, seen)
+        stats.update(read=chunk.n_read, short=chunk.n_short, duplicate=int((~new).sum()))
+        append_chunk(chunk, new, bins, counts)
+        tokens = sum(c["tokens"] for c in counts.values())
+        pbar.update(chunk.n_read)
+        pbar.set_postfix_str(f"{tokens / max(time.time() - t0, 1e-9) / 1e3:,.0f}k tok/s", refresh=False)
+    pbar.close()
+    return counts, stats, bad
+
+
+def with_line_offsets(chunks):
+    """(chunk, offset) per chunk: the chunk's line numbers + offset are its file's. A byte
+    range counts lines from its own start, so its offset is the lines of the earlier ranges."""
+    path, first_line = None, 0
+    for chunk in chunks:
+        if chunk.path != path:
+            path, first_line = chunk.path, 0
+        yield chunk, first_line if chunk.relative_lines else 0
+        first_line += chunk.n_lines
+
+
+def report_problems(chunk, line_offset, bad):
+    """Stop at an id outside the vocabulary; hand the bad records to `bad`, with file and line."""
+    if chunk.out_of_vocab:
+        line_no, message = chunk.out_of_vocab
+        raise DataError(f"{chunk.path}:{line_no + line_offset}: {message}")
+    for line_no, message in chunk.bad:
+        bad(chunk.path, line_no + line_offset, message)
+
+
+def first_seen(chunk, seen):
+    """Per kept document of the chunk, in input order: False if an earlier one had its hash.
+    `seen` collects the hashes; None (no --dedup) lets every document through."""
+    new = np.ones(len(chunk.held_out), dtype=bool)
+    if seen is not None:
+        for i, h in enumerate(chunk.hashes.tolist()):
+            new[i] = h not in seen
+            seen.add(h)
+    return new
+
+
+def append_chunk(chunk, new, bins, counts):
+    """Append the chunk's documents marked in `new` to their split's .bin, and count them."""
+    for split, (ids, lengths), in_split in (("train", chunk.train, ~chunk.held_out), ("val", chunk.val, chunk.held_out)):
+        new_in_split = new[in_split]
+        if not new_in_split.all():  # repeats: drop their ids
+            ids, lengths = ids[np.repeat(new_in_split, lengths)], lengths[new_in_split]
+        if len(lengths):
+            bins[split].f.write(ids.tobytes())
+            counts[split].update(docs=len(lengths), tokens=int(lengths.sum()))
+
+
+def write_metas(paths, counts, files, settings, tokenizer, summary):
+    """A .json per split that describes its .bin; the train meta last: it marks completion."""
+    for split in sorted(counts, key=lambda s: s == "train"):
+        meta = dict(tokenizer=tokenizer.identity(), vocab_size=tokenizer.vocab_size, eos_id=tokenizer.eos_id,
+                    dtype="uint16", n_tokens=counts[split]["tokens"], n_documents=counts[split]["docs"],
+                    split=split, sources=[str(p) for p in files], val_fraction=settings.val_fraction,
+                    min_tokens=settings.min_tokens, dedup=settings.dedup, text_field=settings.text_field,
+                    template=settings.template, summary=summary)
+        write_json_atomic(paths[split][1], meta)
 
 
 def print_pretrain_summary(paths, counts, stats, bad, args, seconds):
@@ -529,9 +608,7 @@ def cmd_examples(args, kind):
         for split in sorted(outputs, key=lambda s: s == "train"):  # the main file last: it marks completion
             outputs[split].commit()
     except BaseException:
-        for f in outputs.values():
-            if not f.f.closed:
-                f.discard()
+        discard_unfinished(outputs.values())
         raise
     print(f"{kind}: read {stats['read']:,} examples from {len(files)} files; wrote {stats['train']:,} to {out}"
           + (f" and {stats['val']:,} to {val_out}" if val_fraction > 0 else ""))
