@@ -41,7 +41,7 @@ from prompt import context_prompt
 # defaults (command-line flags override all but the field lists and SUBSTRING_MIN_CHARS)
 WORKERS = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1  # usable cores
 CHUNK_BYTES = 1 << 20  # input text per task handed to a worker
-MIN_TOKENS = 6  # documents with fewer tokens are dropped (the seed drops <= 5)
+MIN_TOKENS = 6  # documents with fewer tokens are dropped (eos not counted), as upstream drops those of <= 5
 PRETRAIN_VAL_FRACTION = 0.005
 SFT_VAL_FRACTION = 0.01
 RAW_DIR = "data/raw"  # where presets download to
