@@ -43,15 +43,26 @@ class DataError(Exception):
 
 
 # -----------------------------------------------------------------------------
-# reading inputs
+# files and their formats
 
 FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".csv": "csv", ".tsv": "csv",
            ".parquet": "parquet", ".txt": "text", ".text": "text", ".md": "text"}
 
 
-def input_format(path):
+def format_suffix(path):
+    """The suffix that names a file's format, under any .gz: a.JSONL.gz -> .jsonl"""
     name = path.name[:-3] if path.name.endswith(".gz") else path.name
-    fmt = FORMATS.get(Path(name).suffix.lower())
+    return Path(name).suffix.lower()
+
+
+def known_format(path):
+    """Whether the file's name says a format (directories are searched for such files)."""
+    return format_suffix(path) in FORMATS
+
+
+def input_format(path):
+    """An input file's format: by its name, and for .json by its first character."""
+    fmt = FORMATS.get(format_suffix(path))
     if fmt == "json":  # a .json file may hold one array or one object per line
         with open_text(path) as f:
             head = f.read(4096).lstrip()
@@ -75,20 +86,20 @@ def expand_inputs(specs):
     return files
 
 
-def known_format(path):
-    name = path.name[:-3] if path.name.endswith(".gz") else path.name
-    return Path(name).suffix.lower() in FORMATS
-
-
 def open_binary(path):
+    """The file's bytes, decompressed if its name ends in .gz."""
     return gzip.open(path, "rb") if path.name.endswith(".gz") else open(path, "rb")
 
 
 def open_text(path):
-    # surrogateescape: bad bytes survive decoding and are reported per record (document_text)
+    """The file as UTF-8 text, decompressed if its name ends in .gz. Bytes that are not UTF-8
+    survive decoding as surrogates (surrogateescape), to be reported per record by utf8()."""
     return (gzip.open(path, "rt", encoding="utf-8", errors="surrogateescape", newline="")
             if path.name.endswith(".gz") else open(path, encoding="utf-8", errors="surrogateescape", newline=""))
 
+
+# -----------------------------------------------------------------------------
+# records: a file cut into raw items as it streams in, then parsed
 
 def iter_raw(path, fmt):
     """(line_no, item) per record: raw bytes for line formats (parsed later, possibly in a
@@ -124,63 +135,70 @@ WHITESPACE = re.compile(r"\s*")
 
 
 def iter_json_array(f, path, block=1 << 20):
-    """Stream the elements of a top-level JSON array without loading the whole file."""
-    decoder = json.JSONDecoder()
-    buf, pos, line, eof = "", 0, 1, False
-
-    def skip_space():
-        nonlocal buf, pos, line, eof
-        while True:
-            m = WHITESPACE.match(buf, pos)
-            line += buf.count("\n", pos, m.end())
-            pos = m.end()
-            if pos < len(buf) or eof:
-                return buf[pos:pos + 1]
-            buf, pos = f.read(block), 0
-            eof = not buf
-
-    if skip_space() != "[":
-        raise DataError(f"{path}:{line}: expected a JSON array")
-    pos += 1
+    """(line_no, element) for the elements of the top-level JSON array in the text stream f,
+    read `block` characters at a time: memory holds a block and an element, never the file."""
+    text = BlockCursor(f, block)
+    if text.peek() != "[":
+        raise DataError(f"{path}:{text.line}: expected a JSON array")
+    text.pos += 1
     while True:
-        c = skip_space()
+        c = text.peek()
         if c == "]":
             return
         if c == "":
-            raise DataError(f"{path}:{line}: the JSON array is not closed")
+            raise DataError(f"{path}:{text.line}: the JSON array is not closed")
+        line = text.line
+        yield line, text.json_value(path)
+        c = text.peek()
+        if c == ",":
+            text.pos += 1
+        elif c not in ("]", ""):  # at the end of the input the loop reports the unclosed array
+            raise DataError(f"{path}:{text.line}: expected ',' or ']' between array elements")
+
+
+class BlockCursor:
+    """A position in a text stream that is read a block at a time: the current block (buf),
+    the position in it and the line number there."""
+    decoder = json.JSONDecoder()
+
+    def __init__(self, f, block):
+        self.f, self.block = f, block
+        self.buf, self.pos, self.line, self.eof = "", 0, 1, False
+
+    def peek(self):
+        """Skip whitespace, reading blocks as needed; the next character, or "" at the end."""
+        while True:
+            end = WHITESPACE.match(self.buf, self.pos).end()
+            self.line += self.buf.count("\n", self.pos, end)
+            self.pos = end
+            if self.pos < len(self.buf) or self.eof:
+                return self.buf[self.pos:self.pos + 1]
+            self.buf, self.pos = self.f.read(self.block), 0
+            self.eof = not self.buf
+
+    def json_value(self, path):
+        """Decode the JSON value at the position and move past it. A value that runs past the
+        block keeps its start and gets the next block appended, until it decodes or the input ends."""
         while True:
             try:
-                value, end = decoder.raw_decode(buf, pos)
+                value, end = self.decoder.raw_decode(self.buf, self.pos)
                 break
             except json.JSONDecodeError as e:
-                if eof:
-                    raise DataError(f"{path}:{line + buf.count(chr(10), pos, e.pos)}: malformed JSON: {e.msg}") from None
-                more = f.read(block)  # the element may continue past the buffer
-                buf, pos, eof = buf[pos:] + more, 0, not more
-        yield line, value
-        line += buf.count("\n", pos, end)
-        pos = end
-        c = skip_space()
-        if c == ",":
-            pos += 1
-        elif c not in ("]", ""):  # at the end of the input the loop reports the unclosed array
-            raise DataError(f"{path}:{line}: expected ',' or ']' between array elements")
+                if self.eof:
+                    line = self.line + self.buf.count("\n", self.pos, e.pos)
+                    raise DataError(f"{path}:{line}: malformed JSON: {e.msg}") from None
+                more = self.f.read(self.block)
+                self.buf, self.pos, self.eof = self.buf[self.pos:] + more, 0, not more
+        self.line += self.buf.count("\n", self.pos, end)
+        self.pos = end
+        return value
 
 
 def parse_items(fmt, items, on_bad):
     """Raw items -> (line_no, record dict); bad ones go to on_bad(line_no, message)."""
     for line_no, item in items:
         try:
-            if fmt == "jsonl":
-                record = json.loads(decode_line(item))
-                if not isinstance(record, dict):
-                    raise DataError(f"expected a JSON object, got {type(record).__name__}")
-            elif fmt == "text":
-                record = {"text": decode_line(item).rstrip("\r\n")}
-            else:
-                record = item
-                if not isinstance(record, dict):
-                    raise DataError(f"expected a JSON object, got {type(record).__name__}")
+            record = parse_item(fmt, item)
         except json.JSONDecodeError as e:
             on_bad(line_no, f"malformed JSON: {e.msg} (column {e.colno})")
             continue
@@ -190,7 +208,18 @@ def parse_items(fmt, items, on_bad):
         yield line_no, record
 
 
+def parse_item(fmt, item):
+    """One raw item -> its record dict, or DataError / JSONDecodeError saying what is wrong."""
+    if fmt == "text":
+        return {"text": decode_line(item).rstrip("\r\n")}
+    record = json.loads(decode_line(item)) if fmt == "jsonl" else item
+    if not isinstance(record, dict):
+        raise DataError(f"expected a JSON object, got {type(record).__name__}")
+    return record
+
+
 def decode_line(raw):
+    """A line's bytes as text; DataError says where the first byte that is not UTF-8 is."""
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -218,7 +247,11 @@ class BadCounter:
             self.examples.append(message)
 
 
+# -----------------------------------------------------------------------------
+# documents: a record's text
+
 def string_field(record, field, required=True):
+    """record[field], which must be a string; "" when it is missing and not required."""
     value = record.get(field)
     if value is None and not required:
         return ""
@@ -258,6 +291,7 @@ def document_text(record, text_field=None, template=None):
 
 
 def utf8(text):
+    """The text's UTF-8 bytes; DataError if it holds bytes that were not UTF-8 (see open_text)."""
     try:
         return text.encode("utf-8")
     except UnicodeEncodeError:  # surrogates: undecodable input bytes, or a lone \ud800 escape

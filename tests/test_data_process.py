@@ -82,6 +82,17 @@ def test_json_arrays_stream_in_small_blocks_with_line_numbers(tmp_path):
         run("sft", "--input", tmp_path / "b.json", "--out", tmp_path / "o.jsonl")
 
 
+def test_formats_by_name_and_content(tmp_path):
+    (tmp_path / "lines.json").write_text('{"text": "一"}\n{"text": "二"}\n', encoding="utf-8")
+    (tmp_path / "array.json").write_text('\n [{"text": "一"}]', encoding="utf-8")
+    assert corpus.format_suffix(tmp_path / "a.JSONL.gz") == ".jsonl"
+    assert [corpus.input_format(tmp_path / n) for n in ("lines.json", "array.json")] == ["jsonl", "json"]
+    assert corpus.known_format(tmp_path / "b.tsv.gz") and not corpus.known_format(tmp_path / "c.gz")
+    assert corpus.parse_item("text", "一行\r\n".encode()) == {"text": "一行"}
+    with pytest.raises(corpus.DataError, match="expected a JSON object, got list"):
+        corpus.parse_item("jsonl", b"[1]")
+
+
 def test_output_is_identical_for_any_worker_count(tmp_path, tiny_tokenizer_path):
     texts = make_chinese_texts(300, seed=7)
     texts += texts[:40] + ["短"] * 5  # duplicates and too-short documents
