@@ -106,15 +106,6 @@ def download_preset(kind, name, raw_dir):
 # -----------------------------------------------------------------------------
 # output helpers: everything is written under a temporary name and renamed when complete
 
-def write_json_atomic(path, obj):
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, ensure_ascii=False, indent=2)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 class AtomicFile:
     """A file written as PATH.tmp and renamed to PATH by commit(); discard() removes it."""
 
@@ -134,6 +125,12 @@ class AtomicFile:
         self.tmp.unlink(missing_ok=True)
 
 
+def write_json_atomic(path, obj):
+    out = AtomicFile(path, "w")
+    json.dump(obj, out.f, ensure_ascii=False, indent=2)
+    out.commit()
+
+
 def discard_unfinished(files):
     """After a failure: remove the .tmp of every AtomicFile not committed yet."""
     for f in files:
@@ -142,6 +139,7 @@ def discard_unfinished(files):
 
 
 def already_done(done_marker, force, what):
+    """Whether a previous run finished (done_marker exists): then it is skipped, unless --force."""
     if done_marker.exists() and not force:
         print(f"{what}: {done_marker} exists, skipping (--force redoes it)")
         return True
