@@ -15,39 +15,38 @@ Inputs are files, directories or globs of JSONL, JSON arrays, CSV/TSV, Parquet o
 corpus from the Hugging Face Hub into data/raw first.
 """
 import argparse
-import csv
-import glob
-import gzip
 import hashlib
 import json
 import os
 import random
 import re
-import threading
 import time
 import unicodedata
 import zlib
-from collections import Counter, defaultdict, deque
-from concurrent.futures import ProcessPoolExecutor
+from collections import Counter, defaultdict
+from dataclasses import dataclass
 from itertools import compress
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 from tqdm import tqdm
 
 from chatglm_tokenizer import Tokenizer, TokenizerNotFound, load_tokenizer, train_sentencepiece
+from corpus import (TEXT_FIELDS, BadCounter, DataError, document_text, expand_inputs, input_format, iter_raw,
+                    iter_records, known_format, map_ordered, parse_items, string_field, utf8)
+from prompt import context_prompt
 
 # -----------------------------------------------------------------------------
 # defaults (command-line flags override all but the field lists and SUBSTRING_MIN_CHARS)
 WORKERS = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1  # usable cores
 CHUNK_BYTES = 1 << 20  # input text per task handed to a worker
-MIN_TOKENS = 6  # documents with fewer tokens are dropped (the seed drops <= 5)
+MIN_TOKENS = 6  # documents with fewer tokens are dropped (eos not counted), as upstream drops those of <= 5
 PRETRAIN_VAL_FRACTION = 0.005
 SFT_VAL_FRACTION = 0.01
 RAW_DIR = "data/raw"  # where presets download to
 TOKENIZER_SAMPLE_DOCS = 200_000
 # fields tried in order when none is named on the command line
-TEXT_FIELDS = ("text", "content", "completion")
 PROMPT_FIELDS = ("prompt", "question", "query", "q")
 ANSWER_FIELDS = ("answer", "response", "output", "target", "a")
 SUBSTRING_MIN_CHARS = 8  # eval questions this long are also caught inside longer prompts
@@ -68,231 +67,8 @@ PRESETS = {  # name -> Hub dataset repo, the files to take, how to read them
 }
 
 
-class DataError(Exception):
-    """Bad input or a refused run; the message names the file and line."""
-
-
 # -----------------------------------------------------------------------------
-# reading inputs
-
-FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".csv": "csv", ".tsv": "csv",
-           ".parquet": "parquet", ".txt": "text", ".text": "text", ".md": "text"}
-
-
-def input_format(path):
-    name = path.name[:-3] if path.name.endswith(".gz") else path.name
-    fmt = FORMATS.get(Path(name).suffix.lower())
-    if fmt == "json":  # a .json file may hold one array or one object per line
-        with open_text(path) as f:
-            head = f.read(4096).lstrip()
-        fmt = "json" if head.startswith("[") else "jsonl"
-    if fmt == "parquet" and path.name.endswith(".gz"):
-        raise DataError(f"{path}: gzip-compressed Parquet is not supported (Parquet compresses itself)")
-    return fmt
-
-
-def expand_inputs(specs):
-    """Files, directories (searched recursively for known formats) and globs -> sorted file list."""
-    files = []
-    for spec in specs:
-        if Path(spec).is_dir():
-            found = [p for p in Path(spec).rglob("*") if p.is_file() and known_format(p)]
-        else:
-            found = [Path(p) for p in glob.glob(spec, recursive=True) if Path(p).is_file()]
-        if not found:
-            raise DataError(f"--input {spec}: no such file, or no input files in it")
-        files += sorted(found)
-    return files
-
-
-def known_format(path):
-    name = path.name[:-3] if path.name.endswith(".gz") else path.name
-    return Path(name).suffix.lower() in FORMATS
-
-
-def open_binary(path):
-    return gzip.open(path, "rb") if path.name.endswith(".gz") else open(path, "rb")
-
-
-def open_text(path):
-    # surrogateescape: bad bytes survive decoding and are reported per record (document_text)
-    return (gzip.open(path, "rt", encoding="utf-8", errors="surrogateescape", newline="")
-            if path.name.endswith(".gz") else open(path, encoding="utf-8", errors="surrogateescape", newline=""))
-
-
-def iter_raw(path, fmt):
-    """(line_no, item) per record: raw bytes for line formats (parsed later, possibly in a
-    worker process), a dict for JSON arrays, CSV and Parquet."""
-    if fmt in ("jsonl", "text"):
-        with open_binary(path) as f:
-            for line_no, line in enumerate(f, 1):
-                if line.strip():
-                    yield line_no, line
-    elif fmt == "json":
-        with open_text(path) as f:
-            yield from iter_json_array(f, path)
-    elif fmt == "csv":
-        with open_text(path) as f:
-            delimiter = "\t" if ".tsv" in path.name else ","
-            reader = csv.DictReader(f, delimiter=delimiter)
-            line_no = 2  # first data line (after the header)
-            for row in reader:
-                yield line_no, row
-                line_no = reader.line_num + 1
-    elif fmt == "parquet":
-        import pyarrow.parquet as pq
-        row = 0
-        for batch in pq.ParquetFile(path).iter_batches(batch_size=4096):
-            for record in batch.to_pylist():
-                row += 1
-                yield row, record
-    else:
-        raise DataError(f"{path}: unknown input format (known: {', '.join(sorted(FORMATS))}, optionally .gz)")
-
-
-WHITESPACE = re.compile(r"\s*")
-
-
-def iter_json_array(f, path, block=1 << 20):
-    """Stream the elements of a top-level JSON array without loading the whole file."""
-    decoder = json.JSONDecoder()
-    buf, pos, line, eof = "", 0, 1, False
-
-    def skip_space():
-        nonlocal buf, pos, line, eof
-        while True:
-            m = WHITESPACE.match(buf, pos)
-            line += buf.count("\n", pos, m.end())
-            pos = m.end()
-            if pos < len(buf) or eof:
-                return buf[pos:pos + 1]
-            buf, pos = f.read(block), 0
-            eof = not buf
-
-    if skip_space() != "[":
-        raise DataError(f"{path}:{line}: expected a JSON array")
-    pos += 1
-    while True:
-        c = skip_space()
-        if c == "]":
-            return
-        if c == "":
-            raise DataError(f"{path}:{line}: the JSON array is not closed")
-        while True:
-            try:
-                value, end = decoder.raw_decode(buf, pos)
-                break
-            except json.JSONDecodeError as e:
-                if eof:
-                    raise DataError(f"{path}:{line + buf.count(chr(10), pos, e.pos)}: malformed JSON: {e.msg}") from None
-                more = f.read(block)  # the element may continue past the buffer
-                buf, pos, eof = buf[pos:] + more, 0, not more
-        yield line, value
-        line += buf.count("\n", pos, end)
-        pos = end
-        c = skip_space()
-        if c == ",":
-            pos += 1
-        elif c not in ("]", ""):  # at the end of the input the loop reports the unclosed array
-            raise DataError(f"{path}:{line}: expected ',' or ']' between array elements")
-
-
-def parse_items(fmt, items, on_bad):
-    """Raw items -> (line_no, record dict); bad ones go to on_bad(line_no, message)."""
-    for line_no, item in items:
-        try:
-            if fmt == "jsonl":
-                record = json.loads(decode_line(item))
-                if not isinstance(record, dict):
-                    raise DataError(f"expected a JSON object, got {type(record).__name__}")
-            elif fmt == "text":
-                record = {"text": decode_line(item).rstrip("\r\n")}
-            else:
-                record = item
-                if not isinstance(record, dict):
-                    raise DataError(f"expected a JSON object, got {type(record).__name__}")
-        except json.JSONDecodeError as e:
-            on_bad(line_no, f"malformed JSON: {e.msg} (column {e.colno})")
-            continue
-        except DataError as e:
-            on_bad(line_no, str(e))
-            continue
-        yield line_no, record
-
-
-def decode_line(raw):
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise DataError(f"non-UTF-8 bytes at byte {e.start}") from None
-
-
-def iter_records(path, bad):
-    """(line_no, record dict) for every record of one input file; bad ones go to bad(path, ...)."""
-    fmt = input_format(path)
-    yield from parse_items(fmt, iter_raw(path, fmt), lambda line_no, message: bad(path, line_no, message))
-
-
-class BadCounter:
-    """Stops at the first bad record, or with --skip-bad counts them and keeps a few messages."""
-
-    def __init__(self, skip):
-        self.skip, self.count, self.examples = skip, 0, []
-
-    def __call__(self, path, line_no, message):
-        message = f"{path}:{line_no}: {message}"
-        if not self.skip:
-            raise DataError(message + "  (--skip-bad skips and counts such records)")
-        self.count += 1
-        if len(self.examples) < 5:
-            self.examples.append(message)
-
-
-def string_field(record, field, required=True):
-    value = record.get(field)
-    if value is None and not required:
-        return ""
-    if value is None:
-        raise DataError(f"missing field '{field}' (fields: {', '.join(map(str, record)) or 'none'})")
-    if not isinstance(value, str):
-        raise DataError(f"field '{field}' is a {type(value).__name__}, expected a string")
-    return value
-
-
-def render(value):
-    """A template value: lists (e.g. Baidu Baike sections) become their parts, one per line."""
-    if isinstance(value, list):
-        return "\n".join(render(v) for v in value)
-    if isinstance(value, dict):
-        return "\n".join(render(v) for v in value.values())
-    return "" if value is None else str(value)
-
-
-def document_text(record, text_field=None, template=None):
-    """The document's text (str) and its UTF-8 bytes."""
-    if template:
-        try:
-            text = template.format_map({k: render(v) for k, v in record.items()})
-        except KeyError as e:
-            raise DataError(f"missing field {e} used by --template") from None
-    elif text_field:
-        text = string_field(record, text_field)
-    else:
-        for field in TEXT_FIELDS:
-            if field in record:
-                break
-        else:
-            field = TEXT_FIELDS[0]  # named in the error
-        text = string_field(record, field)
-    return text, utf8(text)
-
-
-def utf8(text):
-    try:
-        return text.encode("utf-8")
-    except UnicodeEncodeError:  # surrogates: undecodable input bytes, or a lone \ud800 escape
-        raise DataError("non-UTF-8 bytes in the text") from None
-
+# inputs: --input specs and --preset downloads
 
 def resolve_inputs(args, kind):
     """--input specs plus the files a --preset downloads."""
@@ -330,15 +106,6 @@ def download_preset(kind, name, raw_dir):
 # -----------------------------------------------------------------------------
 # output helpers: everything is written under a temporary name and renamed when complete
 
-def write_json_atomic(path, obj):
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, ensure_ascii=False, indent=2)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 class AtomicFile:
     """A file written as PATH.tmp and renamed to PATH by commit(); discard() removes it."""
 
@@ -358,7 +125,21 @@ class AtomicFile:
         self.tmp.unlink(missing_ok=True)
 
 
+def write_json_atomic(path, obj):
+    out = AtomicFile(path, "w")
+    json.dump(obj, out.f, ensure_ascii=False, indent=2)
+    out.commit()
+
+
+def discard_unfinished(files):
+    """After a failure: remove the .tmp of every AtomicFile not committed yet."""
+    for f in files:
+        if not f.f.closed:
+            f.discard()
+
+
 def already_done(done_marker, force, what):
+    """Whether a previous run finished (done_marker exists): then it is skipped, unless --force."""
     if done_marker.exists() and not force:
         print(f"{what}: {done_marker} exists, skipping (--force redoes it)")
         return True
@@ -387,58 +168,153 @@ def is_val(data, fraction):
 
 
 # -----------------------------------------------------------------------------
-# pretrain: chunks of documents are tokenized in worker processes; the main process keeps
-# their order, removes duplicates, splits train/val and appends to the output files.
+# pretrain: the input is cut into tasks (iter_tasks) that worker processes parse and tokenize
+# (encode_chunk); the main process takes their results in input order, drops repeated
+# documents and appends each split's ids to its .bin (write_bins). Outputs appear only when
+# complete: the .bin files are written as .tmp and renamed once all the input is in, then the
+# .json metas are written, the train meta last of all, so NAME.json exists only after a
+# finished run (and a rerun without --force skips it).
 
-_worker = {}
+class Task(NamedTuple):
+    """A piece of one input file for a worker: a byte range (start, end) of whole lines that
+    the worker reads itself (uncompressed JSONL and text), or the raw items [(line_no, item)]
+    that the main process read (every other format)."""
+    path: Path
+    fmt: str
+    byte_range: tuple | None = None
+    items: list | None = None
+
+
+@dataclass(frozen=True)
+class EncodeSettings:
+    """What every worker needs to turn records into documents and documents into ids alike;
+    sent once, when the worker starts."""
+    tokenizer_path: str
+    vocab_size: int  # every id must be below it (and so fit uint16)
+    min_tokens: int  # documents with fewer tokens (eos not counted) are dropped
+    text_field: str | None
+    template: str | None
+    val_fraction: float
+    dedup: bool  # hash every document, for the main process to drop repeats
+
+
+@dataclass
+class EncodedChunk:
+    """A worker's result for one task, in what the main process needs to write it in input
+    order. Its line numbers count from the task's first line when relative_lines (a byte
+    range: the worker cannot know where in the file it starts), else from the file's."""
+    path: Path
+    relative_lines: bool
+    n_lines: int  # lines a byte range spans: where the file's next range starts
+    held_out: np.ndarray  # per kept document, in input order: True if it goes to val
+    hashes: np.ndarray | None  # per kept document, in input order: doc_hash (with --dedup)
+    n_read: int  # records read, bad ones included
+    n_short: int  # documents dropped for fewer than min_tokens tokens
+    bad: list  # (line_no, message) per bad record
+    out_of_vocab: tuple | None  # (line_no, message) of the first kept document with an id >= vocab_size
+    train: tuple  # (uint16 ids of the split's kept documents, each followed by eos; their lengths)
+    val: tuple
+
+
+def iter_tasks(files, chunk_bytes):
+    """Work for the pool, cut at points that depend on the input only, never on the worker
+    count (so the output does not either)."""
+    for path in files:
+        fmt = input_format(path)
+        if fmt in ("jsonl", "text") and not path.name.endswith(".gz"):
+            yield from byte_range_tasks(path, fmt, chunk_bytes)
+        else:
+            yield from item_tasks(path, fmt, chunk_bytes)
+
+
+def byte_range_tasks(path, fmt, chunk_bytes):
+    """Ranges of about chunk_bytes, each ending at a line end, for the workers to read: the
+    main process only seeks, it never reads the data."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        start = 0
+        while start < size:
+            f.seek(min(start + chunk_bytes, size))
+            f.readline()  # on to the start of the next line
+            yield Task(path, fmt, byte_range=(start, f.tell()))
+            start = f.tell()
+
+
+def item_tasks(path, fmt, chunk_bytes):
+    """The file's raw items, read here, in tasks of about chunk_bytes of text."""
+    items, size = [], 0
+    for line_no, item in iter_raw(path, fmt):
+        items.append((line_no, item))
+        size += len(item) if isinstance(item, bytes) else sum(len(v) for v in item.values() if isinstance(v, str))
+        if size >= chunk_bytes:
+            yield Task(path, fmt, items=items)
+            items, size = [], 0
+    if items:
+        yield Task(path, fmt, items=items)
+
+
+# in the worker processes
+
+_worker = {}  # in each worker process: its EncodeSettings and Tokenizer
 
 
 def init_worker(settings):
-    _worker.clear()
-    _worker.update(settings, tokenizer=Tokenizer(settings["tokenizer_path"]))
+    _worker.update(settings=settings, tokenizer=Tokenizer(settings.tokenizer_path))
 
 
 def encode_chunk(task):
-    """One task -> per split ("train", "val") the uint16 ids of its kept documents (each one's
-    ids + eos) and their lengths; per kept document in input order its held-out flag and (with
-    --dedup) hash; and the bad records as (line, message), lines counted from the task's first
-    line."""
-    kind, path, fmt, payload = task
-    w = _worker
-    if kind == "range":  # a byte range of lines, read here rather than sent by the main process
-        start, end = payload
-        with open(path, "rb") as f:
-            f.seek(start)
-            block = f.read(end - start)
-        items = [(i, line) for i, line in enumerate(block.split(b"\n"), 1) if line and not line.isspace()]
-    else:
-        items = payload
+    """One Task -> its EncodedChunk; runs in a worker process."""
+    settings = _worker["settings"]
+    items, n_lines = read_task(task)
     bad = []
-    texts, lines, hashes, val = [], [], [], []
+    texts, lines, held_out, hashes = parse_documents(task.fmt, items, settings, bad)
+    encoded = _worker["tokenizer"].encode_batch_numpy(texts, num_threads=1, eos=True)  # the pool is the parallelism
+    lengths = np.fromiter(map(len, encoded), dtype=np.int64, count=len(encoded))
+    keep = lengths > settings.min_tokens
+    in_train, in_val = keep & ~held_out, keep & held_out
+    train_ids, val_ids = concat_ids(encoded, in_train), concat_ids(encoded, in_val)
+    out_of_vocab = None
+    if max(train_ids.max(initial=0), val_ids.max(initial=0)) >= settings.vocab_size:  # before uint16 cuts them
+        out_of_vocab = first_out_of_vocab(encoded, keep, lines, settings.vocab_size)
+    return EncodedChunk(path=task.path, relative_lines=task.byte_range is not None, n_lines=n_lines,
+                        held_out=held_out[keep], hashes=hashes[keep] if settings.dedup else None,
+                        n_read=len(texts) + len(bad), n_short=int((~keep).sum()), bad=bad, out_of_vocab=out_of_vocab,
+                        train=(train_ids.astype("<u2"), lengths[in_train]), val=(val_ids.astype("<u2"), lengths[in_val]))
+
+
+def read_task(task):
+    """The task's raw items, and the number of lines its byte range spans (0 for items)."""
+    if task.byte_range is None:
+        return task.items, 0
+    start, end = task.byte_range
+    with open(task.path, "rb") as f:
+        f.seek(start)
+        block = f.read(end - start)
+    items = [(i, line) for i, line in enumerate(block.split(b"\n"), 1) if line and not line.isspace()]
+    return items, block.count(b"\n")
+
+
+def parse_documents(fmt, items, settings, bad):
+    """Raw items -> per document, in input order: its text, line, held-out flag and (with
+    --dedup) hash. Bad records are appended to `bad` as (line_no, message)."""
+    texts, lines, held_out, hashes = [], [], [], []
     for line_no, record in parse_items(fmt, items, lambda line_no, message: bad.append((line_no, message))):
         try:
-            text, text_bytes = document_text(record, w["text_field"], w["template"])
+            text, text_bytes = document_text(record, settings.text_field, settings.template)
         except DataError as e:
             bad.append((line_no, str(e)))
             continue
         texts.append(text)
         lines.append(line_no)
-        val.append(is_val(text_bytes, w["val_fraction"]))
-        if w["dedup"]:
+        held_out.append(is_val(text_bytes, settings.val_fraction))
+        if settings.dedup:
             hashes.append(doc_hash(text_bytes))
-    encoded = w["tokenizer"].encode_batch_numpy(texts, num_threads=1, eos=True)  # the pool is the parallelism
-    lengths = np.fromiter(map(len, encoded), dtype=np.int64, count=len(encoded))
-    keep = lengths > w["min_tokens"]
-    val = np.asarray(val, dtype=bool)
-    result = dict(path=path, relative_lines=kind == "range", n_lines=block.count(b"\n") if kind == "range" else 0,
-                  held_out=val[keep], hashes=np.asarray(hashes, dtype=np.uint64)[keep] if w["dedup"] else None,
-                  n_read=len(texts) + len(bad), n_short=int((~keep).sum()), bad=bad, out_of_vocab=None)
-    for split, mask in (("train", keep & ~val), ("val", keep & val)):
-        ids = np.concatenate(list(compress(encoded, mask)) or [np.empty(0, dtype=np.int32)])
-        if len(ids) and ids.max() >= w["vocab_size"] and result["out_of_vocab"] is None:
-            result["out_of_vocab"] = first_out_of_vocab(encoded, keep, lines, w["vocab_size"])
-        result[split] = (ids.astype("<u2"), lengths[mask])
-    return result
+    return texts, lines, np.asarray(held_out, dtype=bool), np.asarray(hashes, dtype=np.uint64)
+
+
+def concat_ids(encoded, mask):
+    """The id arrays of the documents in `mask`, one after another."""
+    return np.concatenate(list(compress(encoded, mask)) or [np.empty(0, dtype=np.int32)])
 
 
 def first_out_of_vocab(encoded, keep, lines, vocab_size):
@@ -451,138 +327,124 @@ def first_out_of_vocab(encoded, keep, lines, vocab_size):
     return None
 
 
-def iter_tasks(files, chunk_bytes):
-    """Work for the pool. Uncompressed line files become byte ranges that the workers read;
-    other formats are read here and sent as records. The cut points depend on the input
-    only, never on the worker count."""
-    for path in files:
-        fmt = input_format(path)
-        if fmt in ("jsonl", "text") and not path.name.endswith(".gz"):
-            size = path.stat().st_size
-            with open(path, "rb") as f:
-                start = 0
-                while start < size:
-                    f.seek(min(start + chunk_bytes, size))
-                    f.readline()  # on to the start of the next line
-                    yield "range", path, fmt, (start, f.tell())
-                    start = f.tell()
-            continue
-        items, size = [], 0
-        for line_no, item in iter_raw(path, fmt):
-            items.append((line_no, item))
-            size += len(item) if isinstance(item, bytes) else sum(len(v) for v in item.values() if isinstance(v, str))
-            if size >= chunk_bytes:
-                yield "items", path, fmt, items
-                items, size = [], 0
-        if items:
-            yield "items", path, fmt, items
+# in the main process
 
-
-def start_pool_worker(parent_pid, initializer, initargs):
-    """A worker exits when the main process is gone (killed), instead of waiting for work forever."""
-    def watch_parent():
-        while os.getppid() == parent_pid:
-            time.sleep(1)
-        os._exit(1)
-    threading.Thread(target=watch_parent, daemon=True).start()
-    initializer(*initargs)
-
-
-def map_ordered(fn, tasks, workers, initializer, initargs):
-    """fn over tasks on `workers` processes, results in task order. Up to 8 tasks per worker are
-    in flight: enough that a worker rarely idles behind a slow task at the head of the queue,
-    few enough that memory stays bounded however long `tasks` is."""
-    if workers <= 1:
-        initializer(*initargs)
-        yield from map(fn, tasks)
+def cmd_pretrain(args):
+    """Text corpora -> NAME.bin + NAME.json, and a held-out share -> NAME_val.bin + NAME_val.json;
+    NAME.json, which marks a finished run, is removed first and written last."""
+    paths = pretrain_paths(args.out)
+    if already_done(paths["train"][1], args.force, "pretrain"):
         return
-    # (concurrent.futures rather than multiprocessing.Pool, whose manager thread spins on results)
-    with ProcessPoolExecutor(workers, initializer=start_pool_worker, initargs=(os.getpid(), initializer, initargs)) as pool:
-        pending = deque()
-        for task in tasks:
-            pending.append(pool.submit(fn, task))
-            if len(pending) >= 8 * workers:
-                yield pending.popleft().result()
-        while pending:
-            yield pending.popleft().result()
+    tokenizer = load_tokenizer(args.tokenizer)
+    files = resolve_inputs(args, "pretrain")
+    clear_outputs([paths["train"][1], paths["val"][1], paths["train"][0], paths["val"][0]], files)
+    settings = encode_settings(args, tokenizer)
+    bins = {"train": AtomicFile(paths["train"][0], "wb")}
+    if args.val_fraction > 0:
+        bins["val"] = AtomicFile(paths["val"][0], "wb")
+    t0 = time.time()
+    try:
+        counts, stats, bad = write_bins(files, settings, bins, args)
+        for f in bins.values():  # every .bin complete before a meta names it
+            f.commit()
+        seconds = time.time() - t0
+        summary = dict(documents_read=stats["read"], dropped_short=stats["short"], dropped_duplicate=stats["duplicate"],
+                       skipped_bad=bad.count, seconds=round(seconds, 2), workers=args.workers)
+        write_metas(paths, counts, files, settings, tokenizer, summary)
+    except BaseException:
+        discard_unfinished(bins.values())
+        raise
+    print_pretrain_summary(paths, counts, stats, bad, args, seconds)
 
 
 def pretrain_paths(out):
+    """{split: (.bin path, .json path)} for --out NAME (or NAME.bin)."""
     out = out[:-4] if out.endswith(".bin") else out
     return {split: (Path(f"{out}{suffix}.bin"), Path(f"{out}{suffix}.json")) for split, suffix in (("train", ""), ("val", "_val"))}
 
 
-def cmd_pretrain(args):
-    paths = pretrain_paths(args.out)
-    bin_path, meta_path = paths["train"]
-    if already_done(meta_path, args.force, "pretrain"):
-        return
-    tokenizer = load_tokenizer(args.tokenizer)
-    files = resolve_inputs(args, "pretrain")
-    clear_outputs([meta_path, paths["val"][1], bin_path, paths["val"][0]], files)
+def encode_settings(args, tokenizer):
+    """The workers' settings: a preset's text field is the default field, and the template's
+    escapes \\n and \\t become a newline and a tab."""
     text_field = args.text_field or next((PRESETS["pretrain"][p].get("text_field") for p in args.preset or []), None)
     template = args.template.replace("\\n", "\n").replace("\\t", "\t") if args.template else None
-    settings = dict(tokenizer_path=str(tokenizer.path), vocab_size=tokenizer.vocab_size,
-                    min_tokens=args.min_tokens, text_field=text_field, template=template, skip_bad=args.skip_bad,
-                    val_fraction=args.val_fraction, dedup=args.dedup)
-    stats = Counter()
-    bad = BadCounter(args.skip_bad)
-    seen = set() if args.dedup else None
-    splits = {"train": AtomicFile(bin_path, "wb")}
-    if args.val_fraction > 0:
-        splits["val"] = AtomicFile(paths["val"][0], "wb")
-    counts = {s: Counter() for s in splits}
+    return EncodeSettings(tokenizer_path=str(tokenizer.path), vocab_size=tokenizer.vocab_size,
+                          min_tokens=args.min_tokens, text_field=text_field, template=template,
+                          val_fraction=args.val_fraction, dedup=args.dedup)
+
+
+def write_bins(files, settings, bins, args):
+    """Encode the files on args.workers processes and append the documents of every chunk to
+    their split's .bin in input order, without repeats (--dedup). Returns (counts per split,
+    stats, the BadCounter): it stops the run at a bad record, or counts them (--skip-bad)."""
+    counts, stats, bad = {split: Counter() for split in bins}, Counter(), BadCounter(args.skip_bad)
+    seen = set() if settings.dedup else None  # hashes of the documents so far
+    pbar = tqdm(unit="doc", unit_scale=True, desc=f"pretrain {bins['train'].path.name}", smoothing=0.1)
     t0 = time.time()
-    try:
-        pbar = tqdm(unit="doc", unit_scale=True, desc=f"pretrain {bin_path.name}", smoothing=0.1)
-        results = map_ordered(encode_chunk, iter_tasks(files, args.chunk_bytes), args.workers, init_worker, (settings,))
-        path, first_line = None, 0
-        for r in results:
-            if r["path"] != path:
-                path, first_line = r["path"], 0
-            offset = first_line if r["relative_lines"] else 0  # lines of earlier ranges of the file
-            first_line += r["n_lines"]
-            if r["out_of_vocab"]:
-                raise DataError(f"{path}:{r['out_of_vocab'][0] + offset}: {r['out_of_vocab'][1]}")
-            for line_no, message in r["bad"]:
-                bad(path, line_no + offset, message)
-            stats.update(read=r["n_read"], short=r["n_short"])
-            keep = np.ones(len(r["held_out"]), dtype=bool)  # kept documents in input order, train and val
-            if seen is not None:
-                for i, h in enumerate(r["hashes"].tolist()):
-                    keep[i] = h not in seen
-                    seen.add(h)
-                stats["duplicate"] += int((~keep).sum())
-            for split, in_split in (("train", ~r["held_out"]), ("val", r["held_out"])):
-                ids, lengths = r[split]
-                split_keep = keep[in_split]
-                if not split_keep.all():  # duplicates: drop their ids
-                    ids, lengths = ids[np.repeat(split_keep, lengths)], lengths[split_keep]
-                if len(lengths):
-                    splits[split].f.write(ids.tobytes())
-                    counts[split].update(docs=len(lengths), tokens=int(lengths.sum()))
-            tokens = counts["train"]["tokens"] + counts.get("val", {}).get("tokens", 0)
-            pbar.update(r["n_read"])
-            pbar.set_postfix_str(f"{tokens / max(time.time() - t0, 1e-9) / 1e3:,.0f}k tok/s", refresh=False)
-        pbar.close()
-        for split in splits:  # data first, metas after, the train meta last: it marks completion
-            splits[split].commit()
-        seconds = time.time() - t0
-        summary = dict(documents_read=stats["read"], dropped_short=stats["short"], dropped_duplicate=stats["duplicate"],
-                       skipped_bad=bad.count, seconds=round(seconds, 2), workers=args.workers)
-        for split in sorted(splits, key=lambda s: s == "train"):
-            meta = dict(tokenizer=tokenizer.identity(), vocab_size=tokenizer.vocab_size, eos_id=tokenizer.eos_id,
-                        dtype="uint16", n_tokens=counts[split]["tokens"], n_documents=counts[split]["docs"],
-                        split=split, sources=[str(p) for p in files], val_fraction=args.val_fraction,
-                        min_tokens=args.min_tokens, dedup=args.dedup, text_field=text_field, template=template,
-                        summary=summary)
-            write_json_atomic(paths[split][1], meta)
-    except BaseException:
-        for f in splits.values():
-            if not f.f.closed:
-                f.discard()
-        raise
-    print_pretrain_summary(paths, counts, stats, bad, args, seconds)
+    chunks = map_ordered(encode_chunk, iter_tasks(files, args.chunk_bytes), args.workers, init_worker, (settings,))
+    for chunk, line_offset in with_line_offsets(chunks):
+        report_problems(chunk, line_offset, bad)
+        new = first_seen(chunk, seen)
+        stats.update(read=chunk.n_read, short=chunk.n_short, duplicate=int((~new).sum()))
+        append_chunk(chunk, new, bins, counts)
+        tokens = sum(c["tokens"] for c in counts.values())
+        pbar.update(chunk.n_read)
+        pbar.set_postfix_str(f"{tokens / max(time.time() - t0, 1e-9) / 1e3:,.0f}k tok/s", refresh=False)
+    pbar.close()
+    return counts, stats, bad
+
+
+def with_line_offsets(chunks):
+    """(chunk, offset) per chunk: the chunk's line numbers + offset are its file's. A byte
+    range counts lines from its own start, so its offset is the lines of the earlier ranges."""
+    path, first_line = None, 0
+    for chunk in chunks:
+        if chunk.path != path:
+            path, first_line = chunk.path, 0
+        yield chunk, first_line if chunk.relative_lines else 0
+        first_line += chunk.n_lines
+
+
+def report_problems(chunk, line_offset, bad):
+    """Stop at an id outside the vocabulary; hand the bad records to `bad`, with file and line."""
+    if chunk.out_of_vocab:
+        line_no, message = chunk.out_of_vocab
+        raise DataError(f"{chunk.path}:{line_no + line_offset}: {message}")
+    for line_no, message in chunk.bad:
+        bad(chunk.path, line_no + line_offset, message)
+
+
+def first_seen(chunk, seen):
+    """Per kept document of the chunk, in input order: False if an earlier one had its hash.
+    `seen` collects the hashes; None (no --dedup) lets every document through."""
+    new = np.ones(len(chunk.held_out), dtype=bool)
+    if seen is not None:
+        for i, h in enumerate(chunk.hashes.tolist()):
+            new[i] = h not in seen
+            seen.add(h)
+    return new
+
+
+def append_chunk(chunk, new, bins, counts):
+    """Append the chunk's documents marked in `new` to their split's .bin, and count them."""
+    for split, (ids, lengths), in_split in (("train", chunk.train, ~chunk.held_out), ("val", chunk.val, chunk.held_out)):
+        new_in_split = new[in_split]
+        if not new_in_split.all():  # repeats: drop their ids
+            ids, lengths = ids[np.repeat(new_in_split, lengths)], lengths[new_in_split]
+        if len(lengths):
+            bins[split].f.write(ids.tobytes())
+            counts[split].update(docs=len(lengths), tokens=int(lengths.sum()))
+
+
+def write_metas(paths, counts, files, settings, tokenizer, summary):
+    """A .json per split that describes its .bin; the train meta last: it marks completion."""
+    for split in sorted(counts, key=lambda s: s == "train"):
+        meta = dict(tokenizer=tokenizer.identity(), vocab_size=tokenizer.vocab_size, eos_id=tokenizer.eos_id,
+                    dtype="uint16", n_tokens=counts[split]["tokens"], n_documents=counts[split]["docs"],
+                    split=split, sources=[str(p) for p in files], val_fraction=settings.val_fraction,
+                    min_tokens=settings.min_tokens, dedup=settings.dedup, text_field=settings.text_field,
+                    template=settings.template, summary=summary)
+        write_json_atomic(paths[split][1], meta)
 
 
 def print_pretrain_summary(paths, counts, stats, bad, args, seconds):
@@ -600,11 +462,6 @@ def print_pretrain_summary(paths, counts, stats, bad, args, seconds):
 # -----------------------------------------------------------------------------
 # sft / eval: records -> (prompt, answer) examples -> filters -> normalized JSONL
 
-def context_prompt(turns, question):
-    """The contract's multi-turn prompt: earlier (q, a) turns as context, then the question."""
-    return "".join(f"问：{q}\n答：{a}\n" for q, a in turns) + question
-
-
 def alpaca_question(instruction, input_text):
     return instruction if not input_text.strip() else instruction + "\n" + input_text
 
@@ -613,7 +470,8 @@ USER_ROLES, ASSISTANT_ROLES = {"human", "user"}, {"gpt", "assistant", "bot", "ch
 
 
 def conversation_examples(messages):
-    """ShareGPT {from,value} or chat {role,content} turns -> one example per assistant turn."""
+    """ShareGPT {from,value} or chat {role,content} turns -> one example per assistant turn, its
+    prompt made by prompt.context_prompt from the turns before it and the last system text."""
     if not isinstance(messages, list):
         raise DataError("'conversations' must be a list of turns")
     system, turns, question = "", [], None
@@ -624,11 +482,11 @@ def conversation_examples(messages):
         role = str(m.get("from", m.get("role", ""))).lower()
         text = string_field(m, "value" if "value" in m else "content").strip()
         if role == "system":
-            system = text + "\n"
+            system = text
         elif role in USER_ROLES and question is None:
             question = text
         elif role in ASSISTANT_ROLES and question is not None:
-            examples.append((system + context_prompt(turns, question), text))
+            examples.append((context_prompt(turns, question, system), text))
             turns.append((question, text))
             question = None
         else:
@@ -748,9 +606,7 @@ def cmd_examples(args, kind):
         for split in sorted(outputs, key=lambda s: s == "train"):  # the main file last: it marks completion
             outputs[split].commit()
     except BaseException:
-        for f in outputs.values():
-            if not f.f.closed:
-                f.discard()
+        discard_unfinished(outputs.values())
         raise
     print(f"{kind}: read {stats['read']:,} examples from {len(files)} files; wrote {stats['train']:,} to {out}"
           + (f" and {stats['val']:,} to {val_out}" if val_fraction > 0 else ""))
@@ -762,7 +618,6 @@ def cmd_examples(args, kind):
     print(f"  dropped: {dropped or 'none'}" + (f"; {bad.count:,} bad records skipped" if args.skip_bad else ""))
     for message in bad.examples:
         print(f"    e.g. {message}")
-    return stats
 
 
 # -----------------------------------------------------------------------------
@@ -804,16 +659,15 @@ def cmd_tokenizer(args):
 # -----------------------------------------------------------------------------
 # command line
 
-def add_input_flags(p, kind, skip_bad=True):
+def add_input_flags(p, kind):
     p.add_argument("--input", nargs="+", default=[], metavar="PATH_OR_GLOB",
                    help="input files, directories or globs (JSONL, JSON array, CSV/TSV, Parquet, text; optionally .gz)")
     p.add_argument("--preset", nargs="+", choices=sorted(PRESETS[kind]), default=[],
                    help="download public corpora from the Hugging Face Hub into --raw-dir and use them as input")
     p.add_argument("--raw-dir", default=RAW_DIR, help="where presets download to")
     p.add_argument("--force", action="store_true", help="redo outputs that a previous run finished")
-    if skip_bad:
-        p.add_argument("--skip-bad", action="store_true",
-                       help="skip malformed records (bad JSON, missing field, non-UTF-8), count and report them, instead of stopping")
+    p.add_argument("--skip-bad", action="store_true",
+                   help="skip malformed records (bad JSON, missing field, non-UTF-8), count and report them, instead of stopping")
 
 
 def add_text_flags(p):
@@ -881,7 +735,7 @@ def main(argv=None):
     commands = {"pretrain": cmd_pretrain, "sft": lambda a: cmd_examples(a, "sft"),
                 "eval": lambda a: cmd_examples(a, "eval"), "tokenizer": cmd_tokenizer}
     try:
-        return commands[args.command](args)
+        commands[args.command](args)
     except (DataError, TokenizerNotFound) as e:
         raise SystemExit(f"error: {e}") from None
 

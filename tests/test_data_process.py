@@ -10,9 +10,11 @@ import pandas as pd
 import pytest
 from conftest import ROOT, make_chinese_texts
 
+import corpus
 import data_process
 from chatglm_tokenizer import Tokenizer
 from dataset import PretrainDataset
+from prompt import context_prompt
 
 
 def write_jsonl(path, records):
@@ -72,12 +74,23 @@ def test_json_arrays_stream_in_small_blocks_with_line_numbers(tmp_path):
     records = [{"text": t, "n": i} for i, t in enumerate(make_chinese_texts(30, seed=13))]
     (tmp_path / "a.json").write_text(json.dumps(records, ensure_ascii=False, indent=2), encoding="utf-8")
     with open(tmp_path / "a.json", encoding="utf-8") as f:
-        streamed = list(data_process.iter_json_array(f, tmp_path / "a.json", block=16))
+        streamed = list(corpus.iter_json_array(f, tmp_path / "a.json", block=16))
     assert [r for _, r in streamed] == records
     assert [line for line, _ in streamed[:2]] == [2, 6]  # where each element starts
     (tmp_path / "b.json").write_text('[\n {"q": "一", "a": "二"},\n {"q": "二" "三"}\n]', encoding="utf-8")
     with pytest.raises(SystemExit, match="b.json:3: malformed JSON"):
         run("sft", "--input", tmp_path / "b.json", "--out", tmp_path / "o.jsonl")
+
+
+def test_formats_by_name_and_content(tmp_path):
+    (tmp_path / "lines.json").write_text('{"text": "一"}\n{"text": "二"}\n', encoding="utf-8")
+    (tmp_path / "array.json").write_text('\n [{"text": "一"}]', encoding="utf-8")
+    assert corpus.format_suffix(tmp_path / "a.JSONL.gz") == ".jsonl"
+    assert [corpus.input_format(tmp_path / n) for n in ("lines.json", "array.json")] == ["jsonl", "json"]
+    assert corpus.known_format(tmp_path / "b.tsv.gz") and not corpus.known_format(tmp_path / "c.gz")
+    assert corpus.parse_item("text", "一行\r\n".encode()) == {"text": "一行"}
+    with pytest.raises(corpus.DataError, match="expected a JSON object, got list"):
+        corpus.parse_item("jsonl", b"[1]")
 
 
 def test_output_is_identical_for_any_worker_count(tmp_path, tiny_tokenizer_path):
@@ -212,6 +225,17 @@ def test_sft_alpaca_csv_and_conversations_normalize_to_prompt_answer(tmp_path):
         {"prompt": "你是医生\n我头痛", "answer": "多久了？"},
         {"prompt": "你是医生\n问：我头痛\n答：多久了？\n两天", "answer": "请就医。"},
         {"prompt": "你好", "answer": "你好！"}]
+
+
+def test_conversation_prompts_are_prompt_context_prompt():
+    turns = [{"role": "system", "content": "你是医生"}, {"role": "user", "content": "我头痛"},
+             {"role": "assistant", "content": "多久了？"}, {"role": "user", "content": "两天"},
+             {"role": "assistant", "content": "请就医。"}]
+    assert data_process.conversation_examples(turns) == [
+        (context_prompt([], "我头痛", "你是医生"), "多久了？"),
+        (context_prompt([("我头痛", "多久了？")], "两天", "你是医生"), "请就医。")]
+    blank_system = [{"from": "system", "value": " "}, {"from": "human", "value": "你好"}, {"from": "gpt", "value": "好"}]
+    assert data_process.conversation_examples(blank_system) == [("你好", "好")]  # adds no empty line
 
 
 def test_sft_exclude_questions_dedup_and_val_split(tmp_path):
