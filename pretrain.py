@@ -62,8 +62,8 @@ def main(argv=None):
     if not val_files:
         raise FileNotFoundError(f"--data {cfg.data}: no NAME_val.bin beside the training files to validate on")
     identity = tokenizer.identity()
-    train_set = PretrainDataset(train_files, args.max_seq_len, identity, shuffle=False)
-    val_set = PretrainDataset(val_files, args.max_seq_len, identity, shuffle=False)
+    train_set = PretrainDataset(train_files, args.max_seq_len, identity)
+    val_set = PretrainDataset(val_files, args.max_seq_len, identity)
     env.print(f"data: {len(train_files)} training file(s), {train_set.n_tokens:,} tokens, {len(train_set):,} windows; "
               f"validation {val_set.n_tokens:,} tokens")
     train_batches = trainer.Batches(train_set, cfg.batch_size, cfg.seed, env)
