@@ -73,11 +73,11 @@ def resolve_checkpoint(path, prefer="best"):
     raise FileNotFoundError(f"no checkpoint (best.pt or step_*.pt) in {path}")
 
 
-def load_checkpoint(path, prefer="best", map_location="cpu"):
-    """Load a checkpoint dict safely; refuse files that are corrupt or not ours."""
+def load_checkpoint(path, prefer="best"):
+    """Load a checkpoint dict safely, onto the CPU; refuse files that are corrupt or not ours."""
     path = resolve_checkpoint(path, prefer)
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise ValueError(f"checkpoint {path} is corrupt or not a safe checkpoint: {type(e).__name__}: {e}") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:

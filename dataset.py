@@ -9,13 +9,10 @@ import torch
 from torch.utils.data import Dataset
 
 
-def meta_path(bin_path):
-    return Path(bin_path).with_suffix(".json")
-
-
 def read_meta(bin_path):
     """The .json beside a .bin, checked against the file itself."""
-    bin_path, path = Path(bin_path), meta_path(bin_path)
+    bin_path = Path(bin_path)
+    path = bin_path.with_suffix(".json")
     if not path.is_file():
         raise ValueError(f"{bin_path}: no meta file {path} (an unfinished data_process.py run leaves none)")
     meta = json.loads(path.read_text(encoding="utf-8"))
@@ -46,7 +43,7 @@ def find_bin_files(patterns):
 
 
 class PretrainDataset(Dataset):
-    """PretrainDataset(files, max_seq_len, tokenizer_identity=None, seed=0, shuffle=True)
+    """PretrainDataset(files, max_seq_len, tokenizer_identity=None)
 
     files               one .bin path or a list of them (each with its .json meta beside it)
     max_seq_len         each item is a window of max_seq_len + 1 tokens -> (x, y), both int64
@@ -55,19 +52,16 @@ class PretrainDataset(Dataset):
     tokenizer_identity  Tokenizer.identity() of the model's tokenizer (or a checkpoint's
                         "tokenizer" entry); a .bin made with another tokenizer (by sha256) is
                         refused with ValueError. None skips the check.
-    seed, shuffle       item i is window perm[i] of a permutation fixed by (seed, epoch);
-                        set_epoch(e) reshuffles. With shuffle=False items are in file order.
 
-    A plain map-style dataset (__len__/__getitem__), so DistributedSampler splits it across
-    ranks; as it shuffles itself, use DistributedSampler(dataset, shuffle=False), and resume
-    by skipping the items already seen. Files are opened lazily in each DataLoader worker.
+    A plain map-style dataset (__len__/__getitem__) with items in file order: the sampler
+    (trainer.Batches) decides the order. Files are opened lazily in each DataLoader worker.
     """
 
-    def __init__(self, files, max_seq_len, tokenizer_identity=None, seed=0, shuffle=True):
+    def __init__(self, files, max_seq_len, tokenizer_identity=None):
         self.files = [Path(files)] if isinstance(files, (str, Path)) else [Path(f) for f in files]
         if not self.files:
             raise ValueError("PretrainDataset: no .bin files")
-        self.max_seq_len, self.seed, self.shuffle = max_seq_len, seed, shuffle
+        self.max_seq_len = max_seq_len
         self.metas = [read_meta(f) for f in self.files]
         for f, meta in zip(self.files, self.metas):
             if tokenizer_identity is not None and meta.get("tokenizer", {}).get("sha256") != tokenizer_identity.get("sha256"):
@@ -82,13 +76,6 @@ class PretrainDataset(Dataset):
         if self.ends[-1] == 0:
             raise ValueError(f"{[str(f) for f in self.files]}: fewer than max_seq_len + 1 = {max_seq_len + 1} tokens")
         self._memmaps = None
-        self.set_epoch(0)
-
-    def set_epoch(self, epoch):
-        n = int(self.ends[-1])
-        dtype = np.uint32 if n < 2**32 else np.int64  # 4 bytes per window
-        self.order = (np.random.default_rng([self.seed, epoch]).permutation(n).astype(dtype)
-                      if self.shuffle else None)
 
     def __len__(self):
         return int(self.ends[-1])
@@ -96,9 +83,8 @@ class PretrainDataset(Dataset):
     def __getitem__(self, i):
         if not 0 <= i < len(self):
             raise IndexError(i)
-        window = int(self.order[i]) if self.order is not None else i
-        k = int(np.searchsorted(self.ends, window, side="right"))
-        start = (window - (int(self.ends[k - 1]) if k else 0)) * self.max_seq_len
+        k = int(np.searchsorted(self.ends, i, side="right"))
+        start = (i - (int(self.ends[k - 1]) if k else 0)) * self.max_seq_len
         if self._memmaps is None:
             self._memmaps = [np.memmap(f, dtype="<u2", mode="r") for f in self.files]
         chunk = torch.from_numpy(self._memmaps[k][start:start + self.max_seq_len + 1].astype(np.int64))

@@ -106,11 +106,11 @@ class SFTDataset(Dataset):
         return torch.tensor(x, dtype=torch.long), torch.tensor(y, dtype=torch.long)
 
 
-def collate_sft(batch, pad_id, pad_to=None):
-    """Right-pad (x, y) pairs to the batch's longest example (or to pad_to): x with pad_id,
-    y with IGNORE_INDEX, so padding is never a target. Causal attention means right padding
-    cannot change what the real positions see."""
-    length = pad_to or max(len(x) for x, _ in batch)
+def collate_sft(batch, pad_id):
+    """Right-pad (x, y) pairs to the batch's longest example: x with pad_id, y with
+    IGNORE_INDEX, so padding is never a target. Causal attention means right padding cannot
+    change what the real positions see."""
+    length = max(len(x) for x, _ in batch)
     xs = torch.full((len(batch), length), pad_id, dtype=torch.long)
     ys = torch.full((len(batch), length), IGNORE_INDEX, dtype=torch.long)
     for row, (x, y) in enumerate(batch):

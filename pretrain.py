@@ -8,20 +8,44 @@ Validation uses the NAME_val.bin beside each training NAME.bin. The training mac
 (precision, DDP, schedule, checkpoints, metrics) lives in trainer.py.
 """
 import argparse
+from dataclasses import fields
 
 import trainer
 from chatglm_tokenizer import load_tokenizer
 from dataset import PretrainDataset, find_bin_files
 from model import ModelArgs, Transformer
 
-# The seed's model (58.5M parameters, 512 tokens of context) with cosine decay, trained by
-# Muon on the hidden matrices and AdamW on embeddings, norms and head: the same loss with
-# about 0.56x the tokens of the seed's AdamW (bench/bench_recipe.py). --optimizer adamw is
-# the seed recipe exactly.
-MODEL_DEFAULTS = dict(dim=512, n_layers=8, n_heads=8, n_kv_heads=0, max_seq_len=512, multiple_of=32, dropout=0.0)
-TRAIN_DEFAULTS = dict(optimizer="muon", batch_size=8, grad_accum=4, lr=3e-4, min_lr=3e-5, warmup_steps=1000, weight_decay=0.1,
-                      max_steps=0, max_tokens=0, epochs=1.0, eval_every=1000, eval_batches=50, save_every=1000,
-                      keep_last=3, log_every=10, out_dir="out/pretrain")
+# Upstream's model (ModelArgs' defaults) with cosine decay, trained by Muon on the hidden
+# matrices and AdamW on embeddings, norms and head; --optimizer adamw is upstream's recipe.
+# Only what differs from trainer.TRAIN_DEFAULTS:
+TRAIN_DEFAULTS = dict(optimizer="muon", grad_accum=4, epochs=1.0, out_dir="out/pretrain")
+
+# The ModelArgs fields that are flags, with their help. A field's flag is its name with dashes
+# (n_kv_heads: --n-kv-heads), with the field's default and the default's type; a bool field,
+# off by default, is a switch. vocab_size is the tokenizer's.
+MODEL_FLAGS = {
+    "dim": "model width",
+    "n_layers": "transformer blocks",
+    "n_heads": "attention heads",
+    "n_kv_heads": "key/value heads for grouped-query attention (default, or 0: as many as --n-heads)",
+    "max_seq_len": "context length of a training window",
+    "multiple_of": "SwiGLU hidden size rounding",
+    "dropout": "dropout probability",
+    "qk_norm": "RMS-normalize queries and keys per head",
+}
+
+
+def add_model_args(parser):
+    m = parser.add_argument_group("model (ignored on --resume: the checkpoint's config is used)")
+    defaults = {field.name: field.default for field in fields(ModelArgs)}
+    for name, text in MODEL_FLAGS.items():
+        flag, default = "--" + name.replace("_", "-"), defaults[name]
+        if isinstance(default, bool):
+            m.add_argument(flag, action="store_true", help=text)
+        else:  # a None default (n_kv_heads) stands for an int
+            m.add_argument(flag, type=int if default is None else type(default), default=default, help=text)
+    # tie_embeddings is on by default, so its flag turns it off
+    m.add_argument("--untie-head", action="store_true", help="give the output head its own weights instead of the embedding's")
 
 
 def parse_args(argv=None):
@@ -29,25 +53,15 @@ def parse_args(argv=None):
     parser.add_argument("--data", nargs="+", default=["data/pretrain/*.bin"],
                         help="training .bin files, globs or directories (NAME_val.bin files are held out)")
     parser.add_argument("--tokenizer", default=None, help="tokenizer.model the .bin files were made with (default: ChatGLM2)")
-    m = parser.add_argument_group("model (ignored on --resume: the checkpoint's config is used)")
-    m.add_argument("--dim", type=int, default=MODEL_DEFAULTS["dim"], help="model width")
-    m.add_argument("--n-layers", type=int, default=MODEL_DEFAULTS["n_layers"], help="transformer blocks")
-    m.add_argument("--n-heads", type=int, default=MODEL_DEFAULTS["n_heads"], help="attention heads")
-    m.add_argument("--n-kv-heads", type=int, default=MODEL_DEFAULTS["n_kv_heads"],
-                   help="key/value heads for grouped-query attention (0: as many as --n-heads)")
-    m.add_argument("--max-seq-len", type=int, default=MODEL_DEFAULTS["max_seq_len"], help="context length of a training window")
-    m.add_argument("--multiple-of", type=int, default=MODEL_DEFAULTS["multiple_of"], help="SwiGLU hidden size rounding")
-    m.add_argument("--dropout", type=float, default=MODEL_DEFAULTS["dropout"], help="dropout probability")
-    m.add_argument("--qk-norm", action="store_true", help="RMS-normalize queries and keys per head")
-    m.add_argument("--untie-head", action="store_true", help="give the output head its own weights instead of the embedding's")
+    add_model_args(parser)
     trainer.add_train_args(parser, TRAIN_DEFAULTS)
     return parser.parse_args(argv)
 
 
 def model_args_from_flags(cfg, vocab_size):
-    return ModelArgs(dim=cfg.dim, n_layers=cfg.n_layers, n_heads=cfg.n_heads, n_kv_heads=cfg.n_kv_heads or None,
-                     vocab_size=vocab_size, multiple_of=cfg.multiple_of, max_seq_len=cfg.max_seq_len,
-                     dropout=cfg.dropout, qk_norm=cfg.qk_norm, tie_embeddings=not cfg.untie_head)
+    args = {name: getattr(cfg, name) for name in MODEL_FLAGS}
+    args["n_kv_heads"] = args["n_kv_heads"] or None  # 0 means None too: as many as n_heads
+    return ModelArgs(**args, vocab_size=vocab_size, tie_embeddings=not cfg.untie_head)
 
 
 def main(argv=None):
@@ -62,8 +76,8 @@ def main(argv=None):
     if not val_files:
         raise FileNotFoundError(f"--data {cfg.data}: no NAME_val.bin beside the training files to validate on")
     identity = tokenizer.identity()
-    train_set = PretrainDataset(train_files, args.max_seq_len, identity, shuffle=False)
-    val_set = PretrainDataset(val_files, args.max_seq_len, identity, shuffle=False)
+    train_set = PretrainDataset(train_files, args.max_seq_len, identity)
+    val_set = PretrainDataset(val_files, args.max_seq_len, identity)
     env.print(f"data: {len(train_files)} training file(s), {train_set.n_tokens:,} tokens, {len(train_set):,} windows; "
               f"validation {val_set.n_tokens:,} tokens")
     train_batches = trainer.Batches(train_set, cfg.batch_size, cfg.seed, env)

@@ -18,11 +18,10 @@ from checkpoint import load_checkpoint, model_from_checkpoint, tokenizer_for_che
 from dataset_sft import SFTDataset, collate_sft, length_grouped_batches
 from model import ModelArgs, Transformer
 
-# Fine-tuning, not learning from scratch: a tenth of pretraining's learning rate, a few
-# passes over a small set, no weight decay, batches of similar lengths.
-TRAIN_DEFAULTS = dict(batch_size=32, grad_accum=1, lr=5e-5, min_lr=5e-6, warmup_steps=100, weight_decay=0.0,
-                      max_steps=0, max_tokens=0, epochs=3.0, eval_every=500, eval_batches=50, save_every=500,
-                      keep_last=2, log_every=10, out_dir="out/sft")
+# Fine-tuning, not learning from scratch: a smaller learning rate than pretraining's, a few
+# passes over a small set, no weight decay. Only what differs from trainer.TRAIN_DEFAULTS:
+TRAIN_DEFAULTS = dict(batch_size=32, lr=5e-5, min_lr=5e-6, warmup_steps=100, weight_decay=0.0, epochs=3.0,
+                      eval_every=500, save_every=500, keep_last=2, out_dir="out/sft")
 
 
 def parse_args(argv=None):

@@ -25,6 +25,11 @@ schedule over the run's real number of optimizer steps, gradient accumulation (D
 on the last micro-step only), bf16/fp16 autocast, clipping, optional torch.compile,
 validation, checkpoints (best.pt + the last K step_*.pt, and one on SIGINT/SIGTERM),
 exact resume, metrics.jsonl, the loss-curve PNG and progress logs.
+
+train() is the loop, at the end of this file; read it first. Its parts, in the order it calls
+them: set_up (the model on its device, optimizers, resumed state), wrap_model (compile, DDP),
+plan (the number of steps), then per step train_step (forward, backward, update),
+metrics_row, evaluate and log, and checkpoint_dict and write_checkpoints.
 """
 import argparse
 import contextlib
@@ -34,7 +39,7 @@ import os
 import resource
 import signal
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -324,11 +329,11 @@ def guess_peak_flops(device):
     return next((f for key, f in PEAK_FLOPS.items() if key in name), 0.0)
 
 
-def read_metrics(path, up_to_step=None):
+def read_metrics(path, up_to_step):
     if not Path(path).is_file():
         return []
     rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
-    return [r for r in rows if up_to_step is None or r["step"] <= up_to_step]
+    return [r for r in rows if r["step"] <= up_to_step]
 
 
 def write_metrics(path, rows):
@@ -364,35 +369,32 @@ def format_seconds(s):
 
 # ----------------------------------------------------------------------------- the loop
 
-@torch.no_grad()
-def evaluate(model, batches, env):
-    """Token-weighted mean loss over this rank's validation batches, reduced over ranks."""
-    model.eval()
-    sums = torch.zeros(2, dtype=torch.float64, device=env.device)
-    for x, y in batches:
-        x, y = x.to(env.device), y.to(env.device)
-        n = (y != IGNORE_INDEX).sum()
-        with env.autocast():
-            loss = model(x, y)
-        sums += torch.stack([loss.double() * n, n.double()])
-    if env.ddp:
-        dist.all_reduce(sums)
-    model.train()
-    return (sums[0] / sums[1].clamp(min=1)).item()
+@dataclass
+class Progress:
+    """How far the run has come: saved in every checkpoint, restored on resume."""
+    step: int = 0  # optimizer steps taken
+    tokens: int = 0  # training positions of all ranks so far, padding included
+    best_val: float = math.inf  # the lowest validation loss so far
+    elapsed: float = 0.0  # training seconds of the invocations before this one
+    rows: list = field(default_factory=list)  # the metrics rows logged so far
 
 
-def plan_steps(cfg, train_batches, tokens_per_step):
-    """Optimizer steps the run will take: the smallest of the budgets that are set."""
-    candidates = []
-    if cfg.max_steps:
-        candidates.append(cfg.max_steps)
-    if cfg.max_tokens:
-        candidates.append(math.ceil(cfg.max_tokens / tokens_per_step))
-    if cfg.epochs:
-        candidates.append(math.ceil(cfg.epochs * train_batches.batches_per_epoch / cfg.grad_accum))
-    if not candidates:
-        raise ValueError("set a budget: --max-steps, --max-tokens or --epochs")
-    return max(1, min(candidates))
+class Clock:
+    """This invocation's time: seconds since it started, and tokens per second between logs."""
+
+    def __init__(self, tokens):
+        self.start = self.last_log = time.time()
+        self.tokens_at_last_log = tokens
+        self.steps = 0  # optimizer steps taken in this invocation
+
+    def seconds(self):
+        return time.time() - self.start
+
+    def tokens_per_s(self, tokens):
+        now = time.time()
+        rate = (tokens - self.tokens_at_last_log) / max(now - self.last_log, 1e-9)
+        self.last_log, self.tokens_at_last_log = now, tokens
+        return rate
 
 
 class StopFlag:
@@ -414,154 +416,234 @@ class StopFlag:
         print(f"signal {signal.Signals(signum).name}: saving a checkpoint after this step", flush=True)
 
 
-def train(cfg, env, model, kind, tokenizer, train_batches, val_batches, resume=None, extra=None):
-    """Train model until the planned step; returns the last metrics row. See the module docstring."""
-    out_dir = Path(cfg.out_dir)
-    metrics_path, plot_path = out_dir / "metrics.jsonl", out_dir / "loss.png"
-    if env.master:
-        out_dir.mkdir(parents=True, exist_ok=True)
+def is_multiple(step, every):
+    """Whether an --x-every interval falls on this step (every=0: never)."""
+    return every != 0 and step % every == 0
+
+
+def set_up(cfg, env, model, train_batches, resume):
+    """The model on its device, its optimizers and loss scaler, and where the run stands: on
+    resume, the checkpoint's weights, optimizer and scaler states, data position, RNG and
+    metrics rows. Returns (optimizers, scaler, progress)."""
     model.to(env.device)
-    raw_model = model
-    optimizers = build_optimizers(cfg, raw_model, env.device)
+    # The one place for device-specific changes to the model: it is on its device, and neither
+    # the optimizers nor torch.compile have seen its parameters yet.
+    optimizers = build_optimizers(cfg, model, env.device)
     scaler = torch.amp.GradScaler(env.device.type, enabled=env.ptdtype == torch.float16)
-
-    seq_len = raw_model.args.max_seq_len
-    tokens_per_micro = cfg.batch_size * seq_len * env.world_size  # upper bound when batches are padded shorter
-    tokens_per_step = tokens_per_micro * cfg.grad_accum
-    total_steps = plan_steps(cfg, train_batches, tokens_per_step)
-    warmup = min(cfg.warmup_steps, max(1, total_steps // 10))
-    min_ratio = cfg.min_lr / cfg.lr
-
-    step, tokens, best_val, elapsed_before = 0, 0, float("inf"), 0.0
+    metrics_path = Path(cfg.out_dir) / "metrics.jsonl"
+    progress = Progress()
     if resume is not None:
-        raw_model.load_state_dict(resume["model"])
+        model.load_state_dict(resume["model"])
         for opt, state in zip(optimizers, resume["optimizers"], strict=True):
             opt.load_state_dict(state)
         scaler.load_state_dict(resume["scaler"])
         train_batches.load_state_dict(resume["data"])
         set_rng_state(resume["rng"], env)
-        step, tokens, best_val = resume["step"], resume["tokens"], resume["best_val_loss"]
-        elapsed_before = resume.get("elapsed_s", 0.0)
-        env.print(f"resumed from {resume['path']} at step {step} ({tokens:,} tokens)")
-    # Rows logged after the checkpoint we resume from belong to a timeline that is replayed.
-    rows = read_metrics(metrics_path, up_to_step=step) if resume is not None else []
+        # Rows logged after the checkpoint belong to a timeline that is now replayed: dropped.
+        progress = Progress(resume["step"], resume["tokens"], resume["best_val_loss"], resume.get("elapsed_s", 0.0),
+                            rows=read_metrics(metrics_path, up_to_step=resume["step"]))
+        env.print(f"resumed from {resume['path']} at step {progress.step} ({progress.tokens:,} tokens)")
     if env.master:
-        write_metrics(metrics_path, rows)
+        metrics_path.parent.mkdir(parents=True, exist_ok=True)
+        write_metrics(metrics_path, progress.rows)
+    return optimizers, scaler, progress
 
+
+def wrap_model(cfg, env, model):
+    """(the model the training step calls, the one validation calls): compiled with --compile,
+    and for training wrapped in DDP, which all-reduces the gradients in backward."""
     if cfg.compile:
         model = torch.compile(model)
     eval_model = model
     if env.ddp:
         model = DDP(model, device_ids=[env.local_rank] if env.device.type == "cuda" else None)
+    return model, eval_model
 
-    flops_per_token = raw_model.flops_per_token(seq_len)
-    peak_flops = cfg.peak_flops or (guess_peak_flops(env.device) if env.device.type == "cuda" else 0.0)
-    env.print(f"model: {raw_model.num_params() / 1e6:.2f}M parameters "
-              f"({raw_model.num_params(exclude_embeddings=True) / 1e6:.2f}M without embeddings), "
+
+def plan(cfg, env, model, train_batches):
+    """(total optimizer steps, warmup steps) of the run, printed with what a step holds. The run
+    takes the smallest of the budgets that are set; warmup is at most a tenth of it."""
+    seq_len = model.args.max_seq_len
+    tokens_per_step = cfg.batch_size * seq_len * cfg.grad_accum * env.world_size  # at most: SFT pads shorter
+    candidates = []
+    if cfg.max_steps:
+        candidates.append(cfg.max_steps)
+    if cfg.max_tokens:
+        candidates.append(math.ceil(cfg.max_tokens / tokens_per_step))
+    if cfg.epochs:
+        candidates.append(math.ceil(cfg.epochs * train_batches.batches_per_epoch / cfg.grad_accum))
+    if not candidates:
+        raise ValueError("set a budget: --max-steps, --max-tokens or --epochs")
+    total_steps = max(1, min(candidates))
+    env.print(f"model: {model.num_params() / 1e6:.2f}M parameters "
+              f"({model.num_params(exclude_embeddings=True) / 1e6:.2f}M without embeddings), "
               f"{env.world_size} process(es) on {env.device}, {str(env.ptdtype).removeprefix('torch.')}")
     env.print(f"tokens per optimizer step: {tokens_per_step:,} = {cfg.batch_size} batch x {seq_len} seq "
               f"x {cfg.grad_accum} accum x {env.world_size} procs; planned {total_steps:,} steps = "
               f"{total_steps * tokens_per_step:,} tokens ({train_batches.batches_per_epoch:,} "
               f"micro-batches per epoch per process)")
+    return total_steps, min(cfg.warmup_steps, max(1, total_steps // 10))
 
-    def checkpoint_dict():
-        return {"kind": kind, "model_args": raw_model.args.to_dict(), "tokenizer": tokenizer.identity(),
-                "model": raw_model.state_dict(), "step": step, "tokens": tokens,
-                "optimizers": [opt.state_dict() for opt in optimizers], "scaler": scaler.state_dict(),
-                "data": train_batches.state_dict(), "rng": rng_state(env), "best_val_loss": best_val,
-                "elapsed_s": elapsed_before + time.time() - t_start,
-                "config": {k: v for k, v in vars(cfg).items() if isinstance(v, (int, float, str, bool, type(None)))},
-                **(extra or {})}
 
-    def save(periodic, best):
-        ckpt = checkpoint_dict()  # collective under DDP (RNG gather): every rank calls it
-        if env.master:
-            if periodic:
-                save_checkpoint(out_dir / f"step_{step:08d}.pt", ckpt)
-                prune_step_checkpoints(out_dir, cfg.keep_last)
-            if best:
-                save_checkpoint(out_dir / "best.pt", ckpt)
-            write_metrics(metrics_path, rows)
-            plot_losses(rows, plot_path, f"{kind}: {out_dir.name}")
+def train_step(model, micro_batches, optimizers, scaler, grad_clip, env, stop_requested):
+    """One optimizer step over this rank's micro-batches. The loss is the mean over every target
+    token of the step, on all ranks, so it does not depend on how the tokens are split into
+    micro-batches and ranks. Returns (the step's loss as a tensor on the device, the step's
+    positions on all ranks, whether any rank was asked to stop)."""
+    # One small all-reduce per step: the step's real target count (for the token-weighted
+    # mean) and whether any rank was asked to stop. Without DDP it stays on the CPU, so the
+    # GPU never waits for it.
+    counts = torch.tensor([sum(int((y != IGNORE_INDEX).sum()) for _, y in micro_batches),
+                           sum(x.numel() for x, _ in micro_batches), float(stop_requested)],
+                          dtype=torch.float64, device=env.device if env.ddp else "cpu")
+    if env.ddp:
+        dist.all_reduce(counts)
+    n_targets = max(counts[0].item(), 1.0)
+    step_loss = torch.zeros((), device=env.device)
+    for i, (x, y) in enumerate(micro_batches):
+        x, y = x.to(env.device, non_blocking=True), y.to(env.device, non_blocking=True)
+        weight = (y != IGNORE_INDEX).sum() * env.world_size / n_targets  # DDP averages over ranks
+        # DDP all-reduces the gradients in the last micro-batch's backward only
+        sync = not env.ddp or i == len(micro_batches) - 1
+        with (contextlib.nullcontext() if sync else model.no_sync()), env.autocast():
+            loss = model(x, y) * weight
+        scaler.scale(loss).backward()
+        step_loss += loss.detach() / env.world_size
+    if grad_clip > 0:
+        for opt in optimizers:
+            scaler.unscale_(opt)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)  # a wrapper yields the model's own
+    for opt in optimizers:
+        scaler.step(opt)
+    scaler.update()
+    for opt in optimizers:
+        opt.zero_grad(set_to_none=True)
+    return step_loss, int(counts[1].item()), counts[2].item() > 0
+
+
+@torch.no_grad()
+def evaluate(model, batches, env):
+    """Token-weighted mean loss over this rank's validation batches, reduced over ranks."""
+    model.eval()
+    sums = torch.zeros(2, dtype=torch.float64, device=env.device)
+    for x, y in batches:
+        x, y = x.to(env.device), y.to(env.device)
+        n = (y != IGNORE_INDEX).sum()
+        with env.autocast():
+            loss = model(x, y)
+        sums += torch.stack([loss.double() * n, n.double()])
+    if env.ddp:
+        dist.all_reduce(sums)
+    model.train()
+    return (sums[0] / sums[1].clamp(min=1)).item()
+
+
+def metrics_row(step_loss, progress, optimizers, clock, env, flops_per_token, peak_flops):
+    """A logged step's row: train loss (summed over ranks: each holds its share), learning
+    rate, tokens/s since the last log, peak memory and, when the device's peak is known, MFU."""
+    if env.ddp:
+        dist.all_reduce(step_loss)
+    tok_per_s = clock.tokens_per_s(progress.tokens)
+    row = {"step": progress.step, "tokens": progress.tokens, "train_loss": round(step_loss.item(), 6),
+           "lr": optimizers[0].param_groups[0]["lr"], "tokens_per_s": round(tok_per_s, 1),
+           "peak_mem_mb": round(peak_memory_mb(env.device), 1)}
+    if peak_flops:
+        row["mfu"] = round(flops_per_token * tok_per_s / env.world_size / peak_flops, 4)
+    return row
+
+
+def log(row, progress, clock, total_steps, env, out_dir):
+    """Append row to metrics.jsonl and print it with the time left at this invocation's pace."""
+    progress.rows.append(row)
+    if env.master:
+        with open(Path(out_dir) / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(row) + "\n")
+    eta = clock.seconds() / clock.steps * (total_steps - progress.step)
+    env.print(f"step {progress.step}/{total_steps} | loss {row['train_loss']:.4f}"
+              + (f" | val {row['val_loss']:.4f}" if "val_loss" in row else "")
+              + f" | lr {row['lr']:.2e} | {row['tokens_per_s']:,.0f} tok/s"
+              + (f" | mfu {100 * row['mfu']:.1f}%" if "mfu" in row else "")
+              + f" | mem {row['peak_mem_mb']:,.0f} MB | eta {format_seconds(eta)}")
+
+
+def checkpoint_header(cfg, kind, model, tokenizer, extra):
+    """What every checkpoint of the run says it is: kind, model shape, tokenizer, the plain
+    values of cfg, and the script's extra entries."""
+    config = {k: v for k, v in vars(cfg).items() if isinstance(v, (int, float, str, bool, type(None)))}
+    return {"kind": kind, "model_args": model.args.to_dict(), "tokenizer": tokenizer.identity(), "config": config,
+            **(extra or {})}
+
+
+def checkpoint_dict(header, model, optimizers, scaler, train_batches, progress, clock, env):
+    """Everything a checkpoint holds: the run's header and the state to resume from exactly.
+    Collective under DDP (the RNG states are gathered), so every rank calls it."""
+    return {**header, "model": model.state_dict(), "step": progress.step, "tokens": progress.tokens,
+            "optimizers": [opt.state_dict() for opt in optimizers], "scaler": scaler.state_dict(),
+            "data": train_batches.state_dict(), "rng": rng_state(env), "best_val_loss": progress.best_val,
+            "elapsed_s": progress.elapsed + clock.seconds()}
+
+
+def write_checkpoints(ckpt, rows, cfg, env, periodic, best):
+    """On rank 0: step_*.pt (keeping the last --keep-last) if periodic, best.pt if best, then
+    metrics.jsonl and the loss plot rewritten whole."""
+    if not env.master:
+        return
+    out_dir = Path(cfg.out_dir)
+    if periodic:
+        save_checkpoint(out_dir / f"step_{ckpt['step']:08d}.pt", ckpt)
+        prune_step_checkpoints(out_dir, cfg.keep_last)
+    if best:
+        save_checkpoint(out_dir / "best.pt", ckpt)
+    write_metrics(out_dir / "metrics.jsonl", rows)
+    plot_losses(rows, out_dir / "loss.png", f"{ckpt['kind']}: {out_dir.name}")
+
+
+def train(cfg, env, model, kind, tokenizer, train_batches, val_batches, resume=None, extra=None):
+    """Train model to the planned step; returns the last metrics row. See the module docstring."""
+    optimizers, scaler, progress = set_up(cfg, env, model, train_batches, resume)
+    step_model, eval_model = wrap_model(cfg, env, model)
+    total_steps, warmup = plan(cfg, env, model, train_batches)
+    header = checkpoint_header(cfg, kind, model, tokenizer, extra)
+    flops_per_token = model.flops_per_token(model.args.max_seq_len)
+    peak_flops = cfg.peak_flops or (guess_peak_flops(env.device) if env.device.type == "cuda" else 0.0)
 
     with StopFlag() as stop:
-        model.train()
-        t_start = t_log = time.time()
-        tokens_at_log, steps_this_run = tokens, 0
-        row = {}
-        while step < total_steps:
-            mult = lr_multiplier(step, warmup, total_steps, min_ratio)
+        step_model.train()
+        clock, row = Clock(progress.tokens), {}
+        while progress.step < total_steps:
+            # determine and set the learning rate for this iteration
+            lr_mult = lr_multiplier(progress.step, warmup, total_steps, cfg.min_lr / cfg.lr)
             for opt in optimizers:
                 for group in opt.param_groups:
-                    group["lr"] = group["peak_lr"] * mult
-            micro = [next(train_batches) for _ in range(cfg.grad_accum)]
-            # One small all-reduce per step: the step's real token count (for a token-weighted
-            # mean over micro-batches and ranks) and whether any rank was asked to stop.
-            # Without DDP it stays on the CPU, so the GPU never waits for it.
-            counts = torch.tensor([sum(int((y != IGNORE_INDEX).sum()) for _, y in micro),
-                                   sum(x.numel() for x, _ in micro), float(stop.requested)],
-                                  dtype=torch.float64, device=env.device if env.ddp else "cpu")
-            if env.ddp:
-                dist.all_reduce(counts)
-            n_valid = max(counts[0].item(), 1.0)
-            step_loss = torch.zeros((), device=env.device)
-            for i, (x, y) in enumerate(micro):
-                x, y = x.to(env.device, non_blocking=True), y.to(env.device, non_blocking=True)
-                weight = (y != IGNORE_INDEX).sum() * env.world_size / n_valid  # DDP averages over ranks
-                sync = not env.ddp or i == len(micro) - 1
-                with (contextlib.nullcontext() if sync else model.no_sync()), env.autocast():
-                    loss = model(x, y) * weight
-                scaler.scale(loss).backward()
-                step_loss += loss.detach() / env.world_size
-            if cfg.grad_clip > 0:
-                for opt in optimizers:
-                    scaler.unscale_(opt)
-                torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip)
-            for opt in optimizers:
-                scaler.step(opt)
-            scaler.update()
-            for opt in optimizers:
-                opt.zero_grad(set_to_none=True)
-            step += 1
-            steps_this_run += 1
-            tokens += int(counts[1].item())
+                    group["lr"] = group["peak_lr"] * lr_mult
 
-            is_last = step == total_steps
-            do_eval = val_batches is not None and (is_last or (cfg.eval_every and step % cfg.eval_every == 0))
-            do_log = do_eval or is_last or (cfg.log_every and step % cfg.log_every == 0)
-            if do_log:
-                if env.ddp:
-                    dist.all_reduce(step_loss)
-                now = time.time()
-                tok_per_s = (tokens - tokens_at_log) / max(now - t_log, 1e-9)
-                t_log, tokens_at_log = now, tokens
-                row = {"step": step, "tokens": tokens, "train_loss": round(step_loss.item(), 6),
-                       "lr": optimizers[0].param_groups[0]["lr"], "tokens_per_s": round(tok_per_s, 1),
-                       "peak_mem_mb": round(peak_memory_mb(env.device), 1)}
-                if peak_flops:
-                    row["mfu"] = round(flops_per_token * tok_per_s / env.world_size / peak_flops, 4)
+            # forward backward update, with optional gradient accumulation
+            micro_batches = [next(train_batches) for _ in range(cfg.grad_accum)]
+            step_loss, n_tokens, stopping = train_step(step_model, micro_batches, optimizers, scaler,
+                                                       cfg.grad_clip, env, stop.requested)
+            progress.step += 1
+            progress.tokens += n_tokens
+            clock.steps += 1
+
+            # timing and logging, and evaluate the loss on val when it is due
+            is_last = progress.step == total_steps
+            do_eval = val_batches is not None and (is_last or is_multiple(progress.step, cfg.eval_every))
             best = False
-            if do_eval:
-                row["val_loss"] = round(evaluate(eval_model, val_batches(), env), 6)
-                best = row["val_loss"] < best_val
-                best_val = min(best_val, row["val_loss"])
-            if do_log:
-                rows.append(row)
-                if env.master:
-                    with open(metrics_path, "a") as f:
-                        f.write(json.dumps(row) + "\n")
-                eta = (time.time() - t_start) / steps_this_run * (total_steps - step)
-                env.print(f"step {step}/{total_steps} | loss {row['train_loss']:.4f}"
-                          + (f" | val {row['val_loss']:.4f}" if "val_loss" in row else "")
-                          + f" | lr {row['lr']:.2e} | {row['tokens_per_s']:,.0f} tok/s"
-                          + (f" | mfu {100 * row['mfu']:.1f}%" if "mfu" in row else "")
-                          + f" | mem {row['peak_mem_mb']:,.0f} MB | eta {format_seconds(eta)}")
-            interrupted = counts[2].item() > 0
-            pause = cfg.stop_after_steps and steps_this_run >= cfg.stop_after_steps
-            periodic = is_last or interrupted or pause or (cfg.save_every and step % cfg.save_every == 0)
+            if do_eval or is_last or is_multiple(progress.step, cfg.log_every):
+                row = metrics_row(step_loss, progress, optimizers, clock, env, flops_per_token, peak_flops)
+                if do_eval:
+                    row["val_loss"] = round(evaluate(eval_model, val_batches(), env), 6)
+                    best = row["val_loss"] < progress.best_val
+                    progress.best_val = min(progress.best_val, row["val_loss"])
+                log(row, progress, clock, total_steps, env, cfg.out_dir)
+
+            # write checkpoints: every --save-every steps, at the end, on a stop, and on a new best val loss
+            pause = cfg.stop_after_steps and clock.steps >= cfg.stop_after_steps
+            periodic = is_last or stopping or pause or is_multiple(progress.step, cfg.save_every)
             if periodic or best:
-                save(periodic, best)
-            if interrupted or pause:
-                env.print(f"stopped at step {step}; continue with --resume")
+                ckpt = checkpoint_dict(header, model, optimizers, scaler, train_batches, progress, clock, env)
+                write_checkpoints(ckpt, progress.rows, cfg, env, periodic, best)
+            if stopping or pause:
+                env.print(f"stopped at step {progress.step}; continue with --resume")
                 break
         return row

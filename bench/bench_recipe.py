@@ -1,18 +1,18 @@
-"""Training-recipe benchmark: tokens to reach the seed recipe's validation loss.
+"""Training-recipe benchmark: tokens to reach the upstream recipe's validation loss.
 
-Trains the seed recipe (AdamW, warmup + cosine, tied head; at a few peak lrs, the best of which
+Trains the upstream recipe (AdamW, warmup + cosine, tied head; at a few peak lrs, the best of which
 sets the target) and each candidate recipe through
 pretrain.py on the same tokenized data, the same small model and the same token budget, then
 reports from each run's metrics.jsonl:
 
 - the validation-loss curve (val_loss against tokens);
-- the tokens at which the run first reaches the seed recipe's final validation loss, linearly
+- the tokens at which the run first reaches the upstream recipe's final validation loss, linearly
   interpolated between the two evaluations around the crossing (None if it never does);
 - wall-clock per training token: 1 / median of the logged tokens_per_s (the median skips the
   log intervals that also hold an evaluation or a checkpoint save);
 - a PNG of the curves.
 
-Target: the recommended recipe reaches the seed's final loss with <= 0.7x its tokens at
+Target: the recommended recipe reaches upstream's final loss with <= 0.7x its tokens at
 <= 1.15x its wall-clock per token.
 
     python bench/bench_recipe.py                      # tokenize ../shared/data/pretrain, train, report
@@ -36,26 +36,25 @@ REPO = Path(__file__).resolve().parent.parent
 DATA = "../shared/data/pretrain"  # raw {"text"} JSONL, tokenized here with an own small vocabulary
 OUT_DIR = "out/bench_recipe"
 VOCAB_SIZE = 8192  # the ChatGLM2 head (64793) would make the model mostly head and too slow on a CPU
-MODEL = dict(dim=128, n_layers=4, n_heads=4, max_seq_len=128)  # embeddings ~57% of parameters, as in the seed
+MODEL = dict(dim=128, n_layers=4, n_heads=4, max_seq_len=128)  # embeddings ~57% of parameters, as in upstream's model
 BATCH_SIZE = 16
 MAX_TOKENS = 2e6
 EVAL_EVERY = 25  # optimizer steps
 EVAL_BATCHES = 8  # x 16 x 128 = 16k held-out tokens, the same for every recipe
 WARMUP_FRACTION = 0.05
-# The seed recipe (AdamW on everything, tied head) at each of these peak lrs; its 3e-4 is for
+# Upstream's recipe (AdamW on everything, tied head) at each of these peak lrs; its 3e-4 is for
 # 58M parameters. The best of them by final validation loss sets the target, so a candidate
 # only wins against a tuned baseline.
-SEED_LRS = (1.5e-3, 3e-3, 6e-3)
+UPSTREAM_LRS = (1.5e-3, 3e-3, 6e-3)
 MUON = ["--optimizer", "muon", "--muon-lr", "0.02", "--lr", "3e-3"]  # --lr: AdamW's embeddings, norms, head
 RECIPES = {  # name -> pretrain.py flags on top of the shared ones
-    **{f"seed_lr{lr:g}": ["--optimizer", "adamw", "--lr", f"{lr:g}"] for lr in SEED_LRS},
+    **{f"upstream_lr{lr:g}": ["--optimizer", "adamw", "--lr", f"{lr:g}"] for lr in UPSTREAM_LRS},
     "muon": MUON,
     "muon_qknorm": [*MUON, "--qk-norm"],
     "muon_untied": [*MUON, "--untie-head"],
     "muon_qknorm_untied": [*MUON, "--qk-norm", "--untie-head"],
 }
-# Muon alone: the seed's model unchanged (tied head, no QK-norm, so Llama export still holds).
-# In the 2M-token run QK-norm added a little more (0.50x vs 0.56x); an untied head added nothing.
+# Muon alone: upstream's model unchanged (tied head, no QK-norm, so Llama export still holds).
 RECOMMENDED = "muon"
 TARGET_TOKENS_RATIO, TARGET_WALL_RATIO = 0.7, 1.15
 
@@ -112,7 +111,7 @@ def train_command(args, name, bin_path, tokenizer, out):
 
 
 def min_lr(flags):
-    """A tenth of the recipe's AdamW peak lr, as the seed's 3e-4 -> 3e-5."""
+    """A tenth of the recipe's AdamW peak lr, as upstream's 3e-4 -> 3e-5."""
     return float(flags[flags.index("--lr") + 1]) / 10
 
 
@@ -161,26 +160,27 @@ def tokens_to_reach(curve, target):
 
 
 def report(runs, out):
-    seed = min((n for n in runs if n.startswith("seed")), key=lambda n: runs[n]["final_val_loss"])
-    target = runs[seed]["final_val_loss"]
-    seed_tokens = tokens_to_reach(runs[seed]["curve"], target)
-    seed_spt = runs[seed]["seconds_per_token"]
-    print(f"\ntarget: the best seed recipe ({seed}) final validation loss {target:.4f} at {seed_tokens:,.0f} tokens")
-    print(f"{'recipe':<22}{'final val':>10}{'tokens to target':>18}{'x seed':>8}{'us/token':>10}{'x seed':>8}")
+    reference = min((n for n in runs if n.startswith("upstream")), key=lambda n: runs[n]["final_val_loss"])
+    target = runs[reference]["final_val_loss"]
+    reference_tokens = tokens_to_reach(runs[reference]["curve"], target)
+    reference_spt = runs[reference]["seconds_per_token"]
+    print(f"\ntarget: the best upstream recipe ({reference}) final validation loss {target:.4f} at {reference_tokens:,.0f} tokens")
+    print(f"{'recipe':<22}{'final val':>10}{'tokens to target':>18}{'x upstream':>12}{'us/token':>10}{'x upstream':>12}")
     for name, r in runs.items():
         t = tokens_to_reach(r["curve"], target)
         r["tokens_to_target"] = t
-        r["tokens_ratio"] = t / seed_tokens if t is not None else None
-        r["wall_ratio"] = r["seconds_per_token"] / seed_spt
-        reached = f"{t:>18,.0f}{r['tokens_ratio']:>8.3f}" if t is not None else f"{'not reached':>18}{'-':>8}"
-        print(f"{name:<22}{r['final_val_loss']:>10.4f}{reached}{1e6 * r['seconds_per_token']:>10.1f}{r['wall_ratio']:>8.3f}")
+        r["tokens_ratio"] = t / reference_tokens if t is not None else None
+        r["wall_ratio"] = r["seconds_per_token"] / reference_spt
+        reached = f"{t:>18,.0f}{r['tokens_ratio']:>12.3f}" if t is not None else f"{'not reached':>18}{'-':>12}"
+        print(f"{name:<22}{r['final_val_loss']:>10.4f}{reached}{1e6 * r['seconds_per_token']:>10.1f}{r['wall_ratio']:>12.3f}")
     rec = runs.get(RECOMMENDED)
     if rec is not None:
         ok = rec["tokens_ratio"] is not None and rec["tokens_ratio"] <= TARGET_TOKENS_RATIO and rec["wall_ratio"] <= TARGET_WALL_RATIO
         print(f"\n{RECOMMENDED}: tokens x{rec['tokens_ratio'] if rec['tokens_ratio'] is not None else float('nan'):.3f} "
               f"(target <= {TARGET_TOKENS_RATIO}), wall-clock per token x{rec['wall_ratio']:.3f} "
               f"(target <= {TARGET_WALL_RATIO}): {'MEETS' if ok else 'MISSES'} the target")
-    summary = {"reference": seed, "target_val_loss": target, "seed_tokens_to_target": seed_tokens, "recommended": RECOMMENDED,
+    summary = {"reference": reference, "target_val_loss": target, "reference_tokens_to_target": reference_tokens,
+               "recommended": RECOMMENDED,
                "recipes": {n: {**r, "flags": RECIPES[n]} for n, r in runs.items()}}
     write_atomic(out / "summary.json", lambda p: p.write_text(json.dumps(summary, indent=1)))
     write_atomic(out / "curves.png", lambda p: plot(runs, target, p))
@@ -195,10 +195,10 @@ def plot(runs, target, path):
     for name, r in runs.items():
         tokens, losses = zip(*r["curve"])
         ax.plot([t / 1e6 for t in tokens], losses, marker=".", label=name)
-    ax.axhline(target, color="gray", linestyle="--", linewidth=1, label="target: best seed final")
+    ax.axhline(target, color="gray", linestyle="--", linewidth=1, label="target: best upstream final")
     ax.set_xlabel("training tokens (M)")
     ax.set_ylabel("validation loss")
-    ax.set_title("tokens to the seed recipe's validation loss")
+    ax.set_title("tokens to the upstream recipe's validation loss")
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
@@ -215,8 +215,8 @@ def write_atomic(path, write):
 def main():
     args = parse_args()
     out = (REPO / args.out_dir).resolve()
-    if not any(n.startswith("seed") for n in args.recipes):
-        raise SystemExit("--recipes must include a seed_lr* recipe: the best one sets the target")
+    if not any(n.startswith("upstream") for n in args.recipes):
+        raise SystemExit("--recipes must include an upstream_lr* recipe: the best one sets the target")
     if not args.only_report:
         bin_path, tokenizer = prepare_data(args, out)
         train_all(args, bin_path, tokenizer, out)

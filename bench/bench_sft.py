@@ -1,9 +1,9 @@
 """SFT batching benchmark: padding share and real (non-padding) tokens/s of SFT training steps,
-our batching (pad to the batch's longest, length-grouped) beside the seed's fixed 512-position
+our batching (pad to the batch's longest, length-grouped) beside upstream's fixed 512-position
 padding, measured in the same run with the steps of the two interleaved so that a busy machine
 slows both alike.
 
-    python bench/bench_sft.py                                   # seed model config (GPU-sized)
+    python bench/bench_sft.py                                   # upstream's model config (GPU-sized)
     python bench/bench_sft.py --dim 64 --n-layers 2 --n-heads 4 # a model small enough for a CPU
 
 Targets: padding <= 25% of positions at batch 32; real tokens/s >= 2x fixed-512.
@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,7 +36,7 @@ tokenizer_path = ROOT / "../shared/data/tokenizer/chatglm2/tokenizer.model"
 batch_size = 32
 max_seq_len = 512
 steps = 6  # timed steps per method
-dim, n_layers, n_heads = 512, 8, 8  # the seed's model
+dim, n_layers, n_heads = 512, 8, 8  # upstream's model
 learning_rate = 1e-4
 seed = 0
 # -----------------------------------------------------------------------------
@@ -44,6 +45,13 @@ seed = 0
 def padding_share(lengths, batches, pad_to=None):
     positions = sum(len(b) * (pad_to or lengths[b].max()) for b in batches)
     return 1 - lengths.sum() / positions
+
+
+def collate_fixed(batch, pad_id, length):
+    """Upstream's batching: every example right-padded to the same length."""
+    x, y = collate_sft(batch, pad_id)
+    return (F.pad(x, (0, length - x.shape[1]), value=pad_id),
+            F.pad(y, (0, length - y.shape[1]), value=IGNORE_INDEX))
 
 
 def train_step(model, optimizer, x, y, device, autocast):
@@ -90,9 +98,9 @@ def main():
     print(f"padding share of positions over one epoch at batch {args.batch_size}: "
           f"ours (grouped) {padding['ours']:.1%}, pad-to-longest without grouping {padding['ours_ungrouped']:.1%}, "
           f"fixed {args.max_seq_len} {padding['fixed']:.1%}")
-    collate = partial(collate_sft, pad_id=tok.pad_id)
-    loaders = {"ours": DataLoader(dataset, batch_sampler=grouped, collate_fn=collate),
-               "fixed": DataLoader(dataset, batch_sampler=shuffled, collate_fn=partial(collate, pad_to=args.max_seq_len))}
+    fixed = partial(collate_fixed, pad_id=tok.pad_id, length=args.max_seq_len)
+    loaders = {"ours": DataLoader(dataset, batch_sampler=grouped, collate_fn=partial(collate_sft, pad_id=tok.pad_id)),
+               "fixed": DataLoader(dataset, batch_sampler=shuffled, collate_fn=fixed)}
 
     device = args.device
     model_args = ModelArgs(dim=args.dim, n_layers=args.n_layers, n_heads=args.n_heads,

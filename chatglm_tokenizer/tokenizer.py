@@ -17,8 +17,8 @@ HUB_REPO = "THUDM/chatglm2-6b"
 ENV_VAR = "BABYLLAMA_TOKENIZER"
 DEFAULT_PATH = Path(__file__).resolve().parent / "tokenizer.model"
 CHATGLM2_SHA256 = "e7dc4c393423b76e4373e5157ddc34803a0189ba96b21ddbb40269d31468a6f2"
-# ChatGLM2 has 64789 SentencePiece pieces plus its own special tokens after them; the
-# seed's model (and every .bin made for it) uses 64793 ids, so that is its vocab size.
+# ChatGLM2 has 64789 SentencePiece pieces plus its own special tokens after them; upstream's
+# model (and every .bin made for it) uses 64793 ids, so that is its vocab size.
 CHATGLM2_VOCAB_SIZE = 64793
 UINT16_LIMIT = 65535
 
@@ -49,7 +49,7 @@ def _download_from_hub():
         ) from None
 
 
-def find_tokenizer_model(path=None, download=True):
+def find_tokenizer_model(path=None):
     """Return the path of the tokenizer model file, downloading it as a last resort."""
     if path:
         path = Path(path)
@@ -63,8 +63,6 @@ def find_tokenizer_model(path=None, download=True):
         return Path(env)
     if DEFAULT_PATH.is_file():
         return DEFAULT_PATH
-    if not download:
-        raise TokenizerNotFound(f"no tokenizer model: pass --tokenizer PATH, set {ENV_VAR}, or copy it to {DEFAULT_PATH}")
     return _download_from_hub()
 
 
@@ -124,8 +122,8 @@ class Tokenizer:
                 f"but this run uses {self.name} ({self.path}, sha256 {self.sha256})")
 
 
-def load_tokenizer(path=None, download=True):
-    return Tokenizer(find_tokenizer_model(path, download=download))
+def load_tokenizer(path=None):
+    return Tokenizer(find_tokenizer_model(path))
 
 
 def train_sentencepiece(texts, vocab_size, out_path, model_type="bpe", character_coverage=0.9995,

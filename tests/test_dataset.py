@@ -21,7 +21,7 @@ def test_windows_cover_every_token_once_and_shift_by_one(tmp_path, tiny_tokenize
     ident = tiny_tokenizer.identity()
     a = write_bin(tmp_path / "a.bin", np.arange(0, 35) % 400, ident)  # 4 windows of 8 (+1)
     b = write_bin(tmp_path / "b.bin", np.arange(100, 120), ident)  # 2 windows
-    ds = PretrainDataset([a, b], max_seq_len=8, tokenizer_identity=ident, shuffle=False)
+    ds = PretrainDataset([a, b], max_seq_len=8, tokenizer_identity=ident)
     assert len(ds) == 4 + 2
     x, y = ds[0]
     assert x.dtype == y.dtype == torch.int64 and x.shape == y.shape == (8,)
@@ -32,23 +32,9 @@ def test_windows_cover_every_token_once_and_shift_by_one(tmp_path, tiny_tokenize
     assert targets == list(range(1, 33))  # every token of a.bin but the first is a target once
 
 
-def test_shuffle_is_a_seeded_permutation(tmp_path, tiny_tokenizer):
-    ident = tiny_tokenizer.identity()
-    f = write_bin(tmp_path / "a.bin", np.arange(0, 321) % 400, ident)
-    plain = PretrainDataset(f, 16, shuffle=False)
-    first = [plain[i][0][0].item() for i in range(len(plain))]
-    one = PretrainDataset(f, 16, seed=1)
-    order = [one[i][0][0].item() for i in range(len(one))]
-    assert sorted(order) == first and order != first
-    assert order == [PretrainDataset(f, 16, seed=1)[i][0][0].item() for i in range(len(one))]
-    assert order != [PretrainDataset(f, 16, seed=2)[i][0][0].item() for i in range(len(one))]
-    one.set_epoch(1)
-    assert [one[i][0][0].item() for i in range(len(one))] != order
-
-
 def test_distributed_sampler_splits_items_across_ranks(tmp_path, tiny_tokenizer):
     f = write_bin(tmp_path / "a.bin", np.arange(0, 161) % 400, tiny_tokenizer.identity())
-    ds = PretrainDataset(f, 8, seed=3)
+    ds = PretrainDataset(f, 8)
     seen = []
     for rank in range(2):
         sampler = DistributedSampler(ds, num_replicas=2, rank=rank, shuffle=False)

@@ -96,7 +96,13 @@ def test_collate_pads_to_longest_with_ignored_labels():
     x, y = collate_sft([a, b], pad_id=0)
     assert x.tolist() == [[5, BOS, 7, 0, 0], [BOS, 8, 9, 10, 11]]
     assert y.tolist() == [[I, 7, EOS, I, I], [8, 9, 10, 11, EOS]]
-    assert collate_sft([a], pad_id=0, pad_to=8)[0].shape == (1, 8)
+
+
+def pad_right(batch, length):
+    """A collated (x, y) padded further, to length positions."""
+    x, y = batch
+    return (torch.nn.functional.pad(x, (0, length - x.shape[1]), value=0),
+            torch.nn.functional.pad(y, (0, length - y.shape[1]), value=I))
 
 
 def test_padding_never_changes_the_loss():
@@ -106,10 +112,10 @@ def test_padding_never_changes_the_loss():
     long = tuple(torch.tensor(t) for t in build_example(list(range(10, 25)), list(range(30, 40)), BOS, EOS, 32))
     with torch.no_grad():
         alone = model(*collate_sft([short], pad_id=0))
-        alone_padded = model(*collate_sft([short], pad_id=0, pad_to=32))
+        alone_padded = model(*pad_right(collate_sft([short], pad_id=0), 32))
         loss_long = model(*collate_sft([long], pad_id=0))
         together = model(*collate_sft([short, long], pad_id=0))
-        together_padded = model(*collate_sft([short, long], pad_id=0, pad_to=32))
+        together_padded = model(*pad_right(collate_sft([short, long], pad_id=0), 32))
     torch.testing.assert_close(alone_padded, alone)
     torch.testing.assert_close(together_padded, together)
     # the denominator counts real targets only: a target-weighted mean of the two examples

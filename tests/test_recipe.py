@@ -20,7 +20,7 @@ def names_of(model, params):
     return {n for n, p in model.named_parameters() if id(p) in ids}
 
 
-def test_default_is_muon_and_the_seed_recipe_is_one_flag_away():
+def test_default_is_muon_and_the_upstream_recipe_is_one_flag_away():
     assert pretrain.parse_args([]).optimizer == "muon"
     model, optimizers = build("--optimizer", "adamw")
     assert [type(o) for o in optimizers] == [torch.optim.AdamW]
