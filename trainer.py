@@ -47,6 +47,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+import kernels
 from checkpoint import load_checkpoint, resolve_checkpoint, save_checkpoint, step_checkpoints, write_text_atomic
 from model import IGNORE_INDEX
 
@@ -426,8 +427,9 @@ def set_up(cfg, env, model, train_batches, resume):
     resume, the checkpoint's weights, optimizer and scaler states, data position, RNG and
     metrics rows. Returns (optimizers, scaler, progress)."""
     model.to(env.device)
-    # The one place for device-specific changes to the model: it is on its device, and neither
-    # the optimizers nor torch.compile have seen its parameters yet.
+    # Device-specific speed code goes in here, while the model is on its device and neither
+    # the optimizers nor torch.compile have seen it; parameter names stay, so resume works.
+    env.print(f"speed: {kernels.speed_up(model, env.device, env.ptdtype)}")
     optimizers = build_optimizers(cfg, model, env.device)
     scaler = torch.amp.GradScaler(env.device.type, enabled=env.ptdtype == torch.float16)
     metrics_path = Path(cfg.out_dir) / "metrics.jsonl"

@@ -1,6 +1,6 @@
 """Benchmark `data_process.py pretrain`: tokens/s and peak memory, beside (in the same run)
   (a) the naive baseline: one process, one document at a time, every id kept in one Python
-      list, one array at the end (the original implementation's method), and
+      list, one array at the end (upstream's method), and
   (b) the machine's limit: single-thread sentencepiece encode speed x cores.
 Peak memory is also measured on the corpus repeated 4x, which must not need more of it.
 
@@ -32,7 +32,7 @@ CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os
 
 
 def naive(files, tokenizer_path, out):
-    """The original's method, run as a child process by the benchmark."""
+    """Upstream's method, run as a child process by the benchmark."""
     t0 = time.time()
     tokenizer = load_tokenizer(tokenizer_path)
     all_ids = []

@@ -25,6 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import data_process  # noqa: E402
+import kernels  # noqa: E402
 from chatglm_tokenizer import load_tokenizer  # noqa: E402
 from dataset_sft import SFTDataset, collate_sft, length_grouped_batches  # noqa: E402
 from model import IGNORE_INDEX, ModelArgs, Transformer  # noqa: E402
@@ -106,11 +107,12 @@ def main():
     model_args = ModelArgs(dim=args.dim, n_layers=args.n_layers, n_heads=args.n_heads,
                            vocab_size=tok.vocab_size, max_seq_len=args.max_seq_len)
     model = Transformer(model_args).to(device)
+    speed = kernels.speed_up(model, device, torch.bfloat16 if device.startswith("cuda") else torch.float32)
     optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.startswith("cuda"))
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     print(f"model: dim {args.dim}, {args.n_layers} layers, {args.n_heads} heads, "
-          f"{model.num_params() / 1e6:.1f}M params, on {device}")
+          f"{model.num_params() / 1e6:.1f}M params, on {device}; {speed}")
 
     # Interleave the two methods step by step; the first step of each is warm-up, untimed.
     batches = {name: iter(loader) for name, loader in loaders.items()}
