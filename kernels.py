@@ -137,6 +137,9 @@ def compiled_softmax_grad():
     return torch.compile(softmax_grad) if importlib.util.find_spec("triton") else None
 
 
+WHOLE_VOCABULARY = 1 << 31  # a vocab_block that spans any vocabulary: one matmul per chunk
+
+
 class LinearCrossEntropy:
     """loss_fn(h, weight, targets) for Transformer: the mean cross entropy of h @ weight.T
     against targets (IGNORE_INDEX left out), never holding more than one chunk's logits.
@@ -157,13 +160,15 @@ class LinearCrossEntropy:
     def for_device(cls, device, onednn):
         """Big chunks keep a GPU busy; small ones suit a CPU's caches."""
         if torch.device(device).type == "cuda":
-            return cls(chunk_rows=8192, vocab_multiple=64, fused=compiled_softmax_grad())
+            # without Triton, one matmul over the whole vocabulary per chunk keeps the GPU busy
+            return cls(chunk_rows=8192, vocab_multiple=64, fused=compiled_softmax_grad(), vocab_block=WHOLE_VOCABULARY)
         return cls(chunk_rows=512, onednn=onednn)
 
     def describe(self):
         return (f"lean loss ({self.chunk_rows}-row chunks"
                 + (f", vocabulary padded to x{self.vocab_multiple}" if self.vocab_multiple > 1 else "")
-                + (", fused softmax kernel" if self.fused else f", {self.vocab_block}-row vocabulary blocks")
+                + (", fused softmax kernel" if self.fused else
+                   f", {self.vocab_block}-row vocabulary blocks" if self.vocab_block < WHOLE_VOCABULARY else "")
                 + (", oneDNN" if self.onednn else "") + ")")
 
     # Runs eagerly under torch.compile (one graph break): its hand-written backward is
