@@ -187,21 +187,25 @@ def load_for_inference(ckpt_path, tokenizer_path=None, device=None, dtype=None):
     return ckpt, model, tok
 
 
+# The sampling flags eval.py and chat.py share: (flag, type, help); each script gives the defaults.
+SAMPLING_FLAGS = (
+    ("--max-new-tokens", int, "most tokens generated per answer"),
+    ("--temperature", float, "0 = greedy; > 0 samples"),
+    ("--top-k", int, "sample only from the k most likely tokens"),
+    ("--top-p", float, "sample only from the smallest set with this probability mass"),
+    ("--repetition-penalty", float, "> 1 discourages tokens already in the prompt or answer (1 = off)"),
+    ("--seed", int, "seed of the sampling generator"),
+)
+
+
 def add_generation_args(parser, defaults):
     """The flags eval.py and chat.py share: which model, where, and how to sample.
-    defaults: the script's ckpt, max_new_tokens, temperature, top_k, top_p,
-    repetition_penalty and seed."""
-    d = defaults
-    parser.add_argument("--ckpt", default=d["ckpt"], help="checkpoint file or out dir (its best.pt, else latest step)")
+    defaults: the script's ckpt and a value for every SAMPLING_FLAGS flag (max_new_tokens, ...)."""
+    parser.add_argument("--ckpt", default=defaults["ckpt"], help="checkpoint file or out dir (its best.pt, else latest step)")
     parser.add_argument("--tokenizer", default=None, help="tokenizer.model to use instead of the one the checkpoint names")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    parser.add_argument("--max-new-tokens", type=int, default=d["max_new_tokens"], help="most tokens generated per answer")
-    parser.add_argument("--temperature", type=float, default=d["temperature"], help="0 = greedy; > 0 samples")
-    parser.add_argument("--top-k", type=int, default=d["top_k"], help="sample only from the k most likely tokens")
-    parser.add_argument("--top-p", type=float, default=d["top_p"], help="sample only from the smallest set with this probability mass")
-    parser.add_argument("--repetition-penalty", type=float, default=d["repetition_penalty"],
-                        help="> 1 discourages tokens already in the prompt or answer (1 = off)")
-    parser.add_argument("--seed", type=int, default=d["seed"], help="seed of the sampling generator")
+    for flag, type_, text in SAMPLING_FLAGS:
+        parser.add_argument(flag, type=type_, default=defaults[flag[2:].replace("-", "_")], help=text)
 
 
 def sampling_settings(args, tok, device):
