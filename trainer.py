@@ -50,13 +50,14 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import kernels
 from checkpoint import load_checkpoint, resolve_checkpoint, save_checkpoint, step_checkpoints, write_text_atomic
 from model import IGNORE_INDEX
+from muon import Muon, newton_schulz_dtype
 
 # Shared defaults; a script passes its own overrides to add_train_args.
 TRAIN_DEFAULTS = dict(
     batch_size=8, grad_accum=1, lr=3e-4, min_lr=3e-5, warmup_steps=1000, weight_decay=0.1,
     beta1=0.9, beta2=0.95, grad_clip=1.0, max_steps=0, max_tokens=0, epochs=0.0,
     eval_every=1000, eval_batches=50, save_every=1000, keep_last=3, log_every=10,
-    optimizer="adamw", muon_lr=0.02, muon_momentum=0.95, dtype="auto", device="auto",
+    optimizer="adamw", muon_lr=0.02, muon_momentum=0.95, muon_dtype="auto", dtype="auto", device="auto",
     compile=False, seed=1337, out_dir="out/train", stop_after_steps=0, peak_flops=0.0,
 )
 
@@ -88,6 +89,9 @@ def add_train_args(parser, defaults=None):
                    help="adamw for everything, or muon for the hidden 2-D matrices and AdamW for the rest")
     g.add_argument("--muon-lr", type=float, default=d["muon_lr"], help="peak learning rate of Muon's matrices")
     g.add_argument("--muon-momentum", type=float, default=d["muon_momentum"], help="Muon momentum")
+    g.add_argument("--muon-dtype", choices=["auto", "bfloat16", "float32"], default=d["muon_dtype"],
+                   help="dtype of Muon's Newton-Schulz iterations; auto: bf16 where the hardware computes it "
+                        "natively (CUDA, CPUs with AVX512-BF16 or AMX), else fp32")
     g.add_argument("--eval-every", type=int, default=d["eval_every"], help="validate every N optimizer steps (0: only at the end)")
     g.add_argument("--eval-batches", type=int, default=d["eval_batches"], help="validation micro-batches per process")
     g.add_argument("--save-every", type=int, default=d["save_every"], help="write step_*.pt every N optimizer steps (0: only at the end)")
@@ -252,7 +256,8 @@ def is_hidden_matrix(name, p):
 
 
 def build_optimizers(cfg, model, device):
-    """AdamW (decay on >= 2-D weights only), or Muon on hidden matrices plus AdamW on the rest."""
+    """AdamW (decay on >= 2-D weights only), or Muon (muon.py) on hidden matrices plus AdamW on
+    the rest."""
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     muon = [p for n, p in params if cfg.optimizer == "muon" and is_hidden_matrix(n, p)]
     muon_ids = {id(p) for p in muon}
@@ -262,12 +267,23 @@ def build_optimizers(cfg, model, device):
     adamw = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=device.type == "cuda")
     optimizers = [adamw]
     if muon:
-        optimizers.append(torch.optim.Muon(muon, lr=cfg.muon_lr, momentum=cfg.muon_momentum,
-                                           weight_decay=cfg.weight_decay))
+        ns_dtype = newton_schulz_dtype(device) if cfg.muon_dtype == "auto" else getattr(torch, cfg.muon_dtype)
+        optimizers.append(Muon(muon, lr=cfg.muon_lr, momentum=cfg.muon_momentum, weight_decay=cfg.weight_decay,
+                               ns_dtype=ns_dtype))
     for opt in optimizers:
         for group in opt.param_groups:
             group["peak_lr"] = group["lr"]
     return optimizers
+
+
+def describe_optimizers(optimizers):
+    """One line for the run's header: which optimizer has how many tensors, Muon's dtype."""
+    parts = []
+    for opt in optimizers:
+        n = sum(len(g["params"]) for g in opt.param_groups)
+        extra = f", Newton-Schulz in {str(opt.ns_dtype).removeprefix('torch.')}" if isinstance(opt, Muon) else ""
+        parts.append(f"{type(opt).__name__} on {n} tensors{extra}")
+    return "; ".join(parts)
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -431,6 +447,7 @@ def set_up(cfg, env, model, train_batches, resume):
     # the optimizers nor torch.compile have seen it; parameter names stay, so resume works.
     env.print(f"speed: {kernels.speed_up(model, env.device, env.ptdtype)}")
     optimizers = build_optimizers(cfg, model, env.device)
+    env.print(f"optimizer: {describe_optimizers(optimizers)}")
     scaler = torch.amp.GradScaler(env.device.type, enabled=env.ptdtype == torch.float16)
     metrics_path = Path(cfg.out_dir) / "metrics.jsonl"
     progress = Progress()

@@ -4,6 +4,7 @@ import torch
 import pretrain
 import trainer
 from model import Transformer
+from muon import Muon
 
 LAYER_MATRICES = ("attention.wq", "attention.wk", "attention.wv", "attention.wo",
                   "feed_forward.w1", "feed_forward.w2", "feed_forward.w3")
@@ -34,7 +35,7 @@ def test_default_is_muon_and_the_upstream_recipe_is_one_flag_away():
 def test_muon_recipe_takes_hidden_matrices_and_adamw_the_rest():
     model, optimizers = build("--optimizer", "muon", "--muon-lr", "0.03", "--lr", "2e-3", "--qk-norm", "--untie-head")
     adamw, muon = optimizers
-    assert isinstance(adamw, torch.optim.AdamW) and isinstance(muon, torch.optim.Muon)
+    assert isinstance(adamw, torch.optim.AdamW) and isinstance(muon, Muon)
     hidden = {f"layers.{i}.{m}.weight" for i in range(2) for m in LAYER_MATRICES}
     assert names_of(model, muon.param_groups[0]["params"]) == hidden
     (group,) = muon.param_groups
