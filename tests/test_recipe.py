@@ -48,3 +48,8 @@ def test_muon_recipe_takes_hidden_matrices_and_adamw_the_rest():
     owned = [id(p) for o in optimizers for g in o.param_groups for p in g["params"]]
     assert sorted(owned) == sorted(id(p) for p in model.parameters())
     assert model.output.weight is not model.tok_embeddings.weight
+
+
+def test_muon_dtype_flag_sets_the_newton_schulz_dtype():
+    assert build("--optimizer", "muon", "--muon-dtype", "float32")[1][1].ns_dtype == torch.float32
+    assert build("--optimizer", "muon", "--muon-dtype", "bfloat16")[1][1].ns_dtype == torch.bfloat16
