@@ -171,10 +171,12 @@ def load_checkpoint(path, prefer="best"):
 
 
 def load_latest_good(out_dir):
-    """The newest step_*.pt of out_dir that loads and verifies (None if there is no step_*.pt),
-    and [(path, reason)] of the newer ones that do not. Raises CheckpointError if none does."""
+    """The newest step_*.pt of out_dir that loads and verifies, else its best.pt (None if there
+    is neither), and [(path, reason)] of those tried before that failed. Raises
+    CheckpointError if none verifies."""
+    best = [Path(out_dir) / "best.pt"] if (Path(out_dir) / "best.pt").is_file() else []
     damaged = []
-    for path in reversed(step_checkpoints(out_dir)):
+    for path in step_checkpoints(out_dir)[::-1] + best:
         try:
             return load_checkpoint(path), damaged
         except (CheckpointError, FileNotFoundError) as e:

@@ -305,10 +305,10 @@ def build_optimizers(cfg, model, device):
 
 def load_resume(cfg, env, kind, tokenizer):
     """The checkpoint to continue from when --resume is given: the newest step_*.pt of
-    cfg.out_dir that loads and passes its checksums, or None when there is none yet. Newer
-    ones that fail (damaged, truncated) are said so and set aside as NAME.pt.damaged, so that
-    pruning never counts them among the checkpoints it keeps. Refuses a checkpoint of another
-    kind or another tokenizer."""
+    cfg.out_dir that loads and passes its checksums (else best.pt), or None when there is none
+    yet. The ones tried before that failed (damaged, truncated) are said so and set aside as
+    NAME.pt.damaged, so that pruning never counts them among the checkpoints it keeps.
+    Refuses a checkpoint of another kind or another tokenizer."""
     if not cfg.resume:
         return None
     ckpt, damaged = load_latest_good(cfg.out_dir)

@@ -125,6 +125,22 @@ def test_truncated_latest_checkpoint_falls_back_to_the_previous_one(bins, tmp_pa
     assert "falling back to" in out and load_checkpoint(latest)["step"] == 4  # retrained and saved whole
 
 
+def test_resume_falls_back_to_best_pt_when_no_step_checkpoint_verifies(bins, tmp_path, capsys):
+    train(bins, tmp_path, "--max-steps", "2", "--eval-every", "1")
+    best_step = load_checkpoint(tmp_path / "best.pt")["step"]
+    step = tmp_path / "step_00000002.pt"
+    step.write_bytes(step.read_bytes()[:100])
+    capsys.readouterr()
+    train(bins, tmp_path, "--max-steps", "3", "--resume")
+    out = capsys.readouterr().out
+    assert f"falling back to {tmp_path / 'best.pt'} (step {best_step})" in out
+    (tmp_path / "best.pt").write_bytes(b"not a checkpoint")
+    for p in tmp_path.glob("step_*.pt"):
+        p.write_bytes(b"")
+    with pytest.raises(SystemExit, match=r"no checkpoint in \S+ is usable \(.*best.pt is corrupt.*\); move them away"):
+        train(bins, tmp_path, "--max-steps", "4", "--resume")
+
+
 # ---------------------------------------------------------------------------- token ids
 
 def test_data_process_records_the_largest_id(tmp_path, tiny_tokenizer_path):
