@@ -255,8 +255,7 @@ class Completion:
                 if self.text.stopped:
                     yield piece, "stop"
                     return
-                if piece:
-                    yield piece, None
+                yield piece, None  # '' too: a token whose text waits still is a token
         finally:
             self.request.cancel()  # a no-op when the row has ended already
 
@@ -277,13 +276,17 @@ def engine_failed():
 
 async def stream_events(completion, meta, warnings, include_usage):
     """The server-sent events of a streamed answer: a first chunk with the role (and any
-    warnings), one chunk per piece of text, a last one with finish_reason, then [DONE]."""
+    warnings), sent when the first token is generated so that its arrival is the time to
+    first token; one chunk per piece of text; a last one with finish_reason; then [DONE]."""
     def chunk(delta, finish_reason=None, **extra):
         choice = {"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}
         return sse({**meta, "object": "chat.completion.chunk", "choices": [choice], **extra})
 
-    yield chunk({"role": "assistant", "content": ""}, **({"warnings": warnings} if warnings else {}))
+    first = True
     async for piece, finish_reason in completion.pieces():
+        if first:
+            yield chunk({"role": "assistant", "content": ""}, **({"warnings": warnings} if warnings else {}))
+            first = False
         if finish_reason == "error":
             yield sse(engine_failed().body())
             break
