@@ -153,6 +153,12 @@ class BatchEngine:
         """(rows decoding, requests waiting)."""
         return len(self.active), len(self.waiting)
 
+    def cancel_all(self):
+        """Cancel every request, running or waiting (a server shutting down)."""
+        with self.wakeup:
+            for request in self.active + list(self.waiting):
+                request.cancel()
+
     def start(self):
         self.thread = threading.Thread(target=self._run, name="batch-engine", daemon=True)
         self.thread.start()

@@ -125,7 +125,7 @@ class ChatRequest(BaseModel):
 async def read_body(request, limit):
     """The raw body, refused with 413 past `limit` bytes (declared or actually sent)."""
     declared = request.headers.get("content-length")
-    if declared is not None and (not declared.isdigit() or int(declared) > limit):
+    if declared is not None and declared.isdigit() and int(declared) > limit:
         raise ApiError(413, f"request body of {declared} bytes is over the limit of {limit} bytes", code="body_too_large")
     body = bytearray()
     async for chunk in request.stream():
@@ -243,8 +243,8 @@ class Completion:
         self.loop.call_soon_threadsafe(self.events.put_nowait, (token, finish_reason))
 
     async def pieces(self):
-        """Yields (text, None) per new piece of text, then (text, finish_reason) once. Leaving
-        early (the client went away) cancels the engine's row."""
+        """Yields (text, None) per token (text '' while it waits, see TextStream), then
+        (text, finish_reason) once. Leaving early (the client went away) cancels the row."""
         try:
             while True:
                 token, finish_reason = await self.events.get()
@@ -270,8 +270,12 @@ def sse(obj):
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
 
-def engine_failed():
-    return ApiError(500, "generation failed inside the server; see its log", code="generation_error", kind="server_error")
+def ended_early(finish_reason):
+    """The error for an answer the engine ended ("error", or "cancelled" at shutdown)."""
+    if finish_reason == "error":
+        return ApiError(500, "generation failed inside the server; see its log", code="generation_error",
+                        kind="server_error")
+    return ApiError(503, "the server is shutting down", code="server_shutdown", kind="server_error")
 
 
 async def stream_events(completion, meta, warnings, include_usage):
@@ -287,8 +291,8 @@ async def stream_events(completion, meta, warnings, include_usage):
         if first:
             yield chunk({"role": "assistant", "content": ""}, **({"warnings": warnings} if warnings else {}))
             first = False
-        if finish_reason == "error":
-            yield sse(engine_failed().body())
+        if finish_reason in ("error", "cancelled"):
+            yield sse(ended_early(finish_reason).body())
             break
         if piece:
             yield chunk({"content": piece})
@@ -350,8 +354,8 @@ async def chat_completions(server, http_request):
     if answer is None:
         raise ApiError(499, "client closed the request")  # nobody reads this
     text, finish_reason = answer
-    if finish_reason == "error":
-        raise engine_failed()
+    if finish_reason in ("error", "cancelled"):
+        raise ended_early(finish_reason)
     result = {**meta, "object": "chat.completion", "choices": [
         {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish_reason,
          "logprobs": None}], "usage": completion.usage()}
@@ -463,6 +467,19 @@ def listen_socket(host, port):
     return sock
 
 
+class Uvicorn(uvicorn.Server):
+    """uvicorn's server, except that Ctrl-C or SIGTERM also cancels the answers being
+    generated, so open streams end at once instead of holding up the shutdown."""
+
+    def __init__(self, config, engine):
+        super().__init__(config)
+        self.engine = engine
+
+    def handle_exit(self, sig, frame):
+        self.engine.cancel_all()
+        super().handle_exit(sig, frame)
+
+
 def start_subprocess(flags, timeout=120):
     """Run `serve.py FLAGS --port 0` as a child process and wait until it answers /health;
     returns (process, url). For tests and benchmarks: stop it with process.terminate().
@@ -518,7 +535,10 @@ def main(argv=None):
     print(f"serve.py: {ckpt['path']} ({ckpt.get('kind')}, step {ckpt.get('step')}, context {server.context_length}) "
           f"listening on {url} (chat page {url}/, API {url}/v1)", file=sys.stderr, flush=True)
     config = uvicorn.Config(create_app(server), log_level="warning", access_log=False, timeout_graceful_shutdown=3)
-    uvicorn.Server(config).run(sockets=[sock])
+    try:
+        Uvicorn(config, engine).run(sockets=[sock])
+    except KeyboardInterrupt:  # uvicorn raises Ctrl-C again once it has shut down gracefully
+        pass
 
 
 if __name__ == "__main__":

@@ -107,6 +107,18 @@ def test_a_cancelled_row_leaves_the_batch_and_the_others_go_on(model):
     assert engine.stats["tokens_generated"] == 23 and engine.stats["cancelled"] == 1
 
 
+def test_cancel_all_ends_running_and_waiting_requests(model):
+    engine = BatchEngine(model, eos_id=None, pad_id=0, max_batch=2)
+    got = [Collector() for _ in range(3)]
+    for prompt, c in zip(PROMPTS, got):
+        engine.submit(prompt, 20, Sampling(), c)
+    engine.step()
+    engine.cancel_all()
+    run_to_end(engine)
+    assert [c.finish_reason for c in got] == ["cancelled"] * 3
+    assert [len(c.tokens) for c in got] == [1, 1, 0]
+
+
 def test_bad_requests_are_refused_at_submit(model):
     engine = BatchEngine(model, eos_id=None, pad_id=0)
     with pytest.raises(ValueError, match="max_seq_len 40"):
@@ -147,3 +159,24 @@ def test_a_failing_receiver_cancels_only_its_own_row(model):
     run_to_end(engine)
     assert fine.tokens == generate(model, [PROMPTS[1]], 10)[0]
     assert engine.stats["cancelled"] == 1 and engine.stats["tokens_generated"] == 11
+
+
+def test_an_error_inside_a_step_ends_its_rows_and_the_engine_goes_on(model, capsys):
+    engine = BatchEngine(model, eos_id=None, pad_id=0)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("out of memory")
+
+    engine.model = broken
+    engine.start()
+    try:
+        failed = queue.Queue()
+        engine.submit(PROMPTS[0], 5, Sampling(), lambda t, r: failed.put(r))
+        assert failed.get(timeout=30) == "error"
+        engine.model = model
+        served = queue.Queue()
+        engine.submit(PROMPTS[0], 5, Sampling(), lambda t, r: served.put(t))
+        assert [served.get(timeout=30) for _ in range(6)] == generate(model, [PROMPTS[0]], 5)[0] + [None]
+    finally:
+        engine.close()
+    assert engine.stats["errors"] == 1 and "out of memory" in capsys.readouterr().err

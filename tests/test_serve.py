@@ -4,6 +4,7 @@ checkpoint made here; the tests stop it at the end."""
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import time
@@ -144,6 +145,9 @@ def test_seeded_sampling_repeats_and_multi_turn_and_system_messages_work(client)
              {"role": "assistant", "content": "多休息。"}, {"role": "user", "content": QUESTIONS[1]}]
     answer = client.chat.completions.create(model="any", messages=turns, temperature=0, max_tokens=8)
     assert answer.usage.prompt_tokens > ask(client, QUESTIONS[1], max_tokens=1).usage.prompt_tokens + 5
+    parts = [{"role": "user", "content": [{"type": "text", "text": "头痛"}, {"type": "text", "text": "怎么办？"}]}]
+    as_parts = client.chat.completions.create(model="any", messages=parts, temperature=0, max_tokens=8)
+    assert as_parts.choices[0].message.content == ask(client, "头痛怎么办？", temperature=0, max_tokens=8).choices[0].message.content
 
 
 # ----------------------------------------------------------------------------- bad input
@@ -210,6 +214,10 @@ def test_max_tokens_beyond_the_context_is_clamped_and_said_so(url, tiny_tokenize
     assert r.json()["warnings"] == [f"max_tokens 1000000 clamped to {CONTEXT - n}: the prompt's {n} tokens and the "
                                     f"answer must fit the model's context of {CONTEXT} tokens"]
     assert r.json()["usage"]["completion_tokens"] <= CONTEXT - n
+    with httpx.stream("POST", chat_url(url), json={"messages": USER, "max_tokens": 10 ** 6, "stream": True},
+                      timeout=30) as r:  # streamed, the first chunk says it
+        first = json.loads(next(r.iter_lines()).removeprefix("data: "))
+    assert first["warnings"][0].startswith(f"max_tokens 1000000 clamped to {CONTEXT - n}")
 
 
 def test_oversized_bodies_get_413_and_the_server_goes_on(url):
@@ -274,13 +282,35 @@ def test_16_concurrent_streaming_clients_all_get_their_answers(url, client, ckpt
     assert health(url)["peak_batch"] >= 8  # they shared decode steps
 
 
+def test_ctrl_c_ends_open_streams_and_the_server_exits_cleanly(ckpt, capfd):
+    process, own_url = serve.start_subprocess(["--ckpt", str(ckpt), "--device", "cpu", "--threads", "1"])
+    try:
+        body = {"messages": USER, "temperature": 0, "max_tokens": LONG, "stream": True}
+        with httpx.stream("POST", chat_url(own_url), json=body, timeout=30) as r:
+            lines = r.iter_lines()
+            next(lines)
+            process.send_signal(signal.SIGINT)
+            rest = [line for line in lines if line]
+        assert json.loads(rest[-2].removeprefix("data: "))["error"]["code"] == "server_shutdown"
+        assert rest[-1] == "data: [DONE]"
+        assert process.wait(timeout=30) == 0
+    finally:
+        process.kill()
+    assert "Traceback" not in capfd.readouterr().err
+
+
 # ----------------------------------------------------------------------------- in-process: the API key, the flags
 
+def local_app(ckpt, **settings):
+    """serve.py's app in this process (TestClient runs it, engine thread included)."""
+    _, model, tok = load_for_inference(ckpt, device="cpu")
+    defaults = vars(serve.parse_args(["--ckpt", str(ckpt)]))
+    return TestClient(serve.create_app(serve.Server(BatchEngine(model, tok.eos_id, tok.pad_id, 2), tok, defaults,
+                                                    **settings)))
+
+
 def test_api_key_guards_the_api_but_not_the_page(ckpt):
-    args = serve.parse_args(["--ckpt", str(ckpt), "--api-key", "sekret"])
-    _, model, tok = load_for_inference(args.ckpt, device="cpu")
-    server = serve.Server(BatchEngine(model, tok.eos_id, tok.pad_id, 2), tok, vars(args), api_key="sekret")
-    with TestClient(serve.create_app(server)) as http:
+    with local_app(ckpt, api_key="sekret") as http:
         body = {"messages": USER, "max_tokens": 2}
         for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "sekret"}):
             r = http.post("/v1/chat/completions", json=body, headers=headers)
@@ -291,6 +321,12 @@ def test_api_key_guards_the_api_but_not_the_page(ckpt):
         assert http.get("/health").status_code == 200
         page = http.get("/")
         assert page.status_code == 200 and "<textarea" in page.text and "sekret" not in page.text
+
+
+def test_a_full_queue_gets_503(ckpt):
+    with local_app(ckpt, max_waiting=0) as http:
+        r = http.post("/v1/chat/completions", json={"messages": USER, "max_tokens": 2})
+        assert r.status_code == 503 and r.json()["error"]["code"] == "server_busy"
 
 
 def test_bad_flags_and_a_taken_port_stop_with_one_line(tmp_path, ckpt):
