@@ -115,6 +115,19 @@ class SlotCache:
         return self.k[layer][:self.rows, :, :self.span], self.v[layer][:self.rows, :, :self.span]
 
 
+def prefill_groups(requests, slack=1.25):
+    """Requests cut into groups of similar prompt lengths, shortest first, so that a group's
+    left padding costs at most `slack` times its real tokens (padding is wasted compute)."""
+    groups, group = [], []
+    for request in sorted(requests, key=lambda r: len(r.prompt_ids)):
+        candidate = group + [request]  # the newest is the longest: it sets the padded width
+        if group and len(request.prompt_ids) * len(candidate) > slack * sum(len(r.prompt_ids) for r in candidate):
+            groups.append(group)
+            candidate = [request]
+        group = candidate
+    return groups + [group] if group else groups
+
+
 class BatchEngine:
     """Decodes every submitted request with continuous batching (see the module docstring).
     Drive it with step() (tests do) or run it on its own thread with start() (serve.py)."""
@@ -190,7 +203,7 @@ class BatchEngine:
         return True
 
     def _admit(self):
-        """Prefill waiting requests into the free slots, all in one batch."""
+        """Prefill waiting requests into the free slots, a few batches of similar lengths."""
         with self.wakeup:
             joining = []
             while self.waiting and len(self.active) + len(joining) < self.max_batch:
@@ -199,25 +212,29 @@ class BatchEngine:
                     self._finish(request, "cancelled")
                 else:
                     joining.append(request)
-        if not joining:
-            return
-        prompts = [r.prompt_ids for r in joining]
-        tokens, positions, key_ok = left_padded_batch(prompts, self.pad_id, 0, self.device)
-        prompt_len = tokens.shape[1]
-        prefill = KVCache(self.args, len(joining), prompt_len, self.device, self.cache.k[0].dtype)
         try:
-            logits = self.model(tokens, positions=positions, cache=prefill,
-                                attn_mask=prefill_mask(key_ok, prompt_len) if key_ok is not None else None)
+            for group in prefill_groups(joining):
+                self._prefill(group)
         except Exception:
             for request in joining:
-                self._finish(request, "error")
+                if request.finish_reason is None and not any(request is r for r in self.active):
+                    self._finish(request, "error")
             raise
-        for row, request in enumerate(joining):
+        self.stats["peak_batch"] = max(self.stats["peak_batch"], len(self.active))
+
+    def _prefill(self, group):
+        """Run the group's prompts through the model at once (left-padded, as generate does),
+        copy each row's keys and values into a free slot, and add the rows to the batch."""
+        tokens, positions, key_ok = left_padded_batch([r.prompt_ids for r in group], self.pad_id, 0, self.device)
+        prompt_len = tokens.shape[1]
+        prefill = KVCache(self.args, len(group), prompt_len, self.device, self.cache.k[0].dtype)
+        logits = self.model(tokens, positions=positions, cache=prefill,
+                            attn_mask=prefill_mask(key_ok, prompt_len) if key_ok is not None else None)
+        for row, request in enumerate(group):
             self.cache.store_prefill(len(self.active), prefill, row, prompt_len - len(request.prompt_ids), prompt_len)
             self._prepare_sampling(request)
             self.active.append(request)
         self.logits = logits if self.logits is None else torch.cat([self.logits, logits])
-        self.stats["peak_batch"] = max(self.stats["peak_batch"], len(self.active))
 
     def _prepare_sampling(self, request):
         s = request.sampling

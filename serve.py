@@ -230,17 +230,40 @@ class TextStream:
         return piece
 
 
+class Mailbox:
+    """Carries events from the engine's thread to asyncio queues on the event loop. Waking
+    the loop is a system call; the first event of a decode step wakes it, and the rest of
+    that step's events (one per row) ride along instead of each waking it again."""
+
+    def __init__(self, loop):
+        self.loop, self.lock, self.pending, self.scheduled = loop, threading.Lock(), [], False
+
+    def post(self, queue, event):  # on the engine's thread
+        with self.lock:
+            self.pending.append((queue, event))
+            if self.scheduled:
+                return
+            self.scheduled = True
+        self.loop.call_soon_threadsafe(self._hand_over)
+
+    def _hand_over(self):  # on the event loop
+        with self.lock:
+            pending, self.pending, self.scheduled = self.pending, [], False
+        for queue, event in pending:
+            queue.put_nowait(event)
+
+
 class Completion:
     """One request on its way from the engine's thread to the event loop: the engine's
-    deliver() puts (token, finish_reason) on an asyncio queue, pieces() turns them into text."""
+    deliver() posts (token, finish_reason) to an asyncio queue, pieces() turns them into text."""
 
     def __init__(self, server, prompt, max_new_tokens, sampling, stops):
-        self.loop, self.events = asyncio.get_running_loop(), asyncio.Queue()
+        self.mailbox, self.events = server.mailbox, asyncio.Queue()
         self.prompt_tokens, self.text = len(prompt), TextStream(server.tok, stops)
         self.request = server.engine.submit(prompt, max_new_tokens, sampling, self._deliver)
 
     def _deliver(self, token, finish_reason):  # on the engine's thread
-        self.loop.call_soon_threadsafe(self.events.put_nowait, (token, finish_reason))
+        self.mailbox.post(self.events, (token, finish_reason))
 
     async def pieces(self):
         """Yields (text, None) per token (text '' while it waits, see TextStream), then
@@ -334,6 +357,7 @@ class Server:
         self.context_length = engine.args.max_seq_len
         self.created = int(time.time())
         self.page = PAGE.read_text(encoding="utf-8")
+        self.mailbox = None  # made on the event loop when the app starts
 
 
 async def chat_completions(server, http_request):
@@ -397,6 +421,7 @@ def create_app(server):
     """The FastAPI app; the engine's thread runs while the app does."""
     @asynccontextmanager
     async def lifespan(app):
+        server.mailbox = Mailbox(asyncio.get_running_loop())
         server.engine.start()
         yield
         server.engine.close()
@@ -404,7 +429,7 @@ def create_app(server):
     app = FastAPI(title="baby-llama2-chinese", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     add_error_handlers(app)
 
-    def check_api_key(request: Request):
+    async def check_api_key(request: Request):  # async: a plain def would run in a worker thread
         expected = f"Bearer {server.api_key}".encode()
         if server.api_key and not hmac.compare_digest(request.headers.get("authorization", "").encode(), expected):
             raise ApiError(401, "missing or wrong API key: send the header 'Authorization: Bearer KEY'",

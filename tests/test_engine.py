@@ -3,7 +3,7 @@ import queue
 import pytest
 import torch
 
-from engine import BatchEngine, Sampling
+from engine import BatchEngine, Request, Sampling, prefill_groups
 from generate import generate
 from test_generate import MAX_SEQ_LEN, model  # noqa: F401 (model: a fixture, float64 with varied greedy output)
 
@@ -67,6 +67,13 @@ def test_eos_ends_a_row_and_the_context_bounds_the_answer(model):
     assert got[0].finish_reason == "stop" and len(got[0].tokens) == 4
     assert long_got.tokens == generate(model, [long_prompt], 100, eos_id=eos)[0]
     assert len(long_got.tokens) <= MAX_SEQ_LEN - 35
+
+
+def test_prefill_groups_keep_padding_small():
+    requests = [Request([1] * n, 5, Sampling(), None) for n in (10, 1, 12, 3, 4, 30)]
+    groups = [[len(r.prompt_ids) for r in g] for g in prefill_groups(requests)]
+    assert groups == [[1], [3, 4], [10, 12], [30]]
+    assert prefill_groups([]) == []
 
 
 def test_each_row_samples_with_its_own_settings_and_seed(model):
