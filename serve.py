@@ -310,17 +310,20 @@ async def stream_events(completion, meta, warnings, include_usage):
         return sse({**meta, "object": "chat.completion.chunk", "choices": [choice], **extra})
 
     first = True
-    async for piece, finish_reason in completion.pieces():
-        if first:
-            yield chunk({"role": "assistant", "content": ""}, **({"warnings": warnings} if warnings else {}))
-            first = False
-        if finish_reason in ("error", "cancelled"):
-            yield sse(ended_early(finish_reason).body())
-            break
-        if piece:
-            yield chunk({"content": piece})
-        if finish_reason is not None:
-            yield chunk({}, finish_reason)
+    try:
+        async for piece, finish_reason in completion.pieces():
+            if first:
+                yield chunk({"role": "assistant", "content": ""}, **({"warnings": warnings} if warnings else {}))
+                first = False
+            if finish_reason in ("error", "cancelled"):
+                yield sse(ended_early(finish_reason).body())
+                break
+            if piece:
+                yield chunk({"content": piece})
+            if finish_reason is not None:
+                yield chunk({}, finish_reason)
+    finally:  # the client may be gone while this waits at a yield, not inside pieces()
+        completion.request.cancel()
     if include_usage:
         yield sse({**meta, "object": "chat.completion.chunk", "choices": [], "usage": completion.usage()})
     yield "data: [DONE]\n\n"

@@ -22,7 +22,7 @@ from checkpoint import save_checkpoint
 from engine import BatchEngine
 from generate import load_for_inference
 from model import ModelArgs, Transformer
-from prompt import sft_prompt_ids
+from prompt import messages_prompt, sft_prompt_ids
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 CONTEXT = 1024  # long enough that a 1000-token answer takes about a second: time to disconnect, or press stop
@@ -373,33 +373,43 @@ def wait_for(condition, timeout=20, what="the page"):
     return value
 
 
-def test_chat_page_streams_an_answer_stops_it_and_goes_on(browser, url, client):
+CHINESE_RENDERS = (  # 头 drawn in the page's font differs from a character no font has (a box)
+    "const c = document.createElement('canvas'), g = c.getContext('2d'), s = getComputedStyle(document.body);"
+    "g.font = s.fontSize + ' ' + s.fontFamily;"
+    "const px = (ch) => { g.clearRect(0, 0, c.width, c.height); g.fillText(ch, 4, 24);"
+    "                     return g.getImageData(0, 0, c.width, c.height).data.join(); };"
+    "return px('头') !== px('\\uE000') && px('\\uE000') === px('\\uE001');")
+
+
+def last_answer(browser):
+    """The last answer's own text node (a tag such as "(stopped)" may follow it)."""
+    return browser.execute_script("const b = document.querySelectorAll('.msg.assistant');"
+                                  "return b.length ? (b[b.length - 1].childNodes[0] || {}).nodeValue || '' : '';")
+
+
+def wait_for_answers(browser, n):
+    from selenium.webdriver.common.by import By
+    wait_for(lambda: len(browser.find_elements(By.CSS_SELECTOR, ".msg.assistant")) == n
+             and browser.find_element(By.ID, "send").is_enabled(), what=f"answer {n}")
+
+
+def test_chat_page_streams_an_answer_stops_it_and_goes_on(browser, url, client, tiny_tokenizer):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
     find = browser.find_element
     browser.get(url + "/")
     wait_for(lambda: f"context {CONTEXT}" in find(By.ID, "status").text, what="the status line")
-    # Chinese renders: 头 drawn in the page's font differs from a character no font has (a box)
-    assert browser.execute_script(
-        "const c = document.createElement('canvas'), g = c.getContext('2d'), s = getComputedStyle(document.body);"
-        "g.font = s.fontSize + ' ' + s.fontFamily;"
-        "const px = (ch) => { g.clearRect(0, 0, c.width, c.height); g.fillText(ch, 4, 24);"
-        "                     return g.getImageData(0, 0, c.width, c.height).data.join(); };"
-        "return px('头') !== px('\\uE000') && px('\\uE000') === px('\\uE001');")
+    assert browser.execute_script(CHINESE_RENDERS)
     find(By.TAG_NAME, "summary").click()
     find(By.ID, "temperature").send_keys("0")
     find(By.ID, "max_tokens").send_keys(str(LONG))
     find(By.ID, "input").send_keys(QUESTIONS[0])
     find(By.ID, "send").click()
-
-    def answer_text():  # the answer's own text node (a tag such as "(stopped)" may follow it)
-        return browser.execute_script("const b = document.querySelectorAll('.msg.assistant');"
-                                      "return b.length ? (b[b.length - 1].childNodes[0] || {}).nodeValue || '' : '';")
     lengths = set()
-    wait_for(lambda: lengths.add(len(answer_text())) or len(lengths - {0}) >= 3, what="a growing answer")
+    wait_for(lambda: lengths.add(len(last_answer(browser))) or len(lengths - {0}) >= 3, what="a growing answer")
     find(By.ID, "stop").click()
-    wait_for(lambda: find(By.ID, "send").is_enabled(), what="the send button")
-    partial = answer_text()
+    wait_for_answers(browser, 1)
+    partial = last_answer(browser)
     assert "(stopped)" in find(By.CSS_SELECTOR, ".msg.assistant .tag").text
     assert find(By.CSS_SELECTOR, ".msg.user").text == QUESTIONS[0]  # Chinese arrives intact
     full = ask(client, QUESTIONS[0], temperature=0, max_tokens=LONG).choices[0].message.content
@@ -410,12 +420,35 @@ def test_chat_page_streams_an_answer_stops_it_and_goes_on(browser, url, client):
     find(By.ID, "max_tokens").clear()
     find(By.ID, "max_tokens").send_keys("12")
     find(By.ID, "input").send_keys(QUESTIONS[1], Keys.ENTER)
-    wait_for(lambda: len(browser.find_elements(By.CSS_SELECTOR, ".msg.assistant")) == 2
-             and find(By.ID, "send").is_enabled(), what="the second answer")
+    wait_for_answers(browser, 2)
     turns = [{"role": "user", "content": QUESTIONS[0]}, {"role": "assistant", "content": partial},
              {"role": "user", "content": QUESTIONS[1]}]
     second = client.chat.completions.create(model="any", messages=turns, temperature=0, max_tokens=12)
-    assert answer_text() == second.choices[0].message.content
+    assert last_answer(browser) == second.choices[0].message.content
+
+    # a question that only fits without the first turn: the page drops that turn and says so
+    turns.append({"role": "assistant", "content": last_answer(browser)})
+    question = long_question(tiny_tokenizer, turns)
+    browser.execute_script("document.getElementById('input').value = arguments[0];", question)
+    find(By.ID, "send").click()
+    wait_for_answers(browser, 3)
+    assert "earlier turns dropped" in find(By.ID, "note").text and "clamped" in find(By.ID, "note").text
+    assert len(browser.find_elements(By.CSS_SELECTOR, ".msg.dropped")) == 2
+    third = client.chat.completions.create(model="any", messages=turns[2:] + [{"role": "user", "content": question}],
+                                           temperature=0, max_tokens=12)
+    assert last_answer(browser) == third.choices[0].message.content
 
     find(By.ID, "clear").click()
-    assert browser.find_elements(By.CSS_SELECTOR, ".msg") == []
+    assert browser.find_elements(By.CSS_SELECTOR, ".msg") == [] and find(By.ID, "note").text == ""
+
+
+def long_question(tok, turns):
+    """A question whose prompt overflows the context after all these turns but nearly fills
+    it after the last two alone."""
+    def n_tokens(messages, question):
+        return len(sft_prompt_ids(tok, messages_prompt(messages + [{"role": "user", "content": question}])))
+    question = ""
+    while n_tokens(turns[2:], question + "头痛发热") <= CONTEXT - 8:
+        question += "头痛发热"
+    assert n_tokens(turns, question) >= CONTEXT, "the test's question must overflow with every turn"
+    return question
