@@ -463,7 +463,9 @@ def create_app(server):
 # ----------------------------------------------------------------------------- command line
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Serve a checkpoint: an OpenAI-compatible chat API and a chat page.")
+    p = argparse.ArgumentParser(description="Serve a checkpoint: an OpenAI-compatible chat API and a chat page. "
+                                "--max-new-tokens and the sampling flags are the defaults for requests that leave "
+                                "the field out (no --seed: a fresh random seed per request).")
     add_generation_args(p, GENERATION)  # the sampling flags: defaults for requests that leave a field out
     p.add_argument("--host", default=HOST, help="address to listen on (127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=PORT, help="port to listen on (0: any free one, printed at start)")
