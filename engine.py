@@ -86,8 +86,8 @@ class SlotCache:
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(args.n_layers)]
         self.rows = self.span = 0
         self.positions = None
-        # Transformer.hidden_states adds the positions it fed to `length`; here each row has its
-        # own length (its position + 1), so this counter is never read.
+        # Transformer.hidden_states adds the positions it fed to `length` and uses it only when
+        # no positions are given; the engine always gives each row's own, so this counts nothing.
         self.length = 0
 
     def store_prefill(self, slot, prefill, row, start, end):
