@@ -187,6 +187,12 @@ def load_for_inference(ckpt_path, tokenizer_path=None, device=None, dtype=None):
     return ckpt, model, tok
 
 
+def default_max_new_tokens(max_seq_len, cap=256):
+    """How many tokens to allow an answer when none is asked for: `cap`, but at most half the
+    model's context, so that every model leaves a prompt room (the demo's context is 256)."""
+    return min(cap, max_seq_len // 2)
+
+
 def add_generation_args(parser, defaults):
     """The flags eval.py and chat.py share: which model, where, and how to sample.
     defaults: the script's ckpt, max_new_tokens, temperature, top_k, top_p,
