@@ -15,7 +15,6 @@ occurs: a trained model must get well below it); evaluation scores with 95% conf
 intervals and the baselines; sample answers; wall-clock per stage; hardware.
 """
 import argparse
-import glob
 import json
 import os
 import platform
@@ -27,6 +26,7 @@ import numpy as np
 import torch
 
 from checkpoint import load_checkpoint, tokenizer_for_checkpoint, write_text_atomic
+from dataset import find_bin_files, read_meta
 from model import ModelArgs, Transformer
 
 N_SAMPLES = 5  # sample answers shown
@@ -80,10 +80,10 @@ def answer_token_counts(jsonl_path, tok):
     return np.bincount(np.array(ids, dtype=np.int64))
 
 
-def val_path(train_path, suffix):
-    """data/x/NAME.bin -> data/x/NAME_val.bin (the held-out file data_process.py writes beside it)."""
+def val_path(train_path):
+    """data/sft/NAME.jsonl -> data/sft/NAME_val.jsonl (the held-out file data_process.py writes beside it)."""
     p = Path(train_path)
-    return p.with_name(p.stem + "_val" + suffix)
+    return p.with_name(p.stem + "_val" + p.suffix)
 
 
 def param_count(model_args):
@@ -95,8 +95,9 @@ def param_count(model_args):
 # -----------------------------------------------------------------------------
 # the figure
 
-def plot_loss_curves(stages, path):
-    """Pretraining and SFT side by side, train and validation loss against tokens."""
+def plot_loss_curves(stages, entropies, path):
+    """Pretraining and SFT side by side: train and validation loss against tokens, and the
+    unigram entropy of the validation targets as a dashed line."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -115,6 +116,8 @@ def plot_loss_curves(stages, path):
         val = [(r["tokens"], r["val_loss"]) for r in rows if r.get("val_loss") is not None]
         if val:
             ax.plot(*zip(*val), "o-", label="validation")
+        if entropies[name] is not None:
+            ax.axhline(entropies[name], ls="--", color="gray", label="unigram entropy of validation")
         ax.legend()
     fig.tight_layout()
     tmp = Path(str(path) + ".tmp")
@@ -131,28 +134,29 @@ def table(header, rows):
            ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
 
 
+def bin_row(path):
+    """A table row describing one pretraining .bin from its meta file."""
+    try:
+        meta = read_meta(path)
+    except ValueError as e:
+        return [path, str(e), "", "", ""]
+    s = meta.get("summary", {})
+    dropped = (f"{s.get('dropped_short', 0):,} short, {s.get('dropped_duplicate', 0):,} duplicate, "
+               f"{s.get('skipped_bad', 0):,} bad" if s else "")
+    return [path, meta.get("split", ""), f"{meta['n_documents']:,}", f"{meta['n_tokens']:,}", dropped]
+
+
 def section_data(pretrain_bins, sft, evaluation):
     lines = ["## Data", ""]
-    if pretrain_bins:
-        rows = []
-        for path in pretrain_bins:
-            for split_path in (Path(path), val_path(path, ".bin")):
-                meta_path = split_path.with_suffix(".json")
-                if not meta_path.is_file():
-                    rows.append([split_path, "(no meta .json beside it)", "", "", ""])
-                    continue
-                meta = json.loads(meta_path.read_text(encoding="utf-8"))
-                s = meta.get("summary", {})
-                dropped = (f"{s.get('dropped_short', 0):,} short, {s.get('dropped_duplicate', 0):,} duplicate, "
-                           f"{s.get('skipped_bad', 0):,} bad" if s else "")
-                rows.append([split_path, meta.get("split", ""), f"{meta['n_documents']:,}", f"{meta['n_tokens']:,}", dropped])
+    if pretrain_bins[0]:
+        rows = [bin_row(path) for path in pretrain_bins[0] + pretrain_bins[1]]
         lines += ["Pretraining:", ""] + table(["file", "split", "documents", "tokens", "dropped"], rows) + [""]
     else:
         lines += ["Pretraining: not described (a pretraining checkpoint does not record its data files; "
                   "pass --pretrain-data).", ""]
     if sft is not None and sft["config"].get("data"):
         data = Path(sft["config"]["data"])
-        counts = [[p, f"{len(read_jsonl(p)):,}"] for p in (data, val_path(data, ".jsonl")) if p.is_file()]
+        counts = [[p, f"{len(read_jsonl(p)):,}"] for p in (data, val_path(data)) if p.is_file()]
         lines += ["SFT examples (drop counts are printed by data_process.py sft, not recorded):", ""]
         lines += table(["file", "examples"], counts) + [""]
     if evaluation is not None:
@@ -181,27 +185,30 @@ def section_model(stages):
            ["", f"Tokenizer: {tokenizer}.", ""]
 
 
-def entropy_row(name, stage, counts):
-    loss = last_val_loss(stage["rows"]) if stage is not None else None
-    if loss is None or counts is None:
-        return [name, "n/a" if loss is None else f"{loss:.3f}", "n/a", ""]
-    entropy = unigram_entropy(counts)
-    return [name, f"{loss:.3f}", f"{entropy:.3f}", f"{1 - loss / entropy:.1%}"]
-
-
-def section_losses(stages, pretrain_bins, tokenizer_path):
-    pretrain, sft = stages["pretrain"], stages["sft"]
-    pre_counts = bin_token_counts([val_path(p, ".bin") for p in pretrain_bins]) \
-        if pretrain_bins and all(val_path(p, ".bin").is_file() for p in pretrain_bins) else None
-    sft_counts, note = None, ""
-    if sft is not None and sft["config"].get("data") and val_path(sft["config"]["data"], ".jsonl").is_file():
+def unigram_entropies(stages, pretrain_bins, tokenizer_path):
+    """The unigram entropy of each stage's validation targets -> ({stage: entropy or None}, note).
+    Pretraining: the tokens of the NAME_val.bin files; SFT: the answer tokens and eos of
+    NAME_val.jsonl, which are what the SFT loss scores."""
+    result, note = {"pretrain": None, "sft": None}, ""
+    if pretrain_bins[1]:
+        result["pretrain"] = unigram_entropy(bin_token_counts(pretrain_bins[1]))
+    sft = stages["sft"]
+    if sft is not None and sft["config"].get("data") and val_path(sft["config"]["data"]).is_file():
         try:
             tok = tokenizer_for_checkpoint(sft, tokenizer_path)
-            sft_counts = answer_token_counts(val_path(sft["config"]["data"], ".jsonl"), tok)
+            result["sft"] = unigram_entropy(answer_token_counts(val_path(sft["config"]["data"]), tok))
         except (RuntimeError, ValueError, OSError) as e:
             note = f"SFT entropy not computed: {e}"
-    rows = [entropy_row("pretrain (validation tokens)", pretrain, pre_counts),
-            entropy_row("SFT (validation answer tokens + eos)", sft, sft_counts)]
+    return result, note
+
+
+def section_losses(stages, entropies, note):
+    rows = []
+    for name, label in (("pretrain", "pretrain (validation tokens)"), ("sft", "SFT (validation answer tokens + eos)")):
+        loss = last_val_loss(stages[name]["rows"]) if stages[name] is not None else None
+        entropy = entropies[name]
+        rows.append([label, "n/a" if loss is None else f"{loss:.3f}", "n/a" if entropy is None else f"{entropy:.3f}",
+                     "" if loss is None or entropy is None else f"{1 - loss / entropy:.1%}"])
     return ["## Loss curves", "", "![loss curves: pretraining and SFT](loss_curves.png)", "",
             "## Final validation loss vs unigram entropy", "",
             "Both in nats per token. The unigram entropy of the same tokens is the loss of a model that "
@@ -312,14 +319,15 @@ def write_report(out_dir, pretrain_dir=None, sft_dir=None, eval_dir=None, pretra
         if (eval_dir / "metrics.json").is_file() else None
     if all(s is None for s in stages.values()) and evaluation is None:
         raise FileNotFoundError(f"{out_dir}: no checkpoints in pretrain/ or sft/ and no eval/metrics.json")
-    pretrain_bins = sorted(f for spec in pretrain_data for f in (glob.glob(str(spec)) or [spec]))
+    pretrain_bins = find_bin_files(pretrain_data) if pretrain_data else ([], [])  # (train, val)
     summary_path = out_dir / "summary.json"
     summary = json.loads(summary_path.read_text(encoding="utf-8")) if summary_path.is_file() else None
-    plot_loss_curves(stages, out_dir / "loss_curves.png")
+    entropies, note = unigram_entropies(stages, pretrain_bins, tokenizer)
+    plot_loss_curves(stages, entropies, out_dir / "loss_curves.png")
     lines = [f"# Run report: {out_dir}", "", f"Written {time.strftime('%Y-%m-%d %H:%M')} by `report.py`.", ""]
     lines += section_data(pretrain_bins, stages["sft"], evaluation)
     lines += section_model(stages)
-    lines += section_losses(stages, pretrain_bins, tokenizer)
+    lines += section_losses(stages, entropies, note)
     lines += section_eval(evaluation)
     lines += section_samples(eval_dir / "predictions.jsonl")
     lines += section_time(stages, evaluation, summary)
@@ -334,7 +342,8 @@ def main(argv=None):
     p.add_argument("--pretrain", default=None, help="pretraining out dir (default OUT_DIR/pretrain)")
     p.add_argument("--sft", default=None, help="SFT out dir (default OUT_DIR/sft)")
     p.add_argument("--eval", default=None, help="eval out dir (default OUT_DIR/eval)")
-    p.add_argument("--pretrain-data", nargs="*", default=[], help="the pretraining .bin files or globs (NAME_val.bin beside each)")
+    p.add_argument("--pretrain-data", nargs="*", default=[],
+                   help="pretrain.py's --data: .bin files, globs or directories (NAME_val.bin beside each)")
     p.add_argument("--tokenizer", default=None, help="tokenizer.model, if not where the checkpoints recorded it")
     args = p.parse_args(argv)
     try:
