@@ -121,9 +121,11 @@ def read_predictions(path, rows):
         raise ValueError(f"{path}: {len(other)} predictions but this run scored {len(rows)} questions; "
                          f"--compare needs a run on the same questions (same --data and --limit)")
     for (where, record), row in zip(other, rows):
+        if not isinstance(record.get("prediction"), str):
+            raise ValueError(f"{where}: no 'prediction' text; --compare takes a predictions.jsonl written by eval.py")
         if record.get("reference") != row["answer"]:
             raise ValueError(f"{where}: its reference differs from {row['where']}; --compare needs the same questions")
-    return [record.get("prediction", "") for _, record in other]
+    return [record["prediction"] for _, record in other]
 
 
 # -----------------------------------------------------------------------------

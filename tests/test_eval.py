@@ -113,6 +113,9 @@ def test_compare_runs_a_paired_bootstrap_on_the_same_questions(tmp_path, sft_ckp
     write_jsonl(tmp_path / "short.jsonl", other[:4])
     with pytest.raises(ValueError, match="short.jsonl: 4 predictions but this run scored 6"):
         run_eval(sft_ckpt, data, tmp_path / "e", "--compare", str(tmp_path / "short.jsonl"))
+    write_jsonl(tmp_path / "moved.jsonl", other[1:] + other[:1])
+    with pytest.raises(ValueError, match="moved.jsonl:1: its reference differs"):
+        run_eval(sft_ckpt, data, tmp_path / "f", "--compare", str(tmp_path / "moved.jsonl"))
 
 
 def test_default_answer_length_fits_a_small_context(tmp_path, sft_ckpt, capsys):
