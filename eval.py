@@ -248,6 +248,9 @@ def generate_predictions(args, rows):
 
 def evaluate(args):
     started = time.time()
+    for flag, path in (("--train-data", args.train_data), ("--compare", args.compare)):
+        if path is not None and not Path(path).is_file():  # found out now, not after generating
+            raise FileNotFoundError(f"{flag} {path}: no such file")
     rows = read_qa(args.data, args.question_field, args.answer_field, args.limit)
     ckpt, model, tok, prompts, generated, info = generate_predictions(args, rows)
     predictions = [tok.decode(ids) for ids in generated]

@@ -110,6 +110,8 @@ def test_compare_runs_a_paired_bootstrap_on_the_same_questions(tmp_path, sft_ckp
     assert "this run trails" in capsys.readouterr().out
     same = run_eval(sft_ckpt, data, tmp_path / "d", "--compare", str(tmp_path / "a" / "predictions.jsonl"))["compare"]
     assert same["bleu4"]["delta"] == 0 and same["bleu4"]["p"] == 1.0
+    with pytest.raises(SystemExit, match="--compare .*missing.jsonl: no such file"):
+        qa_eval.main(["--ckpt", str(sft_ckpt), "--data", str(data), "--compare", str(tmp_path / "missing.jsonl")])
     write_jsonl(tmp_path / "short.jsonl", other[:4])
     with pytest.raises(ValueError, match="short.jsonl: 4 predictions but this run scored 6"):
         run_eval(sft_ckpt, data, tmp_path / "e", "--compare", str(tmp_path / "short.jsonl"))
