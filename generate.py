@@ -187,6 +187,12 @@ def load_for_inference(ckpt_path, tokenizer_path=None, device=None, dtype=None):
     return ckpt, model, tok
 
 
+def default_max_new_tokens(max_seq_len, cap=256):
+    """How many tokens to allow an answer when none is asked for: `cap`, but at most half the
+    model's context, so that every model leaves a prompt room (the demo's context is 256)."""
+    return min(cap, max_seq_len // 2)
+
+
 # The sampling flags eval.py and chat.py share: (flag, type, help); each script gives the defaults.
 SAMPLING_FLAGS = (
     ("--max-new-tokens", int, "most tokens generated per answer"),
