@@ -190,12 +190,15 @@ def load_for_inference(ckpt_path, tokenizer_path=None, device=None, dtype=None):
 def add_generation_args(parser, defaults):
     """The flags eval.py and chat.py share: which model, where, and how to sample.
     defaults: the script's ckpt, max_new_tokens, temperature, top_k, top_p,
-    repetition_penalty and seed."""
+    repetition_penalty and seed. max_new_tokens None means the script picks a number that
+    fits the model's context once the model is loaded (and says which)."""
     d = defaults
     parser.add_argument("--ckpt", default=d["ckpt"], help="checkpoint file or out dir (its best.pt, else latest step)")
     parser.add_argument("--tokenizer", default=None, help="tokenizer.model to use instead of the one the checkpoint names")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    parser.add_argument("--max-new-tokens", type=int, default=d["max_new_tokens"], help="most tokens generated per answer")
+    fitted = " (default: as many as fit the model's context beside a prompt)" if d["max_new_tokens"] is None else ""
+    parser.add_argument("--max-new-tokens", type=int, default=d["max_new_tokens"],
+                        help="most tokens generated per answer" + fitted)
     parser.add_argument("--temperature", type=float, default=d["temperature"], help="0 = greedy; > 0 samples")
     parser.add_argument("--top-k", type=int, default=d["top_k"], help="sample only from the k most likely tokens")
     parser.add_argument("--top-p", type=float, default=d["top_p"], help="sample only from the smallest set with this probability mass")
