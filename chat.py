@@ -94,14 +94,15 @@ class Session:
     def prompt_ids(self, text):
         """The prompt for `text`, cut to the budget; says what was cut."""
         if not self.is_sft:
-            ids = [self.tok.eos_id] + self.tok.encode(text)
-            if len(ids) > self.budget:
+            ids = self.tok.encode(text)
+            if len(ids) > self.budget - 1:
                 note(f"the text was cut to its last {self.budget - 1} tokens to fit the {self.context}-token context")
-            return ids[-self.budget:]
+            return [self.tok.eos_id] + ids[-(self.budget - 1):]  # eos first: a new document
         ids, dropped, cut = fit_prompt(self.tok, self.history, text, self.budget)
         if dropped:
-            note(f"the {dropped} oldest turn(s) no longer fit the {self.context}-token context "
-                 f"beside a {self.max_new_tokens}-token answer and were left out")
+            turns = "the oldest turn" if dropped == 1 else f"the {dropped} oldest turns"
+            note(f"left out {turns} of the conversation: it no longer fits the {self.context}-token context "
+                 f"beside a {self.max_new_tokens}-token answer")
             del self.history[:dropped]  # a longer conversation never fits them again
         if cut:
             note(f"the question was cut to its last {self.budget - 1} tokens to fit the {self.context}-token context")

@@ -104,12 +104,13 @@ def test_cut_prompts_are_announced(sft_ckpt, tiny_tokenizer, capsys):
     ids = session.prompt_ids("咳嗽呢")
     assert len(ids) <= 32 and ids[-1] == tok.bos_id
     err = capsys.readouterr().err
-    assert "oldest turn(s) no longer fit the 64-token context" in err
+    assert "of the conversation: it no longer fits the 64-token context beside a 32-token answer" in err
     assert len(session.history) < 3  # the dropped turns are forgotten, so the note comes once
     session.prompt_ids("头痛发热怎么办" * 20)
     assert "the question was cut to its last 31 tokens" in capsys.readouterr().err
     pretrain = chat.Session(model, tok, False, max_new_tokens=32, sampling={})
-    assert len(pretrain.prompt_ids("医生建议" * 30)) == 32
+    ids = pretrain.prompt_ids("医生建议" * 30)
+    assert len(ids) == 32 and ids[0] == tok.eos_id and ids[1:] == tok.encode("医生建议" * 30)[-31:]
     assert "the text was cut to its last 31 tokens" in capsys.readouterr().err
 
 
