@@ -41,7 +41,7 @@ def answer_length(requested, max_seq_len):
     gets the rest of the context and needs at least 2 tokens (a text token and bos)."""
     n = min(MAX_NEW_TOKENS, max_seq_len // 2) if requested is None else requested
     if not 1 <= n <= max_seq_len - 2:
-        sys.exit(f"chat.py: error: --max-new-tokens {requested} must be in 1..{max_seq_len - 2} "
+        sys.exit(f"chat.py: error: --max-new-tokens {n} must be in 1..{max_seq_len - 2} "
                  f"to leave room for a prompt within the model's context of {max_seq_len} tokens")
     if requested is None:
         note(f"answers get up to {n} new tokens of the model's {max_seq_len}-token context "
