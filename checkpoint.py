@@ -199,11 +199,22 @@ def model_from_checkpoint(ckpt, device="cpu"):
 
 def tokenizer_for_checkpoint(ckpt, tokenizer_path=None):
     """The tokenizer a checkpoint was trained with: the given path, else the one its record
-    names, else the usual search; its hash must match the record."""
-    from chatglm_tokenizer import load_tokenizer
+    names, else the usual search; its hash must match the record. An own vocabulary is never
+    looked for on the Hub (no repo there holds it): when its recorded file is gone, the error
+    names that path at once."""
+    from chatglm_tokenizer import CHATGLM2_SHA256, TokenizerNotFound, load_tokenizer
     recorded = ckpt["tokenizer"]
+    own = recorded.get("sha256") != CHATGLM2_SHA256
     if tokenizer_path is None and recorded.get("path") and Path(recorded["path"]).is_file():
         tokenizer_path = recorded["path"]
-    tok = load_tokenizer(tokenizer_path)
+    try:
+        tok = load_tokenizer(tokenizer_path, download=not own)
+    except TokenizerNotFound:
+        if tokenizer_path or not own:
+            raise
+        raise TokenizerNotFound(
+            f"checkpoint {ckpt.get('path')} was trained with its own tokenizer {recorded.get('name')}, recorded at "
+            f"{recorded.get('path')}, which no longer exists.\nPass --tokenizer PATH to that tokenizer.model "
+            f"(sha256 {recorded.get('sha256')}).") from None
     tok.check_identity(recorded, f"checkpoint {ckpt.get('path')}")
     return tok

@@ -96,7 +96,7 @@ def download_preset(kind, name, raw_dir):
         raise DataError(
             f"preset {name}: downloading the Hub dataset {preset['repo']} failed ({type(e).__name__}: {e}).\n"
             f"Without network, fetch its files {preset['files']} elsewhere, e.g.\n"
-            f"  huggingface-cli download {preset['repo']} --repo-type dataset "
+            f"  hf download {preset['repo']} --repo-type dataset "
             + " ".join(f"--include '{p}'" for p in preset["files"]) +
             f" --local-dir {local_dir}\nthen pass them with --input.") from None
     files = sorted(p for pattern in preset["files"] for p in local_dir.glob(pattern) if p.is_file() and known_format(p))

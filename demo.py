@@ -70,13 +70,23 @@ def run(*cmd):
 
 
 def download_subsets(raw_dir):
-    """Fetch a few small files of the public medical set; returns a data dir laid out like a local one."""
-    from huggingface_hub import hf_hub_download
-    for part, files in HUB_FILES.items():
-        (raw_dir / part).mkdir(parents=True, exist_ok=True)
-        for name in files:
-            local = hf_hub_download(HUB_REPO, name, repo_type="dataset")
-            shutil.copy(local, raw_dir / part / Path(name).name)
+    """Fetch a few small files of the public medical set; returns a data dir laid out like a local one.
+    Without network (or access) the demo stops with one message on how to run it offline."""
+    n_files = sum(map(len, HUB_FILES.values()))
+    print(f"demo: downloading {n_files} files of the Hub dataset {HUB_REPO} (offline: set DATA_DIR, see --help)",
+          flush=True)
+    try:
+        from huggingface_hub import hf_hub_download
+        for part, files in HUB_FILES.items():
+            (raw_dir / part).mkdir(parents=True, exist_ok=True)
+            for name in files:
+                local = hf_hub_download(HUB_REPO, name, repo_type="dataset")
+                shutil.copy(local, raw_dir / part / Path(name).name)
+    except Exception as e:  # offline, no access, missing package: all end the same way
+        reason = (str(e).strip().splitlines() or [""])[0]
+        sys.exit(f"demo: downloading the demo data from the Hub dataset {HUB_REPO} failed "
+                 f"({type(e).__name__}: {reason})\nWithout network, run it on a local data dir: "
+                 f"DATA_DIR=path/to/data bash scripts/demo.sh (pretrain/*.jsonl, sft/*.jsonl, medical_qa/*.jsonl)")
     return raw_dir
 
 
