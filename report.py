@@ -176,7 +176,9 @@ def section_model(stages):
         shape = (f"dim {a['dim']}, {a['n_layers']} layers, {a['n_heads']} heads ({a.get('n_kv_heads') or a['n_heads']} kv), "
                  f"context {a['max_seq_len']}, vocab {a['vocab_size']}, {param_count(a) / 1e6:.2f}M parameters")
         run = ", ".join(f"{k} {s.get(k):,}" for k in keys if s.get(k) is not None)
-        cfg = ", ".join(f"{k} {s['config'][k]}" for k in settings if k in s["config"])
+        muon = s["config"].get("optimizer") == "muon"
+        cfg = ", ".join(f"{k} {s['config'][k]}" for k in settings
+                        if k in s["config"] and (muon or not k.startswith("muon")))
         rows.append([name, shape, run, cfg + (f", init `{s['init']}`" if s.get("init") else "")])
     if not rows:
         return ["## Model and training", "", "No training checkpoints found.", ""]
