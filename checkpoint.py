@@ -1,6 +1,16 @@
 """Checkpoints: one .pt file per save, holding only tensors and plain Python values, so it
-loads with torch.load(weights_only=True) (no arbitrary unpickling). Written atomically: a
-temporary file is renamed into place only once complete.
+loads with torch.load(weights_only=True) (no arbitrary unpickling). Written atomically
+(atomic.py): a temporary file is renamed into place only once complete.
+
+Checksums. Every checkpoint carries a CRC-32 of each of its tensors (dtype, shape and bytes)
+and one of all its other values, and every load (resume, sft --init, eval, chat, export)
+recomputes and compares them: a file with flipped bytes is refused with a message naming it
+and the entry that differs, never used. (A truncated file fails earlier, in torch.load.) The
+checksums guard against accidental damage (disk, copy, transfer), where a CRC-32 misses one
+damaged tensor in 4 billion; they are stored in the file they check, so no hash could guard
+against deliberate edits anyway, and a CRC-32 costs less than a cryptographic hash
+(bench/bench_checkpoint.py measures both). A checkpoint written before checksums existed
+(format /1) still loads, with a warning that it could not be verified.
 
 Layout of a checkpoint dict:
   format       CHECKPOINT_FORMAT
@@ -10,41 +20,104 @@ Layout of a checkpoint dict:
   model        the model's state_dict
   step         optimizer steps taken
   ...          whatever the training module adds (optimizer, scaler, rng, data position, config)
+  checksums    {"values": CRC-32 of everything but the tensors, "tensors": {name: CRC-32}}
 
 In an out dir: step_XXXXXXXX.pt for periodic saves and best.pt for the best validation loss.
 """
 import json
 import os
 import re
+import sys
+import zlib
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
 
+from atomic import AtomicFile, write_text_atomic
 from model import ModelArgs, Transformer
 
-CHECKPOINT_FORMAT = "baby-llama2-chinese/1"
+CHECKPOINT_FORMAT = "baby-llama2-chinese/2"
+UNCHECKED_FORMAT = "baby-llama2-chinese/1"  # written before checksums: loads, unverified
 STEP_PATTERN = re.compile(r"^step_(\d+)\.pt$")
+CHECKSUM_THREADS = min(8, os.cpu_count() or 1)  # zlib.crc32 releases the GIL, so threads run in parallel
 
 
-def write_text_atomic(path, text):
-    """Write text under a temporary name and rename it into place, so a reader never sees
-    half a file."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used: corrupt, not ours, or failing its checksums."""
 
+
+# ----------------------------------------------------------------------------- checksums
+
+def canonical(obj, name, tensors):
+    """obj as plain JSON-able values, the same before saving and after loading; each tensor is
+    replaced by its name and collected into `tensors` (name -> tensor)."""
+    if isinstance(obj, torch.Tensor):
+        tensors[name] = obj
+        return f"tensor {name}"
+    if isinstance(obj, dict):  # OrderedDicts too; keys may be ints (optimizer states)
+        return {"dict": [[repr(k), canonical(v, f"{name}/{k}", tensors)] for k, v in obj.items()]}
+    if isinstance(obj, (list, tuple)):
+        return [canonical(v, f"{name}/{i}", tensors) for i, v in enumerate(obj)]
+    if isinstance(obj, float):
+        return repr(obj)  # exact, and inf/nan stay distinct
+    return obj if isinstance(obj, (int, str, bool, type(None))) else repr(obj)
+
+
+def crc32(data, start=0):
+    return f"{zlib.crc32(data, start):08x}"
+
+
+def tensor_crc32(t):
+    """CRC-32 of a tensor's dtype, shape and bytes."""
+    head = zlib.crc32(f"{t.dtype} {tuple(t.shape)}".encode())
+    return crc32(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy(), head)
+
+
+def storage_key(t):
+    """Where a tensor's bytes live: equal for the tensors that share them (tied weights)."""
+    return t.untyped_storage().data_ptr(), t.storage_offset(), t.shape, t.stride(), t.dtype, t.device
+
+
+def checksums(ckpt):
+    """{"values": CRC-32, "tensors": {name: CRC-32}} of ckpt (its "checksums" and "path" aside)."""
+    tensors = {}
+    values = canonical({k: v for k, v in ckpt.items() if k not in ("checksums", "path")}, "", tensors)
+    keys = {name: storage_key(t) for name, t in tensors.items()}
+    first = {}  # storage -> the first tensor in it: shared bytes are read once
+    for name, key in keys.items():
+        first.setdefault(key, name)
+    largest_first = sorted(first.values(), key=lambda n: -tensors[n].nbytes)  # keeps the threads evenly busy
+    with ThreadPoolExecutor(CHECKSUM_THREADS) as pool:
+        digests = dict(zip(largest_first, pool.map(lambda n: tensor_crc32(tensors[n]), largest_first)))
+    return {"values": crc32(json.dumps(values).encode()),
+            "tensors": {name: digests[first[key]] for name, key in keys.items()}}
+
+
+def verify(ckpt, path):
+    """Refuse a checkpoint whose contents differ from the checksums saved with it."""
+    saved = ckpt.get("checksums")
+    if not isinstance(saved, dict) or not isinstance(saved.get("tensors"), dict):
+        raise CheckpointError(f"checkpoint {path} has no checksums: the file is damaged; use an earlier checkpoint")
+    actual = checksums(ckpt)
+    differ = [] if saved.get("values") == actual["values"] else ["its plain values (step, config, ...)"]
+    names = set(saved["tensors"]) | set(actual["tensors"])
+    differ += sorted(n.lstrip("/") for n in names if saved["tensors"].get(n) != actual["tensors"].get(n))
+    if differ:
+        raise CheckpointError(f"checkpoint {path} is damaged: {len(differ)} of its entries differ from their "
+                              f"checksums (first: {differ[0]}); use an earlier checkpoint")
+
+
+# ----------------------------------------------------------------------------- files
 
 def save_checkpoint(path, ckpt):
-    """Atomically write ckpt to path, with a readable .json of its config beside it."""
+    """Atomically write ckpt, with its checksums, to path, and a readable .json of its config
+    beside it."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    ckpt = {"format": CHECKPOINT_FORMAT, **ckpt}
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(ckpt, tmp)
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    ckpt = {"format": CHECKPOINT_FORMAT, **{k: v for k, v in ckpt.items() if k not in ("path", "checksums")}}
+    ckpt["checksums"] = checksums(ckpt)
+    with AtomicFile(path, "wb") as out:
+        torch.save(ckpt, out.f)
     summary = {k: ckpt[k] for k in ("format", "kind", "step", "model_args", "tokenizer") if k in ckpt}
     write_text_atomic(path.with_suffix(".json"), json.dumps(summary, ensure_ascii=False, indent=2))
 
@@ -74,19 +147,44 @@ def resolve_checkpoint(path, prefer="best"):
 
 
 def load_checkpoint(path, prefer="best"):
-    """Load a checkpoint dict safely, onto the CPU; refuse files that are corrupt or not ours."""
+    """Load a checkpoint dict safely, onto the CPU, and verify its checksums; refuse files that
+    are corrupt or not ours (CheckpointError)."""
     path = resolve_checkpoint(path, prefer)
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ValueError(f"checkpoint {path} is corrupt or not a safe checkpoint: {type(e).__name__}: {e}") from None
-    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"checkpoint {path} is not a {CHECKPOINT_FORMAT} checkpoint")
+    except Exception as e:  # truncated, overwritten, or a pickle of arbitrary objects
+        reason = str(e).split(". ")[0][:200]  # torch's messages go on for lines
+        raise CheckpointError(f"checkpoint {path} is corrupt (truncated or overwritten) or not a safe checkpoint: "
+                              f"{type(e).__name__}: {reason}") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") not in (CHECKPOINT_FORMAT, UNCHECKED_FORMAT):
+        raise CheckpointError(f"checkpoint {path} is not a {CHECKPOINT_FORMAT} checkpoint")
+    if ckpt["format"] == CHECKPOINT_FORMAT:
+        verify(ckpt, path)
+    else:
+        print(f"warning: checkpoint {path} was written before checkpoints had checksums; it cannot be verified",
+              file=sys.stderr, flush=True)  # stderr: chat.py --prompt keeps stdout for the answer
     for key in ("model_args", "model", "tokenizer"):
         if key not in ckpt:
-            raise ValueError(f"checkpoint {path} has no '{key}' entry")
+            raise CheckpointError(f"checkpoint {path} has no '{key}' entry")
     ckpt["path"] = str(path)
     return ckpt
+
+
+def load_latest_good(out_dir):
+    """The newest step_*.pt of out_dir that loads and verifies, else its best.pt (None if there
+    is neither), and [(path, reason)] of those tried before that failed. Raises
+    CheckpointError if none verifies."""
+    best = [Path(out_dir) / "best.pt"] if (Path(out_dir) / "best.pt").is_file() else []
+    damaged = []
+    for path in step_checkpoints(out_dir)[::-1] + best:
+        try:
+            return load_checkpoint(path), damaged
+        except (CheckpointError, FileNotFoundError) as e:
+            damaged.append((path, str(e)))
+    if damaged:
+        raise CheckpointError(f"no checkpoint in {out_dir} is usable ({'; '.join(reason for _, reason in damaged)}); "
+                              f"move them away to start afresh")
+    return None, []
 
 
 def model_from_checkpoint(ckpt, device="cpu"):
@@ -95,17 +193,28 @@ def model_from_checkpoint(ckpt, device="cpu"):
     try:
         model.load_state_dict(ckpt["model"])
     except RuntimeError as e:
-        raise ValueError(f"checkpoint {ckpt.get('path')}: weights do not match its model_args: {e}") from None
+        raise CheckpointError(f"checkpoint {ckpt.get('path')}: weights do not match its model_args: {e}") from None
     return model.to(device)
 
 
 def tokenizer_for_checkpoint(ckpt, tokenizer_path=None):
     """The tokenizer a checkpoint was trained with: the given path, else the one its record
-    names, else the usual search; its hash must match the record."""
-    from chatglm_tokenizer import load_tokenizer
+    names, else the usual search; its hash must match the record. An own vocabulary is never
+    looked for on the Hub (no repo there holds it): when its recorded file is gone, the error
+    names that path at once."""
+    from chatglm_tokenizer import CHATGLM2_SHA256, TokenizerNotFound, load_tokenizer
     recorded = ckpt["tokenizer"]
+    own = recorded.get("sha256") != CHATGLM2_SHA256
     if tokenizer_path is None and recorded.get("path") and Path(recorded["path"]).is_file():
         tokenizer_path = recorded["path"]
-    tok = load_tokenizer(tokenizer_path)
+    try:
+        tok = load_tokenizer(tokenizer_path, download=not own)
+    except TokenizerNotFound:
+        if tokenizer_path or not own:
+            raise
+        raise TokenizerNotFound(
+            f"checkpoint {ckpt.get('path')} was trained with its own tokenizer {recorded.get('name')}, recorded at "
+            f"{recorded.get('path')}, which no longer exists.\nPass --tokenizer PATH to that tokenizer.model "
+            f"(sha256 {recorded.get('sha256')}).") from None
     tok.check_identity(recorded, f"checkpoint {ckpt.get('path')}")
     return tok

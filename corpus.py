@@ -23,6 +23,7 @@ Ordered parallel map. map_ordered(fn, tasks, workers, ...) runs fn over the task
 processes and yields the results in task order, with a bounded number of tasks in flight: the
 output is the same for any number of workers, and memory stays bounded however many tasks come.
 """
+import contextlib
 import csv
 import glob
 import gzip
@@ -31,6 +32,7 @@ import os
 import re
 import threading
 import time
+import zlib
 from collections import deque
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -60,11 +62,21 @@ def known_format(path):
     return format_suffix(path) in FORMATS
 
 
+@contextlib.contextmanager
+def gzip_errors(path):
+    """A truncated .gz, or a plain file named .gz, fails the whole file: DataError naming it
+    (--skip-bad skips bad records, not a file whose rest cannot be read)."""
+    try:
+        yield
+    except (EOFError, gzip.BadGzipFile, zlib.error) as e:
+        raise DataError(f"{path}: damaged gzip file ({e}); re-download it, or decompress it to find the damage") from None
+
+
 def input_format(path):
     """An input file's format: by its name, and for .json by its first character."""
     fmt = FORMATS.get(format_suffix(path))
     if fmt == "json":  # a .json file may hold one array or one object per line
-        with open_text(path) as f:
+        with gzip_errors(path), open_text(path) as f:
             head = f.read(4096).lstrip()
         fmt = "json" if head.startswith("[") else "jsonl"
     if fmt == "parquet" and path.name.endswith(".gz"):
@@ -104,6 +116,11 @@ def open_text(path):
 def iter_raw(path, fmt):
     """(line_no, item) per record: raw bytes for line formats (parsed later, possibly in a
     worker process), a dict for JSON arrays, CSV and Parquet."""
+    with gzip_errors(path):
+        yield from iter_raw_items(path, fmt)
+
+
+def iter_raw_items(path, fmt):
     if fmt in ("jsonl", "text"):
         with open_binary(path) as f:
             for line_no, line in enumerate(f, 1):

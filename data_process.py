@@ -15,6 +15,7 @@ Inputs are files, directories or globs of JSONL, JSON arrays, CSV/TSV, Parquet o
 corpus from the Hugging Face Hub into data/raw first.
 """
 import argparse
+import contextlib
 import hashlib
 import json
 import os
@@ -32,6 +33,7 @@ from typing import NamedTuple
 import numpy as np
 from tqdm import tqdm
 
+from atomic import AtomicFile, WriteError, naming_errors, write_json_atomic
 from chatglm_tokenizer import Tokenizer, TokenizerNotFound, load_tokenizer, train_sentencepiece
 from corpus import (TEXT_FIELDS, BadCounter, DataError, document_text, expand_inputs, input_format, iter_raw,
                     iter_records, known_format, map_ordered, parse_items, string_field, utf8)
@@ -94,7 +96,7 @@ def download_preset(kind, name, raw_dir):
         raise DataError(
             f"preset {name}: downloading the Hub dataset {preset['repo']} failed ({type(e).__name__}: {e}).\n"
             f"Without network, fetch its files {preset['files']} elsewhere, e.g.\n"
-            f"  huggingface-cli download {preset['repo']} --repo-type dataset "
+            f"  hf download {preset['repo']} --repo-type dataset "
             + " ".join(f"--include '{p}'" for p in preset["files"]) +
             f" --local-dir {local_dir}\nthen pass them with --input.") from None
     files = sorted(p for pattern in preset["files"] for p in local_dir.glob(pattern) if p.is_file() and known_format(p))
@@ -106,36 +108,92 @@ def download_preset(kind, name, raw_dir):
 # -----------------------------------------------------------------------------
 # output helpers: everything is written under a temporary name and renamed when complete
 
-class AtomicFile:
-    """A file written as PATH.tmp and renamed to PATH by commit(); discard() removes it."""
+class SplitWriter:
+    """One split's output file (atomic.AtomicFile: PATH.tmp until committed) that counts its
+    records and keeps the last one's bytes, so that the record can move to the validation
+    split when the hash held none out (hold_out_one)."""
 
-    def __init__(self, path, mode):
-        self.path, self.tmp = Path(path), Path(str(path) + ".tmp")
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.f = open(self.tmp, mode, **({} if "b" in mode else {"encoding": "utf-8"}))
+    def __init__(self, path):
+        self.out = AtomicFile(path, "wb")
+        self.path = self.out.path
+        self.records, self.bytes, self.last = 0, 0, b""
 
-    def commit(self):
-        self.f.flush()
-        os.fsync(self.f.fileno())
-        self.f.close()
-        os.replace(self.tmp, self.path)
+    def append(self, data, n_records, last):
+        """Append n_records whole records (bytes), the last of which is `last`."""
+        if n_records:
+            self.out.write(data)
+            self.records, self.bytes, self.last = self.records + n_records, self.bytes + len(data), last
 
-    def discard(self):
-        self.f.close()
-        self.tmp.unlink(missing_ok=True)
+    def pop_last(self):
+        """Take the last record back out of the file; returns its bytes (once: then last is empty)."""
+        last = self.last
+        with naming_errors(self.path):
+            self.out.f.truncate(self.bytes - len(last))  # flushes first; the position stays at the end
+            self.out.f.seek(0, os.SEEK_END)
+        self.records, self.bytes, self.last = self.records - 1, self.bytes - len(last), b""
+        return last
 
 
-def write_json_atomic(path, obj):
-    out = AtomicFile(path, "w")
-    json.dump(obj, out.f, ensure_ascii=False, indent=2)
-    out.commit()
+def largest_id(data):
+    return int(np.frombuffer(data, dtype="<u2").max(initial=0))
 
 
-def discard_unfinished(files):
-    """After a failure: remove the .tmp of every AtomicFile not committed yet."""
-    for f in files:
-        if not f.f.closed:
-            f.discard()
+class BinWriter(SplitWriter):
+    """A .bin split: its records are documents of uint16 ids, and it knows their largest id
+    (recorded in the meta; dataset.py checks it against the model's vocabulary)."""
+
+    def __init__(self, path):
+        super().__init__(path)
+        self.max_before_last = 0  # the largest id of every document but the last
+
+    def append_ids(self, ids, lengths):
+        """Append documents: their ids one after another, and their lengths."""
+        if len(lengths):
+            cut = len(ids) - int(lengths[-1])
+            self.max_before_last = max(self.max_before_last, largest_id(self.last), largest_id(ids[:cut]))
+            self.append(ids.tobytes(), len(lengths), ids[cut:].tobytes())
+
+    @property
+    def max_id(self):
+        return max(self.max_before_last, largest_id(self.last))
+
+
+def hold_out_one(writers, what):
+    """A requested validation split gets at least one record: when the hash picked none, the
+    last training record moves there. That depends on the input alone, so the output stays the
+    same for any worker count. Raises when there are too few records to spare one."""
+    train, val = writers["train"], writers.get("val")
+    if val is None or val.records:
+        return
+    if train.records < 2:
+        raise DataError(f"{val.path}: cannot hold out a validation {what}: only {train.records} {what}(s) kept "
+                        f"in all; add more input, or pass --val-fraction 0 for no validation split")
+    last = train.pop_last()
+    val.append(last, 1, last)  # (for a BinWriter too: val is empty, so its largest id is last's)
+    print(f"  the hash held out none of the {train.records + 1:,} {what}s for validation: "
+          f"the last one went to {val.path.name}")
+
+
+def check_kept(writers, what, args, counts):
+    """Refuse to finish with an empty output (nothing could use it), saying what was read
+    (counts); hold out one record when the validation split got none."""
+    train, kept = writers["train"], sum(w.records for w in writers.values())
+    if kept == 0:
+        raise DataError(f"{train.path}: no {what}s to write ({counts}); check the --input files and their fields")
+    hold_out_one(writers, what)
+    if train.records == 0:
+        raise DataError(f"{train.path}: all {kept:,} {what}s were held out for validation "
+                        f"(--val-fraction {args.val_fraction}); add more input or lower --val-fraction")
+
+
+def remove_outputs(writers, paths):
+    """After a failure: remove every output of this run, temporary or finished, so nothing
+    half-done looks complete (clear_outputs removed the previous run's before it began)."""
+    for w in writers:
+        w.out.discard()
+    for path in paths:
+        with contextlib.suppress(OSError):  # the error being raised says more than this one would
+            path.unlink(missing_ok=True)
 
 
 def already_done(done_marker, force, what):
@@ -154,7 +212,8 @@ def clear_outputs(outputs, files):
         if path.resolve() in inputs or Path(str(path) + ".tmp").resolve() in inputs:
             raise DataError(f"output {path} is also an input; choose another --out")
     for path in outputs:
-        path.unlink(missing_ok=True)
+        with naming_errors(path):
+            path.unlink(missing_ok=True)
 
 
 def doc_hash(data):
@@ -337,24 +396,27 @@ def cmd_pretrain(args):
         return
     tokenizer = load_tokenizer(args.tokenizer)
     files = resolve_inputs(args, "pretrain")
-    clear_outputs([paths["train"][1], paths["val"][1], paths["train"][0], paths["val"][0]], files)
+    outputs = [paths["train"][1], paths["val"][1], paths["train"][0], paths["val"][0]]  # the marker first
+    clear_outputs(outputs, files)
     settings = encode_settings(args, tokenizer)
-    bins = {"train": AtomicFile(paths["train"][0], "wb")}
-    if args.val_fraction > 0:
-        bins["val"] = AtomicFile(paths["val"][0], "wb")
-    t0 = time.time()
+    bins, t0 = {}, time.time()
     try:
-        counts, stats, bad = write_bins(files, settings, bins, args)
-        for f in bins.values():  # every .bin complete before a meta names it
-            f.commit()
+        bins["train"] = BinWriter(paths["train"][0])
+        if args.val_fraction > 0:
+            bins["val"] = BinWriter(paths["val"][0])
+        stats, bad = write_bins(files, settings, bins, args)
+        check_kept(bins, "document", args, f"read {stats['read']:,} records, {bad.count:,} bad, {stats['short']:,} "
+                   f"shorter than --min-tokens {args.min_tokens}, {stats['duplicate']:,} duplicates")
+        for b in bins.values():  # every .bin complete before a meta names it
+            b.out.commit()
         seconds = time.time() - t0
         summary = dict(documents_read=stats["read"], dropped_short=stats["short"], dropped_duplicate=stats["duplicate"],
                        skipped_bad=bad.count, seconds=round(seconds, 2), workers=args.workers)
-        write_metas(paths, counts, files, settings, tokenizer, summary)
+        write_metas(paths, bins, files, settings, tokenizer, summary)
     except BaseException:
-        discard_unfinished(bins.values())
+        remove_outputs(bins.values(), outputs)
         raise
-    print_pretrain_summary(paths, counts, stats, bad, args, seconds)
+    print_pretrain_summary(bins, stats, bad, args, seconds)
 
 
 def pretrain_paths(out):
@@ -375,9 +437,9 @@ def encode_settings(args, tokenizer):
 
 def write_bins(files, settings, bins, args):
     """Encode the files on args.workers processes and append the documents of every chunk to
-    their split's .bin in input order, without repeats (--dedup). Returns (counts per split,
-    stats, the BadCounter): it stops the run at a bad record, or counts them (--skip-bad)."""
-    counts, stats, bad = {split: Counter() for split in bins}, Counter(), BadCounter(args.skip_bad)
+    their split's BinWriter in input order, without repeats (--dedup). Returns (stats, the
+    BadCounter): it stops the run at a bad record, or counts them (--skip-bad)."""
+    stats, bad = Counter(), BadCounter(args.skip_bad)
     seen = set() if settings.dedup else None  # hashes of the documents so far
     pbar = tqdm(unit="doc", unit_scale=True, desc=f"pretrain {bins['train'].path.name}", smoothing=0.1)
     t0 = time.time()
@@ -386,12 +448,12 @@ def write_bins(files, settings, bins, args):
         report_problems(chunk, line_offset, bad)
         new = first_seen(chunk, seen)
         stats.update(read=chunk.n_read, short=chunk.n_short, duplicate=int((~new).sum()))
-        append_chunk(chunk, new, bins, counts)
-        tokens = sum(c["tokens"] for c in counts.values())
+        append_chunk(chunk, new, bins)
+        tokens = sum(b.bytes // 2 for b in bins.values())
         pbar.update(chunk.n_read)
         pbar.set_postfix_str(f"{tokens / max(time.time() - t0, 1e-9) / 1e3:,.0f}k tok/s", refresh=False)
     pbar.close()
-    return counts, stats, bad
+    return stats, bad
 
 
 def with_line_offsets(chunks):
@@ -425,34 +487,34 @@ def first_seen(chunk, seen):
     return new
 
 
-def append_chunk(chunk, new, bins, counts):
-    """Append the chunk's documents marked in `new` to their split's .bin, and count them."""
+def append_chunk(chunk, new, bins):
+    """Append the chunk's documents marked in `new` to their split's .bin."""
     for split, (ids, lengths), in_split in (("train", chunk.train, ~chunk.held_out), ("val", chunk.val, chunk.held_out)):
         new_in_split = new[in_split]
         if not new_in_split.all():  # repeats: drop their ids
             ids, lengths = ids[np.repeat(new_in_split, lengths)], lengths[new_in_split]
-        if len(lengths):
-            bins[split].f.write(ids.tobytes())
-            counts[split].update(docs=len(lengths), tokens=int(lengths.sum()))
+        if split in bins:
+            bins[split].append_ids(ids, lengths)
 
 
-def write_metas(paths, counts, files, settings, tokenizer, summary):
+def write_metas(paths, bins, files, settings, tokenizer, summary):
     """A .json per split that describes its .bin; the train meta last: it marks completion."""
-    for split in sorted(counts, key=lambda s: s == "train"):
+    for split in sorted(bins, key=lambda s: s == "train"):
         meta = dict(tokenizer=tokenizer.identity(), vocab_size=tokenizer.vocab_size, eos_id=tokenizer.eos_id,
-                    dtype="uint16", n_tokens=counts[split]["tokens"], n_documents=counts[split]["docs"],
+                    dtype="uint16", n_tokens=bins[split].bytes // 2, max_id=bins[split].max_id,
+                    n_documents=bins[split].records,
                     split=split, sources=[str(p) for p in files], val_fraction=settings.val_fraction,
                     min_tokens=settings.min_tokens, dedup=settings.dedup, text_field=settings.text_field,
                     template=settings.template, summary=summary)
         write_json_atomic(paths[split][1], meta)
 
 
-def print_pretrain_summary(paths, counts, stats, bad, args, seconds):
-    tokens = sum(c["tokens"] for c in counts.values())
+def print_pretrain_summary(bins, stats, bad, args, seconds):
+    tokens = sum(b.bytes // 2 for b in bins.values())
     print(f"read {stats['read']:,} documents in {seconds:.1f}s ({stats['read'] / seconds:,.0f} docs/s, "
           f"{tokens / seconds:,.0f} tokens/s, {args.workers} workers)")
-    for split, c in counts.items():
-        print(f"  {split:5s} {paths[split][0]}: {c['docs']:,} documents, {c['tokens']:,} tokens, {2 * c['tokens']:,} bytes")
+    for split, b in bins.items():
+        print(f"  {split:5s} {b.path}: {b.records:,} documents, {b.bytes // 2:,} tokens, {b.bytes:,} bytes")
     print(f"  dropped: {stats['short']:,} with < {args.min_tokens} tokens, {stats['duplicate']:,} duplicates"
           + (f", {bad.count:,} bad records skipped" if args.skip_bad else ""))
     for message in bad.examples:
@@ -568,6 +630,29 @@ def length_reason(prompt, answer, tokenizer, args):
     return None
 
 
+def write_examples(examples, outputs, kind, excluded, tokenizer, args):
+    """Filter the (prompt, answer) examples and append each kept one to its split as a JSON
+    line; returns the counts: read, and dropped per reason."""
+    keys = ("prompt", "answer") if kind == "sft" else ("question", "answer")
+    stats, seen = Counter(), set()
+    for prompt, answer in tqdm(examples, unit="ex", desc=f"{kind} {outputs['train'].path.name}"):
+        stats["read"] += 1
+        reason = ("empty" if not prompt or not answer else
+                  "in_eval_set" if excluded and excluded.matches(prompt) else
+                  length_reason(prompt, answer, tokenizer, args) if tokenizer else None)
+        if reason is None and args.dedup:
+            h = doc_hash(f"{prompt}\0{answer}".encode("utf-8"))
+            reason = "duplicate" if h in seen else None
+            seen.add(h)
+        if reason:
+            stats[reason] += 1
+            continue
+        split = "val" if "val" in outputs and is_val(prompt.encode("utf-8"), args.val_fraction) else "train"
+        line = (json.dumps(dict(zip(keys, (prompt, answer))), ensure_ascii=False) + "\n").encode("utf-8")
+        outputs[split].append(line, 1, line)
+    return stats
+
+
 def cmd_examples(args, kind):
     """sft and eval: write normalized JSONL (and a validation split for sft)."""
     out = Path(args.out if args.out.endswith(".jsonl") else args.out + ".jsonl")
@@ -577,39 +662,27 @@ def cmd_examples(args, kind):
         return
     files = resolve_inputs(args, kind)
     clear_outputs([out, val_out], files)
-    keys = ("prompt", "answer") if kind == "sft" else ("question", "answer")
     length_filters = any((args.max_prompt_tokens, args.max_answer_tokens, args.min_answer_tokens, args.max_tokens))
     tokenizer = load_tokenizer(args.tokenizer) if length_filters else None
     excluded = QuestionIndex(q for q, _ in iter_examples(expand_inputs([args.exclude_questions]), args, BadCounter(False))) \
         if args.exclude_questions else None
     bad = BadCounter(args.skip_bad)
-    stats, seen = Counter(), set()
-    outputs = {"train": AtomicFile(out, "w")}
-    if val_fraction > 0:
-        outputs["val"] = AtomicFile(val_out, "w")
+    outputs = {}
     try:
-        for prompt, answer in tqdm(iter_examples(files, args, bad), unit="ex", desc=f"{kind} {out.name}"):
-            stats["read"] += 1
-            reason = ("empty" if not prompt or not answer else
-                      "in_eval_set" if excluded and excluded.matches(prompt) else
-                      length_reason(prompt, answer, tokenizer, args) if tokenizer else None)
-            if reason is None and args.dedup:
-                h = doc_hash(f"{prompt}\0{answer}".encode("utf-8"))
-                reason = "duplicate" if h in seen else None
-                seen.add(h)
-            if reason:
-                stats[reason] += 1
-                continue
-            split = "val" if val_fraction > 0 and is_val(prompt.encode("utf-8"), val_fraction) else "train"
-            outputs[split].f.write(json.dumps(dict(zip(keys, (prompt, answer))), ensure_ascii=False) + "\n")
-            stats[split] += 1
+        outputs["train"] = SplitWriter(out)
+        if val_fraction > 0:
+            outputs["val"] = SplitWriter(val_out)
+        stats = write_examples(iter_examples(files, args, bad), outputs, kind, excluded, tokenizer, args)
+        check_kept(outputs, "example", args, f"read {stats['read']:,} examples"
+                   + "".join(f", {n:,} {reason}" for reason, n in stats.items() if reason != "read")
+                   + (f", {bad.count:,} bad records" if bad.count else ""))
         for split in sorted(outputs, key=lambda s: s == "train"):  # the main file last: it marks completion
-            outputs[split].commit()
+            outputs[split].out.commit()
     except BaseException:
-        discard_unfinished(outputs.values())
+        remove_outputs(outputs.values(), [out, val_out])
         raise
-    print(f"{kind}: read {stats['read']:,} examples from {len(files)} files; wrote {stats['train']:,} to {out}"
-          + (f" and {stats['val']:,} to {val_out}" if val_fraction > 0 else ""))
+    print(f"{kind}: read {stats['read']:,} examples from {len(files)} files; wrote {outputs['train'].records:,} to {out}"
+          + (f" and {outputs['val'].records:,} to {val_out}" if val_fraction > 0 else ""))
     dropped = {r: stats[r] for r in ("empty", "in_eval_set", "duplicate", "prompt_too_long", "answer_too_long",
                                      "answer_too_short", "too_long") if stats[r]}
     if excluded:
@@ -736,7 +809,7 @@ def main(argv=None):
                 "eval": lambda a: cmd_examples(a, "eval"), "tokenizer": cmd_tokenizer}
     try:
         commands[args.command](args)
-    except (DataError, TokenizerNotFound) as e:
+    except (DataError, TokenizerNotFound, WriteError) as e:
         raise SystemExit(f"error: {e}") from None
 
 

@@ -1,5 +1,11 @@
 """Pretraining data: windows of tokens from uint16 .bin files (made by data_process.py pretrain),
-read through np.memmap so no file is ever loaded whole into memory."""
+read through np.memmap so no file is ever loaded whole into memory.
+
+Every id must be below the model's vocabulary size: an id past it would index outside the
+embedding (on CPU an IndexError deep in the model; on GPU, where the loss pads the vocabulary,
+possibly a silent wrong loss). So each file is checked when it is opened (its size, and the
+largest id its meta records) and every window when it is read (one max over 513 ids), and a
+bad id is reported with its file and offset before it reaches the model."""
 import glob
 import json
 from pathlib import Path
@@ -24,6 +30,17 @@ def read_meta(bin_path):
     return meta
 
 
+def max_token_id(bin_path, meta):
+    """The largest id in a .bin: recorded in its meta by data_process.py; a meta written before
+    it recorded one gets the file scanned (in blocks, so memory stays small)."""
+    if "max_id" in meta:
+        return meta["max_id"]
+    print(f"{bin_path}: its meta has no max_id (made by an older data_process.py): scanning the file "
+          f"once per run; re-run data_process.py pretrain to record it", flush=True)
+    ids = np.memmap(bin_path, dtype="<u2", mode="r")
+    return max((int(ids[i:i + (1 << 24)].max()) for i in range(0, len(ids), 1 << 24)), default=0)
+
+
 def find_bin_files(patterns):
     """--data (a glob, a .bin, a directory, or a list of these) -> (train_files, val_files).
     Training files are every matching .bin except *_val.bin; val_files are the NAME_val.bin
@@ -43,7 +60,7 @@ def find_bin_files(patterns):
 
 
 class PretrainDataset(Dataset):
-    """PretrainDataset(files, max_seq_len, tokenizer_identity=None)
+    """PretrainDataset(files, max_seq_len, tokenizer_identity=None, vocab_size=None)
 
     files               one .bin path or a list of them (each with its .json meta beside it)
     max_seq_len         each item is a window of max_seq_len + 1 tokens -> (x, y), both int64
@@ -52,17 +69,21 @@ class PretrainDataset(Dataset):
     tokenizer_identity  Tokenizer.identity() of the model's tokenizer (or a checkpoint's
                         "tokenizer" entry); a .bin made with another tokenizer (by sha256) is
                         refused with ValueError. None skips the check.
+    vocab_size          the model's vocabulary size (default: the tokenizer's, else the
+                        meta's); every id must be below it, checked per file on opening and
+                        per window on reading (ValueError naming the file and offset).
 
     A plain map-style dataset (__len__/__getitem__) with items in file order: the sampler
     (trainer.Batches) decides the order. Files are opened lazily in each DataLoader worker.
     """
 
-    def __init__(self, files, max_seq_len, tokenizer_identity=None):
+    def __init__(self, files, max_seq_len, tokenizer_identity=None, vocab_size=None):
         self.files = [Path(files)] if isinstance(files, (str, Path)) else [Path(f) for f in files]
         if not self.files:
             raise ValueError("PretrainDataset: no .bin files")
         self.max_seq_len = max_seq_len
         self.metas = [read_meta(f) for f in self.files]
+        self.vocab_size = vocab_size or (tokenizer_identity or self.metas[0])["vocab_size"]
         for f, meta in zip(self.files, self.metas):
             if tokenizer_identity is not None and meta.get("tokenizer", {}).get("sha256") != tokenizer_identity.get("sha256"):
                 raise ValueError(
@@ -70,6 +91,9 @@ class PretrainDataset(Dataset):
                     f"(sha256 {meta.get('tokenizer', {}).get('sha256')}), but the model uses "
                     f"{tokenizer_identity.get('name')} (sha256 {tokenizer_identity.get('sha256')}); "
                     f"re-run data_process.py pretrain with the model's tokenizer")
+            if (max_id := max_token_id(f, meta)) >= self.vocab_size:
+                raise ValueError(f"{f}: holds token id {max_id}, outside the model's vocabulary of {self.vocab_size}; "
+                                 f"the file is damaged or was made with another tokenizer: re-run data_process.py pretrain")
         self.n_tokens = sum(m["n_tokens"] for m in self.metas)
         windows = [max(0, (m["n_tokens"] - 1) // max_seq_len) for m in self.metas]
         self.ends = np.cumsum(windows)  # window i lives in the first file with ends[file] > i
@@ -87,7 +111,14 @@ class PretrainDataset(Dataset):
         start = (i - (int(self.ends[k - 1]) if k else 0)) * self.max_seq_len
         if self._memmaps is None:
             self._memmaps = [np.memmap(f, dtype="<u2", mode="r") for f in self.files]
-        chunk = torch.from_numpy(self._memmaps[k][start:start + self.max_seq_len + 1].astype(np.int64))
+        ids = self._memmaps[k][start:start + self.max_seq_len + 1]
+        if ids.max() >= self.vocab_size:  # the file changed on disk since its meta was written
+            first = int(np.argmax(ids >= self.vocab_size))
+            offset = start + first
+            raise ValueError(f"{self.files[k]}: token id {ids[first]} at token offset {offset:,} (byte {2 * offset:,}) is "
+                             f"outside the model's vocabulary of {self.vocab_size}; the file is damaged: re-create it "
+                             f"with data_process.py pretrain, then --resume from the last checkpoint")
+        chunk = torch.from_numpy(ids.astype(np.int64))
         return chunk[:-1], chunk[1:]
 
     def __getstate__(self):  # DataLoader workers open their own memmaps (pickling one copies it)

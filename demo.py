@@ -11,8 +11,10 @@ repository, printed before it runs, so the demo doubles as a worked example.
 
 At the end it prints the pretraining validation loss beside the unigram entropy of the
 validation tokens (both in nats per token: a model that only knew token frequencies would
-score the entropy), the BLEU of the fine-tuned model on held-out medical questions, and
-three sample answers; all of it also goes to out/demo/summary.json.
+score the entropy), the sacreBLEU and ROUGE-L of the fine-tuned model on held-out medical
+questions with their 95% confidence intervals and beside two baselines, and three sample
+answers; all of it also goes to out/demo/summary.json, and report.py writes the run's
+report to out/demo/report.md.
 """
 import argparse
 import glob
@@ -24,12 +26,13 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
+from eval import headline
+from report import bin_token_counts, last_val_loss, read_jsonl, unigram_entropy
 
 # -----------------------------------------------------------------------------
-# defaults (flags override). Sized so that the whole run fits well within 15 minutes on 2 CPU cores:
+# defaults (flags override). Sized so that the whole run fits within 10 minutes on 2 CPU cores:
 # a small own vocabulary (the 64793-id ChatGLM2 head alone would eat the budget) and a
-# model of 1.3M parameters, pretrained on 4.9M tokens.
+# model of 1.3M parameters, pretrained on 3.7M tokens.
 DATA_DIR = os.environ.get("DATA_DIR", "")  # empty: download subsets from the Hub
 WORK_DIR = "data/demo"
 OUT_DIR = "out/demo"
@@ -38,10 +41,10 @@ CHARACTER_COVERAGE = 0.99  # below SentencePiece's default so 4096 pieces suffic
 MODEL = ["--dim", "128", "--n-layers", "4", "--n-heads", "4", "--max-seq-len", "256"]
 # Muon for the hidden matrices: the recipe that reaches a given loss with fewer tokens
 # (bench/bench_recipe.py), which is what a fixed time budget needs.
-PRETRAIN = ["--batch-size", "32", "--grad-accum", "1", "--max-steps", "600", "--optimizer", "muon",
+PRETRAIN = ["--batch-size", "32", "--grad-accum", "1", "--max-steps", "450", "--optimizer", "muon",
             "--muon-lr", "0.02", "--lr", "3e-3", "--min-lr", "3e-4", "--warmup-steps", "30",
             "--eval-every", "150", "--eval-batches", "80", "--log-every", "25", "--save-every", "150"]
-SFT = ["--batch-size", "32", "--max-steps", "400", "--epochs", "0", "--lr", "1e-3", "--min-lr", "1e-4",
+SFT = ["--batch-size", "32", "--max-steps", "300", "--epochs", "0", "--lr", "1e-3", "--min-lr", "1e-4",
        "--warmup-steps", "20", "--eval-every", "100", "--eval-batches", "10", "--log-every", "25",
        "--save-every", "200", "--num-workers", "1"]
 SFT_FILES = ["medical_*.jsonl"]  # the medical SFT files of the data dir
@@ -56,39 +59,35 @@ HUB_FILES = {"pretrain": ["pretrain/medical_book_zh.json", "pretrain/valid_encyc
 
 
 def run(*cmd):
-    """Run one stage as the command a user would type; stop the demo if it fails."""
+    """Run one stage as the command a user would type; stop the demo if it fails. -> its seconds"""
     cmd = [sys.executable, *map(str, cmd)]
     print("\n$ " + " ".join(cmd[1:]), flush=True)
     started = time.time()
     subprocess.run(cmd, check=True)
-    print(f"  ({time.time() - started:.0f} s)", flush=True)
+    seconds = time.time() - started
+    print(f"  ({seconds:.0f} s)", flush=True)
+    return seconds
 
 
 def download_subsets(raw_dir):
-    """Fetch a few small files of the public medical set; returns a data dir laid out like a local one."""
-    from huggingface_hub import hf_hub_download
-    for part, files in HUB_FILES.items():
-        (raw_dir / part).mkdir(parents=True, exist_ok=True)
-        for name in files:
-            local = hf_hub_download(HUB_REPO, name, repo_type="dataset")
-            shutil.copy(local, raw_dir / part / Path(name).name)
+    """Fetch a few small files of the public medical set; returns a data dir laid out like a local one.
+    Without network (or access) the demo stops with one message on how to run it offline."""
+    n_files = sum(map(len, HUB_FILES.values()))
+    print(f"demo: downloading {n_files} files of the Hub dataset {HUB_REPO} (offline: set DATA_DIR, see --help)",
+          flush=True)
+    try:
+        from huggingface_hub import hf_hub_download
+        for part, files in HUB_FILES.items():
+            (raw_dir / part).mkdir(parents=True, exist_ok=True)
+            for name in files:
+                local = hf_hub_download(HUB_REPO, name, repo_type="dataset")
+                shutil.copy(local, raw_dir / part / Path(name).name)
+    except Exception as e:  # offline, no access, missing package: all end the same way
+        reason = (str(e).strip().splitlines() or [""])[0]
+        sys.exit(f"demo: downloading the demo data from the Hub dataset {HUB_REPO} failed "
+                 f"({type(e).__name__}: {reason})\nWithout network, run it on a local data dir: "
+                 f"DATA_DIR=path/to/data bash scripts/demo.sh (pretrain/*.jsonl, sft/*.jsonl, medical_qa/*.jsonl)")
     return raw_dir
-
-
-def unigram_entropy(bin_path):
-    """Entropy in nats of the token frequencies of a .bin: the loss of the best model that
-    ignores context."""
-    counts = np.bincount(np.memmap(bin_path, dtype=np.uint16, mode="r")).astype(np.float64)
-    p = counts[counts > 0] / counts.sum()
-    return float(-(p * np.log(p)).sum())
-
-
-def last_val_loss(metrics_path):
-    rows = [json.loads(line) for line in open(metrics_path, encoding="utf-8")]
-    vals = [r["val_loss"] for r in rows if r.get("val_loss") is not None]
-    if not vals:
-        raise RuntimeError(f"{metrics_path} has no val_loss")
-    return vals[-1]
 
 
 def main():
@@ -111,38 +110,52 @@ def main():
         sys.exit(f"demo: {data} needs pretrain/, sft/ and medical_qa/ with .jsonl/.json files")
     tok = work / "tokenizer.model"
 
-    run("data_process.py", "tokenizer", "--input", *pretrain_inputs, "--vocab-size", VOCAB_SIZE,
-        "--character-coverage", CHARACTER_COVERAGE, "--out", tok)
-    run("data_process.py", "pretrain", "--input", *pretrain_inputs, "--out", work / "pretrain" / "demo",
-        "--tokenizer", tok, "--val-fraction", "0.01")
-    run("data_process.py", "eval", "--input", *qa_inputs, "--out", work / "eval" / "medical_qa.jsonl")
-    run("data_process.py", "sft", "--input", *sft_inputs, "--out", work / "sft" / "demo.jsonl",
-        "--exclude-questions", work / "eval" / "medical_qa.jsonl", "--tokenizer", tok,
-        "--max-tokens", "256", "--val-fraction", "0.02")
-    run("pretrain.py", "--data", work / "pretrain" / "demo.bin", "--tokenizer", tok,
-        "--out-dir", out / "pretrain", *MODEL, *PRETRAIN)
-    run("sft.py", "--init", out / "pretrain", "--data", work / "sft" / "demo.jsonl", "--tokenizer", tok,
-        "--out-dir", out / "sft", *SFT)
-    run("eval.py", "--ckpt", out / "sft", "--data", work / "eval" / "medical_qa.jsonl", "--tokenizer", tok,
-        "--out-dir", out / "eval", "--limit", EVAL_QUESTIONS, *EVAL_ARGS)
+    seconds = {}  # wall-clock per stage, for the report
+    seconds["tokenizer"] = run("data_process.py", "tokenizer", "--input", *pretrain_inputs, "--vocab-size", VOCAB_SIZE,
+                               "--character-coverage", CHARACTER_COVERAGE, "--out", tok)
+    seconds["data: pretrain"] = run("data_process.py", "pretrain", "--input", *pretrain_inputs, "--out",
+                                    work / "pretrain" / "demo", "--tokenizer", tok, "--val-fraction", "0.01")
+    seconds["data: eval"] = run("data_process.py", "eval", "--input", *qa_inputs, "--out", work / "eval" / "medical_qa.jsonl")
+    seconds["data: sft"] = run("data_process.py", "sft", "--input", *sft_inputs, "--out", work / "sft" / "demo.jsonl",
+                               "--exclude-questions", work / "eval" / "medical_qa.jsonl", "--tokenizer", tok,
+                               "--max-tokens", "256", "--val-fraction", "0.02")
+    seconds["pretrain"] = run("pretrain.py", "--data", work / "pretrain" / "demo.bin", "--tokenizer", tok,
+                              "--out-dir", out / "pretrain", *MODEL, *PRETRAIN)
+    seconds["sft"] = run("sft.py", "--init", out / "pretrain", "--data", work / "sft" / "demo.jsonl", "--tokenizer", tok,
+                         "--out-dir", out / "sft", *SFT)
+    seconds["eval"] = run("eval.py", "--ckpt", out / "sft", "--data", work / "eval" / "medical_qa.jsonl", "--tokenizer", tok,
+                          "--out-dir", out / "eval", "--limit", EVAL_QUESTIONS, "--train-data", work / "sft" / "demo.jsonl",
+                          *EVAL_ARGS)
+    summarize(work, out, seconds, started)
 
-    val_loss = last_val_loss(out / "pretrain" / "metrics.jsonl")
-    entropy = unigram_entropy(work / "pretrain" / "demo_val.bin")
+
+def summarize(work, out, seconds, started):
+    """Write summary.json and the run's report, then print the headline numbers."""
+    val_loss = last_val_loss(read_jsonl(out / "pretrain" / "metrics.jsonl"))
+    entropy = unigram_entropy(bin_token_counts([work / "pretrain" / "demo_val.bin"]))
     metrics = json.loads((out / "eval" / "metrics.json").read_text(encoding="utf-8"))
-    samples = [json.loads(line) for line in open(out / "eval" / "predictions.jsonl", encoding="utf-8")][:3]
+    samples = read_jsonl(out / "eval" / "predictions.jsonl")[:3]
     summary = {"pretrain_val_loss": val_loss, "val_unigram_entropy": entropy,
                "below_unigram": 1 - val_loss / entropy, "eval": metrics,
-               "seconds": round(time.time() - started)}
+               "stage_seconds": {k: round(v, 1) for k, v in seconds.items()}, "seconds": round(time.time() - started)}
     (out / "summary.json").write_text(json.dumps(summary, ensure_ascii=False, indent=2), encoding="utf-8")
+    run("report.py", out, "--pretrain-data", work / "pretrain" / "demo.bin")
 
+    baselines = metrics["baselines"]
     print("\n" + "=" * 72)
     print(f"pretraining val loss   {val_loss:.3f} nats/token")
     print(f"unigram entropy of val {entropy:.3f} nats/token  (val loss is {summary['below_unigram']:.1%} below it)")
-    print(f"eval on {metrics['n']} held-out medical questions: BLEU-4 (chars, corpus) {metrics['bleu4_char_corpus']:.2f}, "
-          f"sentence BLEU avg {metrics['bleu_sentence_avg']:.2f}, answer perplexity {metrics['answer_ppl']:.1f}")
+    print(f"eval on {metrics['n']} held-out medical questions, [95% bootstrap intervals]:")
+    print(f"  model                          {headline(metrics)}")
+    print(f"  copy the question              {headline(baselines['copy_question'])}")
+    print(f"  most common training answer    {headline(baselines['most_common_train_answer'])}")
+    ppl = f"{metrics['answer_ppl']:.1f}" if metrics["answer_ppl"] is not None else "inf"
+    print(f"  sentence BLEU avg {metrics['bleu_sentence_avg']:.2f}, answer perplexity {ppl}; "
+          f"sacreBLEU signature {metrics['sacrebleu_signature']}")
     for i, s in enumerate(samples, 1):
         print(f"\n[{i}] Q: {s['question'][:120]}\n    A: {s['prediction'][:200]}\n    reference: {s['reference'][:120]}")
-    print(f"\ndemo finished in {summary['seconds'] / 60:.1f} min; summary in {out / 'summary.json'}")
+    print(f"\ndemo finished in {summary['seconds'] / 60:.1f} min; summary in {out / 'summary.json'}; "
+          f"report in {out / 'report.md'}")
 
 
 if __name__ == "__main__":

@@ -1,24 +1,31 @@
 """Evaluate an SFT checkpoint on a QA set: generate an answer to every question (greedy by
-default, batched, with the KV cache) and score the answers against the references.
+default, batched, with the KV cache), score the answers against the references, and put
+the scores beside two baselines and their 95% bootstrap confidence intervals.
 
-    python eval.py --ckpt out/sft --data data/eval/medical_qa.jsonl --out-dir out/eval [--limit N]
+    python eval.py --ckpt out/sft --data data/eval/medical_qa.jsonl --out-dir out/eval \
+        [--limit N] [--train-data data/sft/NAME.jsonl] [--compare out/old_eval/predictions.jsonl]
 
-Writes OUT_DIR/predictions.jsonl (one object per question, in input order) and
-OUT_DIR/metrics.json with
-  bleu4_char_corpus  corpus BLEU-4 over character tokens, 0-100 (the headline number),
-  bleu_sentence_avg  sentence BLEU-4 with nltk's smoothing method1 over the same character
-                     tokens, averaged over questions, 0-100 (the upstream project's score),
-  answer_ppl         perplexity of the reference answers under the model with teacher forcing:
-                     the SFT loss (answer ids + eos, prompt masked) over all answers,
-  n                  number of questions scored.
-Character tokens follow sacreBLEU's zh tokenizer in spirit: every non-space character is a
-token, except that a run of ASCII letters and digits (an English word, a number) is one token.
+Writes OUT_DIR/predictions.jsonl (one object per question, in input order) as soon as the
+answers exist, then OUT_DIR/metrics.json with (scores on 0-100; metrics.py explains each):
+  bleu4_char_corpus  the headline: sacreBLEU corpus BLEU-4 with tokenize="zh" (each Chinese
+                     character one token), its signature in sacrebleu_signature and its 95%
+                     bootstrap interval in bleu4_char_corpus_ci95,
+  bleu_sentence_avg  nltk sentence BLEU-4 with smoothing method1 over the same tokens,
+                     averaged over questions (the upstream project's score),
+  answer_ppl         perplexity of the reference answers under the model with teacher forcing
+                     (the SFT loss over answer ids + eos, prompt masked); null if it overflows,
+  answer_nll         the same loss in nats per token, which never overflows,
+  n                  number of questions scored,
+  bleu1..bleu4, rouge1, rouge2, rougeL (+ rougeL_ci95), distinct1, distinct2, length_ratio,
+  baselines          the same scores for "copy the question" and, given --train-data, "the
+                     most common training answer", on the same questions,
+  compare            with --compare: the paired bootstrap of this run against another run's
+                     predictions.jsonl on the same questions,
+and the settings and timings of the run.
 """
 import argparse
-import csv
 import json
 import math
-import re
 import sys
 import time
 from collections import Counter
@@ -28,8 +35,11 @@ import torch
 from nltk.translate.bleu_score import SmoothingFunction, sentence_bleu
 from tqdm import tqdm
 
+import metrics as scores
 from checkpoint import write_text_atomic
-from generate import add_generation_args, generate_answers, load_for_inference, sampling_settings
+from corpus import DataError, iter_records, utf8
+from generate import (add_generation_args, default_max_new_tokens, generate_answers, load_for_inference,
+                      sampling_settings)
 from model import IGNORE_INDEX
 from prompt import fit_prompt
 
@@ -40,43 +50,9 @@ OUT_DIR = "out/eval"
 QUESTION_FIELD = "question"
 ANSWER_FIELD = "answer"
 BATCH_SIZE = 16
-GENERATION = dict(ckpt="out/sft", max_new_tokens=256, seed=1337, top_k=None, top_p=None, repetition_penalty=1.0,
-                  temperature=0.0)  # greedy, so the score is reproducible
+GENERATION = dict(ckpt="out/sft", max_new_tokens=None, seed=1337, top_k=None, top_p=None, repetition_penalty=1.0,
+                  temperature=0.0)  # greedy, so the score is reproducible; max_new_tokens None: fit the model
 # -----------------------------------------------------------------------------
-
-CHAR_TOKEN = re.compile(r"[A-Za-z0-9]+|\S")
-
-
-def char_tokens(text):
-    """Every non-space character is a token; a run of ASCII letters/digits stays one token."""
-    return CHAR_TOKEN.findall(text)
-
-
-def ngram_counts(tokens, n):
-    return Counter(tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1))
-
-
-def bleu4_char_corpus(hypotheses, references):
-    """Corpus BLEU-4 (Papineni et al.) over character tokens, one reference per hypothesis,
-    on a 0-100 scale: clipped n-gram matches and n-gram totals are summed over the corpus, the
-    four precisions are combined by geometric mean, and the brevity penalty uses the summed
-    lengths. No smoothing: a corpus with no matching 4-gram scores 0."""
-    if len(hypotheses) != len(references):
-        raise ValueError(f"{len(hypotheses)} hypotheses but {len(references)} references")
-    matches, totals = [0] * 4, [0] * 4
-    hyp_len = ref_len = 0
-    for hyp, ref in zip(hypotheses, references):
-        hyp, ref = char_tokens(hyp), char_tokens(ref)
-        hyp_len, ref_len = hyp_len + len(hyp), ref_len + len(ref)
-        for n in range(1, 5):
-            hyp_ngrams, ref_ngrams = ngram_counts(hyp, n), ngram_counts(ref, n)
-            matches[n - 1] += sum(min(c, ref_ngrams[g]) for g, c in hyp_ngrams.items())
-            totals[n - 1] += max(len(hyp) - n + 1, 0)
-    if min(matches) == 0:
-        return 0.0
-    log_precision = sum(math.log(m / t) for m, t in zip(matches, totals)) / 4
-    brevity = 1.0 if hyp_len > ref_len else math.exp(1 - ref_len / hyp_len)
-    return 100 * brevity * math.exp(log_precision)
 
 
 def bleu_sentence_avg(hypotheses, references):
@@ -84,68 +60,80 @@ def bleu_sentence_avg(hypotheses, references):
     if len(hypotheses) != len(references) or not hypotheses:
         raise ValueError(f"need as many hypotheses ({len(hypotheses)}) as references ({len(references)}), at least one")
     smooth = SmoothingFunction().method1
-    scores = [sentence_bleu([char_tokens(r)], char_tokens(h), smoothing_function=smooth)
+    values = [sentence_bleu([scores.char_tokens(r)], scores.char_tokens(h), smoothing_function=smooth)
               for h, r in zip(hypotheses, references)]
-    return 100 * sum(scores) / len(scores)
+    return 100 * sum(values) / len(values)
 
 
 # -----------------------------------------------------------------------------
-# reading the QA set
+# reading the QA set, the training answers and another run's predictions
 
-def qa_records(path):
-    """(where, record) pairs of a JSONL, JSON (a list of objects) or CSV (with a header) file;
-    `where` names the line (or the JSON list item) for error messages."""
-    path = Path(path)
-    suffix = path.suffix.lower()
-    if suffix == ".csv":
-        with open(path, encoding="utf-8", newline="") as f:
-            reader = csv.DictReader(f)
-            for row in reader:
-                yield f"{path}:{reader.line_num}", row
-    elif suffix == ".json":
-        try:
-            items = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: not valid JSON: {e}") from None
-        if not isinstance(items, list):
-            raise ValueError(f"{path}: a .json QA set must be a list of objects")
-        for i, item in enumerate(items):
-            yield f"{path}: item {i}", item
-    else:  # .jsonl and anything else: one JSON object per line
-        with open(path, encoding="utf-8") as f:
-            for line_no, line in enumerate(f, 1):
-                if not line.strip():
-                    raise ValueError(f"{path}:{line_no}: empty line")
-                try:
-                    yield f"{path}:{line_no}", json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}:{line_no}: not valid JSON: {e}") from None
+def stop_at_bad(path, line_no, message):
+    raise ValueError(f"{path}:{line_no}: {message}")
+
+
+def records(path):
+    """(where, record) for every record of a .jsonl, .json or .csv file, read by corpus.py;
+    a malformed or non-UTF-8 record stops with its file:line."""
+    for line_no, record in iter_records(Path(path), stop_at_bad):
+        yield f"{path}:{line_no}", record
+
+
+def text_field(where, record, field):
+    """record[field], which must be non-empty UTF-8 text."""
+    value = record.get(field)
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError(f"{where}: field '{field}' is missing, empty or not text")
+    try:
+        utf8(value)
+    except DataError:
+        raise ValueError(f"{where}: field '{field}' holds bytes that are not UTF-8; re-save the file as UTF-8") from None
+    return value
 
 
 def read_qa(path, question_field=QUESTION_FIELD, answer_field=ANSWER_FIELD, limit=None):
     """-> list of dicts {where, question, answer}; stops at the first empty or malformed row."""
     rows = []
-    for where, record in qa_records(path):
+    for where, record in records(path):
         if limit is not None and len(rows) >= limit:
             break
-        if not isinstance(record, dict):
-            raise ValueError(f"{where}: expected an object with '{question_field}' and '{answer_field}'")
-        for field in (question_field, answer_field):
-            value = record.get(field)
-            if not isinstance(value, str) or not value.strip():
-                raise ValueError(f"{where}: field '{field}' is missing, empty or not text")
-        rows.append({"where": where, "question": record[question_field], "answer": record[answer_field]})
+        rows.append({"where": where, "question": text_field(where, record, question_field),
+                     "answer": text_field(where, record, answer_field)})
     if not rows:
         raise ValueError(f"{path}: no QA rows")
     return rows
+
+
+def most_common_answer(path):
+    """The answer that occurs most often in an SFT training file ({"prompt", "answer"} per
+    line, as data_process.py sft writes it) -> (answer, times it occurs, examples read)."""
+    counts = Counter(text_field(where, record, "answer") for where, record in records(path))
+    if not counts:
+        raise ValueError(f"{path}: no training examples")
+    answer, count = counts.most_common(1)[0]
+    return answer, count, sum(counts.values())
+
+
+def read_predictions(path, rows):
+    """Another run's predictions.jsonl, checked to hold the same questions in the same order."""
+    other = [(where, record) for where, record in records(path)]
+    if len(other) != len(rows):
+        raise ValueError(f"{path}: {len(other)} predictions but this run scored {len(rows)} questions; "
+                         f"--compare needs a run on the same questions (same --data and --limit)")
+    for (where, record), row in zip(other, rows):
+        if not isinstance(record.get("prediction"), str):
+            raise ValueError(f"{where}: no 'prediction' text; --compare takes a predictions.jsonl written by eval.py")
+        if record.get("reference") != row["answer"]:
+            raise ValueError(f"{where}: its reference differs from {row['where']}; --compare needs the same questions")
+    return [record["prediction"] for _, record in other]
 
 
 # -----------------------------------------------------------------------------
 # scoring
 
 @torch.inference_mode()
-def answer_perplexity(model, tok, prompts, answers, batch_size):
-    """exp of the mean SFT loss over every reference answer token and its eos (teacher forcing)."""
+def answer_nll(model, tok, prompts, answers, batch_size):
+    """Mean SFT loss (nats per token) over every reference answer token and its eos (teacher forcing)."""
     max_len = model.args.max_seq_len
     device = model.tok_embeddings.weight.device
     total_nll, total_tokens = 0.0, 0
@@ -162,76 +150,185 @@ def answer_perplexity(model, tok, prompts, answers, batch_size):
         n_tokens = int((y != IGNORE_INDEX).sum())
         total_nll += float(model(x, y)) * n_tokens
         total_tokens += n_tokens
-    return math.exp(total_nll / total_tokens)
+    return total_nll / total_tokens
+
+
+def perplexity(nll):
+    """exp(nll), or None where that is no finite number (a loss above ~709 nats overflows a float)."""
+    return math.exp(nll) if math.isfinite(nll) and nll < math.log(sys.float_info.max) else None
+
+
+def score_baselines(rows, train_data, samples, seed):
+    """The scores of answers that need no model, on the same questions: the question itself,
+    and the most common answer of the SFT training data (skipped without --train-data)."""
+    references = [r["answer"] for r in rows]
+    result = {"copy_question": scores.score([r["question"] for r in rows], references, samples, seed)[0]}
+    if train_data is None:
+        result["most_common_train_answer"] = {"skipped": "no --train-data given"}
+        return result
+    answer, count, n_train = most_common_answer(train_data)
+    result["most_common_train_answer"] = {**scores.score([answer] * len(rows), references, samples, seed)[0],
+                                          "answer": answer, "count": count, "n_train": n_train,
+                                          "train_data": str(train_data)}
+    return result
+
+
+def compare_runs(per_question, rows, other_path, samples, seed):
+    """Paired bootstrap of this run against the predictions in other_path."""
+    other = read_predictions(other_path, rows)
+    _, other_per_question = scores.score(other, [r["answer"] for r in rows], samples=0)
+    return {"other": str(other_path), "samples": samples,
+            **scores.paired_bootstrap(per_question, other_per_question, samples, seed)}
 
 
 # -----------------------------------------------------------------------------
+# the run
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Generate answers for a QA set with an SFT checkpoint and score them with BLEU.")
+    p = argparse.ArgumentParser(description="Generate answers for a QA set with an SFT checkpoint and score them.")
     p.add_argument("--data", default=DATA, help="QA set: .jsonl, .json (list of objects) or .csv with a header")
     p.add_argument("--out-dir", default=OUT_DIR, help="where predictions.jsonl and metrics.json go")
     p.add_argument("--question-field", default=QUESTION_FIELD, help="field holding the question")
     p.add_argument("--answer-field", default=ANSWER_FIELD, help="field holding the reference answer")
     p.add_argument("--limit", type=int, default=None, help="score only the first N rows")
     p.add_argument("--batch-size", type=int, default=BATCH_SIZE, help="questions generated together")
+    p.add_argument("--train-data", default=None, help="the SFT training JSONL, for the 'most common training answer' baseline")
+    p.add_argument("--compare", default=None, metavar="OTHER_PREDICTIONS.jsonl",
+                   help="another run's predictions on the same questions: paired bootstrap of this run against it")
+    p.add_argument("--bootstrap", type=int, default=scores.BOOTSTRAP_SAMPLES,
+                   help="bootstrap resamples for the confidence intervals (0: none); seeded by --seed")
     add_generation_args(p, GENERATION)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.bootstrap < 0 or args.bootstrap == 1 or (args.compare and not args.bootstrap):
+        p.error("--bootstrap must be 0 (off) or at least 2, and at least 2 with --compare")
+    return args
 
 
-def evaluate(args):
-    rows = read_qa(args.data, args.question_field, args.answer_field, args.limit)
-    ckpt, model, tok = load_for_inference(args.ckpt, args.tokenizer, args.device)
-    device = str(model.tok_embeddings.weight.device)
-    if ckpt.get("kind") != "sft":
-        print(f"warning: {ckpt['path']} is a '{ckpt.get('kind')}' checkpoint; eval.py prompts it like an SFT model")
-    prompt_budget = model.args.max_seq_len - args.max_new_tokens
+def fit_answer_length(args, max_seq_len):
+    """Resolve --max-new-tokens (None: what fits this model) -> the prompt's token budget."""
+    if args.max_new_tokens is None:
+        args.max_new_tokens = default_max_new_tokens(max_seq_len)
+        print(f"max_new_tokens {args.max_new_tokens}: at most half the model's context of {max_seq_len} "
+              f"(--max-new-tokens sets it)", flush=True)
+    prompt_budget = max_seq_len - args.max_new_tokens
     if prompt_budget < 2:
         raise ValueError(f"--max-new-tokens {args.max_new_tokens} leaves no room for a prompt "
-                         f"within max_seq_len {model.args.max_seq_len}")
-    # A question too long for the context keeps its end (usually the actual question) and the bos.
-    fitted = [fit_prompt(tok, [], r["question"], prompt_budget) for r in rows]
-    prompts, n_truncated = [ids for ids, _, _ in fitted], sum(cut for _, _, cut in fitted)
+                         f"within max_seq_len {max_seq_len}; pass a smaller one or leave it out")
+    return prompt_budget
 
-    t0 = time.time()
-    generated = generate_answers(model, prompts, args.batch_size, args.max_new_tokens,
-                                 **sampling_settings(args, tok, device))
-    gen_seconds = time.time() - t0
-    predictions = [tok.decode(ids) for ids in generated]
-    references = [r["answer"] for r in rows]
-    metrics = {
-        "bleu4_char_corpus": bleu4_char_corpus(predictions, references),
-        "bleu_sentence_avg": bleu_sentence_avg(predictions, references),
-        "answer_ppl": answer_perplexity(model, tok, prompts, references, args.batch_size),
-        "n": len(rows),
-        "bleu_scale": "0-100",
-        "bleu_tokens": "characters; a run of ASCII letters/digits is one token",
-        "bleu_sentence_smoothing": "nltk method1",
-        "n_prompts_truncated": n_truncated,
-        "mean_new_tokens": sum(map(len, generated)) / len(generated),
-        "questions_per_s": len(rows) / gen_seconds,
-        "checkpoint": ckpt["path"], "kind": ckpt.get("kind"), "step": ckpt.get("step"),
-        "tokenizer": tok.name, "data": str(args.data),
-        "generation": {k: getattr(args, k) for k in ("max_new_tokens", "temperature", "top_k", "top_p",
-                                                      "repetition_penalty", "seed", "batch_size")},
-    }
-    out_dir = Path(args.out_dir)
+
+def write_predictions(out_dir, rows, predictions, generated):
+    """predictions.jsonl, written before any scoring so that answers survive a failure there;
+    an older metrics.json goes first, so that it never sits beside answers it does not describe."""
     out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "metrics.json").unlink(missing_ok=True)
     write_text_atomic(out_dir / "predictions.jsonl", "".join(
         json.dumps({"index": i, "question": r["question"], "reference": r["answer"],
                     "prediction": pred, "n_new_tokens": len(ids)}, ensure_ascii=False) + "\n"
         for i, (r, pred, ids) in enumerate(zip(rows, predictions, generated))))
+
+
+def generate_predictions(args, rows):
+    """Load the model and answer every question -> (checkpoint, model, tok, prompts, generated ids, info)."""
+    ckpt, model, tok = load_for_inference(args.ckpt, args.tokenizer, args.device)
+    device = str(model.tok_embeddings.weight.device)
+    if ckpt.get("kind") != "sft":
+        print(f"warning: {ckpt['path']} is a '{ckpt.get('kind')}' checkpoint; eval.py prompts it like an SFT model")
+    prompt_budget = fit_answer_length(args, model.args.max_seq_len)
+    # A question too long for the context keeps its end (usually the actual question) and the bos.
+    fitted = [fit_prompt(tok, [], r["question"], prompt_budget) for r in rows]
+    prompts = [ids for ids, _, _ in fitted]
+    t0 = time.time()
+    generated = generate_answers(model, prompts, args.batch_size, args.max_new_tokens,
+                                 **sampling_settings(args, tok, device))
+    info = {"n_prompts_truncated": sum(cut for _, _, cut in fitted), "generate_seconds": time.time() - t0,
+            "device": device, "mean_new_tokens": sum(map(len, generated)) / len(generated)}
+    return ckpt, model, tok, prompts, generated, info
+
+
+def evaluate(args):
+    started = time.time()
+    for flag, path in (("--train-data", args.train_data), ("--compare", args.compare)):
+        if path is not None and not Path(path).is_file():  # found out now, not after generating
+            raise FileNotFoundError(f"{flag} {path}: no such file")
+    rows = read_qa(args.data, args.question_field, args.answer_field, args.limit)
+    ckpt, model, tok, prompts, generated, info = generate_predictions(args, rows)
+    predictions = [tok.decode(ids) for ids in generated]
+    references = [r["answer"] for r in rows]
+    out_dir = Path(args.out_dir)
+    write_predictions(out_dir, rows, predictions, generated)
+
+    nll = answer_nll(model, tok, prompts, references, args.batch_size)
+    t0 = time.time()
+    model_scores, per_question = scores.score(predictions, references, args.bootstrap, args.seed)
+    metrics = {
+        "bleu4_char_corpus": model_scores["bleu4"], "bleu_sentence_avg": bleu_sentence_avg(predictions, references),
+        "answer_ppl": perplexity(nll), "n": len(rows),
+        "bleu4_char_corpus_ci95": model_scores.get("bleu4_ci95"), "sacrebleu_signature": scores.sacrebleu_signature(),
+        "answer_nll": nll, **model_scores,
+        "baselines": score_baselines(rows, args.train_data, args.bootstrap, args.seed),
+        "bleu_scale": "0-100", "bleu_tokens": "sacreBLEU zh: each Chinese character one token",
+        "bleu_sentence_smoothing": "nltk method1", "bootstrap": {"samples": args.bootstrap, "seed": args.seed},
+    }
+    if args.compare:
+        metrics["compare"] = compare_runs(per_question, rows, args.compare, args.bootstrap, args.seed)
+    metrics.update(info, score_seconds=time.time() - t0, seconds=time.time() - started,
+                   questions_per_s=len(rows) / info["generate_seconds"],
+                   checkpoint=ckpt["path"], kind=ckpt.get("kind"), step=ckpt.get("step"), tokenizer=tok.name,
+                   data=str(args.data), generation={k: getattr(args, k) for k in (
+                       "max_new_tokens", "temperature", "top_k", "top_p", "repetition_penalty", "seed", "batch_size")})
     write_text_atomic(out_dir / "metrics.json", json.dumps(metrics, ensure_ascii=False, indent=2) + "\n")
-    print(f"n={metrics['n']}  bleu4_char_corpus={metrics['bleu4_char_corpus']:.2f}  "
-          f"bleu_sentence_avg={metrics['bleu_sentence_avg']:.2f}  answer_ppl={metrics['answer_ppl']:.2f}  "
-          f"-> {out_dir}")
+    print_summary(metrics, out_dir)
     return metrics
+
+
+# -----------------------------------------------------------------------------
+# what a person reads
+
+def with_ci(value, ci):
+    return f"{value:.2f}" + (f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else "")
+
+
+def headline(s):
+    """'sacreBLEU x [lo, hi]  ROUGE-L y [lo, hi]' of one system's scores."""
+    return f"sacreBLEU {with_ci(s['bleu4'], s.get('bleu4_ci95'))}  ROUGE-L {with_ci(s['rougeL'], s.get('rougeL_ci95'))}"
+
+
+def comparison_lines(compare):
+    """'this run beats OTHER by x [lo, hi], p = ...' for BLEU and ROUGE-L."""
+    lines = []
+    for key, name in (("bleu4", "sacreBLEU"), ("rougeL", "ROUGE-L")):
+        c = compare[key]
+        verb = "beats" if c["delta"] > 0 else "trails" if c["delta"] < 0 else "ties"
+        lines.append(f"  this run {verb} {compare['other']} on {name} by {c['delta']:+.2f} "
+                     f"[{c['ci95'][0]:+.2f}, {c['ci95'][1]:+.2f}], p = {c['p']:.3f} (paired bootstrap)")
+    return lines
+
+
+def print_summary(m, out_dir):
+    ppl = f"{m['answer_ppl']:.2f}" if m["answer_ppl"] is not None else "inf"
+    ci = f" (95% bootstrap CIs, {m['bootstrap']['samples']} resamples)" if m["bootstrap"]["samples"] else ""
+    lines = [f"eval: {m['n']} questions -> {out_dir}",
+             f"  model:                          {headline(m)}{ci}",
+             f"  baseline, copy the question:    {headline(m['baselines']['copy_question'])}"]
+    common = m["baselines"]["most_common_train_answer"]
+    lines.append("  baseline, most common training answer: "
+                 + (common["skipped"] if "skipped" in common else headline(common)))
+    bleu_n = " / ".join(f"{m['bleu' + str(n)]:.2f}" for n in range(1, 5))
+    lines.append(f"  BLEU-1..4 {bleu_n}  ROUGE-1/2 {m['rouge1']:.2f} / "
+                 f"{m['rouge2']:.2f}  Distinct-1/2 {m['distinct1']:.2f} / {m['distinct2']:.2f}  "
+                 f"length ratio {m['length_ratio']:.2f}")
+    lines.append(f"  sentence BLEU avg {m['bleu_sentence_avg']:.2f}  answer ppl {ppl} (nll {m['answer_nll']:.3f})  "
+                 f"sacreBLEU signature {m['sacrebleu_signature']}")
+    if "compare" in m:
+        lines += comparison_lines(m["compare"])
+    print("\n".join(lines), flush=True)
 
 
 def main(argv=None):
     try:
         evaluate(parse_args(argv))
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, DataError) as e:
         sys.exit(f"eval.py: error: {e}")
 
 

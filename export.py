@@ -2,12 +2,15 @@
 (and through it vLLM, and llama.cpp's convert_hf_to_gguf.py):
 
     python export.py --ckpt out/sft --out out/hf
+    python export.py --ckpt out/sft --out out/hf --gguf    # also model.gguf and a Modelfile
 
 The directory holds config.json (LlamaForCausalLM), model.safetensors, generation_config.json,
 tokenizer.json (built from the SentencePiece model so that it gives exactly our ids),
 tokenizer_config.json, special_tokens_map.json and the SentencePiece tokenizer.model itself
 (for converters that read it directly). Before the directory is renamed into place it is
 loaded back with transformers, and its token ids and fp32 logits are checked against ours.
+With --gguf it also holds model.gguf (for llama.cpp, written with the `gguf` package and read
+back before the rename) and an Ollama Modelfile that reproduces the SFT prompt.
 """
 import argparse
 import json
@@ -19,7 +22,7 @@ from pathlib import Path
 import torch
 
 from checkpoint import load_checkpoint, model_from_checkpoint, tokenizer_for_checkpoint
-from prompt import chat_template
+from prompt import chat_template, ollama_template
 
 # -----------------------------------------------------------------------------
 # defaults (flags override)
@@ -171,6 +174,12 @@ def read_sentencepiece_model(path):
     return spec
 
 
+def placeholder_pieces(n_pieces, vocab_size):
+    """Names for the ids past the SentencePiece pieces (ChatGLM2's 4 extra ids): they decode
+    to nothing, as in our Tokenizer."""
+    return [f"<special_{i}>" for i in range(n_pieces, vocab_size)]
+
+
 def hf_tokenizer(sp_path, vocab_size):
     """A `tokenizers` BPE tokenizer equal to the SentencePiece model: same vocab and ids,
     merges ranked by piece score (SentencePiece's BPE merges the best-scoring pair first),
@@ -218,7 +227,7 @@ def hf_tokenizer(sp_path, vocab_size):
     tokenizer.decoder = decoders.Sequence(undo)
 
     specials = [piece for piece, _, kind in pieces if kind in (PIECE_UNKNOWN, PIECE_CONTROL)]
-    specials += [f"<special_{i}>" for i in range(len(pieces), vocab_size)]
+    specials += placeholder_pieces(len(pieces), vocab_size)
     tokenizer.add_special_tokens([AddedToken(s, normalized=False, special=True) for s in specials])
     return tokenizer
 
@@ -233,6 +242,129 @@ def write_tokenizer(out_dir, tok, max_seq_len, vocab_size):
               "model_max_length": max_seq_len, "chat_template": chat_template()}
     _write_json(out_dir / "tokenizer_config.json", config)
     _write_json(out_dir / "special_tokens_map.json", special)
+
+
+# -----------------------------------------------------------------------------
+# GGUF: one file that llama.cpp (and Ollama) run, written with the `gguf` package
+
+GGUF_NAME = "model.gguf"
+GGUF_FILE_TYPES = {"float32": "ALL_F32", "bfloat16": "MOSTLY_BF16", "float16": "MOSTLY_F16"}
+
+
+def interleave_rope_rows(w, n_heads):
+    """q/k projection rows from the rotate-half RoPE layout (ours and Hugging Face's: a head's
+    dimension i pairs with i + head_dim/2) to the interleaved layout of llama.cpp's Llama
+    (dimension 2i pairs with 2i+1): the same rotation, with the rows reordered."""
+    rows = w.shape[0]
+    return w.reshape(n_heads, 2, rows // n_heads // 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+def gguf_tensors(model, dtype_name):
+    """GGUF tensor name -> (numpy array, GGML type). Names come from the gguf package's Llama
+    map of the Hugging Face names. The weights are those of the Hugging Face export (rounded
+    to dtype_name); 1-D tensors (the norms) are stored as fp32, as llama.cpp expects."""
+    import gguf
+
+    args = model.args
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, args.n_layers)
+    tensors = {}
+    for hf_name, t in hf_state_dict(model, DTYPES[dtype_name]).items():
+        if hf_name.endswith("q_proj.weight"):
+            t = interleave_rope_rows(t, args.n_heads)
+        elif hf_name.endswith("k_proj.weight"):
+            t = interleave_rope_rows(t, args.n_kv_heads)
+        name = names.get_name(hf_name, try_suffixes=(".weight",))
+        if t.dim() == 1 or dtype_name == "float32":
+            tensors[name] = (t.float().numpy(), gguf.GGMLQuantizationType.F32)
+        elif dtype_name == "float16":
+            tensors[name] = (t.numpy(), gguf.GGMLQuantizationType.F16)
+        else:  # numpy has no bf16: its bit patterns as uint16
+            tensors[name] = (t.view(torch.int16).numpy().view("uint16"), gguf.GGMLQuantizationType.BF16)
+    return tensors
+
+
+def gguf_vocab(tok, vocab_size):
+    """(tokens, scores, token types) of the SentencePiece model for llama.cpp's "llama"
+    (SentencePiece) tokenizer; SentencePiece's piece types are GGUF's token types."""
+    spec = read_sentencepiece_model(tok.path)
+    pieces = spec["pieces"] + [(p, 0.0, PIECE_CONTROL) for p in placeholder_pieces(len(spec["pieces"]), vocab_size)]
+    return [p for p, _, _ in pieces], [score for _, score, _ in pieces], [kind for _, _, kind in pieces], spec
+
+
+def write_gguf(path, model, tok, dtype_name):
+    """The model, its SentencePiece vocabulary, special ids and chat template as one GGUF file."""
+    import gguf
+
+    args = model.args
+    w = gguf.GGUFWriter(path, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])
+    w.add_type(gguf.GGUFType.MODEL)
+    w.add_name("baby-llama2-chinese")
+    w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    w.add_file_type(gguf.LlamaFileType[GGUF_FILE_TYPES[dtype_name]])
+    w.add_vocab_size(args.vocab_size)
+    w.add_context_length(args.max_seq_len)
+    w.add_embedding_length(args.dim)
+    w.add_block_count(args.n_layers)
+    w.add_feed_forward_length(args.hidden_dim)
+    w.add_head_count(args.n_heads)
+    w.add_head_count_kv(args.n_kv_heads)
+    w.add_key_length(args.dim // args.n_heads)
+    w.add_value_length(args.dim // args.n_heads)
+    w.add_rope_dimension_count(args.dim // args.n_heads)
+    w.add_rope_freq_base(args.rope_theta)
+    w.add_layer_norm_rms_eps(args.norm_eps)
+    tokens, scores, types, spec = gguf_vocab(tok, args.vocab_size)
+    w.add_tokenizer_model("llama")
+    w.add_tokenizer_pre("default")
+    w.add_token_list(tokens)
+    w.add_token_scores(scores)
+    w.add_token_types(types)
+    w.add_bos_token_id(tok.bos_id)
+    w.add_eos_token_id(tok.eos_id)
+    w.add_unk_token_id(tok.sp.unk_id())
+    w.add_pad_token_id(tok.pad_id)
+    w.add_add_bos_token(False)  # the SFT prompt has bos at its end, from the chat template
+    w.add_add_eos_token(False)
+    w.add_add_space_prefix(spec["add_dummy_prefix"])
+    w.add_remove_extra_whitespaces(spec["remove_extra_whitespaces"])
+    w.add_chat_template(chat_template())
+    for name, (array, ggml_type) in gguf_tensors(model, dtype_name).items():
+        w.add_tensor(name, array, raw_dtype=ggml_type)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def ollama_modelfile(tok, max_seq_len):
+    """An Ollama Modelfile for the GGUF beside it (`ollama create NAME -f Modelfile`): our
+    prompt as its template, the model's context, and greedy decoding like generation_config.json."""
+    return (f"FROM ./{GGUF_NAME}\n"
+            f'TEMPLATE """{ollama_template(tok.id_to_piece(tok.bos_id))}"""\n'
+            f"PARAMETER num_ctx {max_seq_len}\n"
+            "PARAMETER temperature 0\n"
+            "PARAMETER repeat_penalty 1\n")
+
+
+def check_gguf(path, model, tok, dtype_name):
+    """Read the GGUF file back with the gguf package's reader: every tensor's bytes and the
+    vocabulary and special ids must be what was meant to be written."""
+    import gguf
+
+    reader = gguf.GGUFReader(path)
+    expected = gguf_tensors(model, dtype_name)
+    found = {t.name: t for t in reader.tensors}
+    if sorted(found) != sorted(expected):
+        raise ValueError(f"{path}: tensors {sorted(found)} differ from {sorted(expected)}")
+    for name, (array, ggml_type) in expected.items():
+        t = found[name]
+        if t.tensor_type != ggml_type or t.data.tobytes() != array.tobytes():
+            raise ValueError(f"{path}: tensor {name} does not read back as written")
+    field = reader.get_field
+    tokens = gguf_vocab(tok, model.args.vocab_size)[0]
+    ids = [field(f"tokenizer.ggml.{k}_token_id").contents() for k in ("bos", "eos", "padding")]
+    if field("tokenizer.ggml.tokens").contents() != tokens or ids != [tok.bos_id, tok.eos_id, tok.pad_id]:
+        raise ValueError(f"{path}: the vocabulary or special ids do not read back as written")
 
 
 # -----------------------------------------------------------------------------
@@ -254,6 +386,28 @@ def write_hf_dir(out_dir, model, tok, dtype_name):
     write_tokenizer(out_dir, tok, args.max_seq_len, args.vocab_size)
 
 
+def control_text(tok):
+    """A user's text holding the control pieces' own spelling (ChatGLM2's and ours: <s>, </s>, <unk>)."""
+    bos, eos, unk = (tok.id_to_piece(i) for i in (tok.bos_id, tok.eos_id, tok.sp.unk_id()))
+    return f"用户写的{bos}、{eos}和{unk}只是文字 {bos}"
+
+
+def check_control_text(hf_tok, tok):
+    """User text never becomes control ids (our Tokenizer treats it as text). In transformers
+    that holds when user text is encoded with split_special_tokens=True, which must give our
+    ids exactly, and in apply_chat_template(..., sanitize_control_tokens=True), whose only
+    control id must be the bos the template writes."""
+    text, control = control_text(tok), {tok.bos_id, tok.eos_id, tok.sp.unk_id()}
+    ours, theirs = tok.encode(text), hf_tok.encode(text, split_special_tokens=True)
+    if ours != theirs:
+        raise ValueError(f"exported tokenizer disagrees on {text!r} (split_special_tokens=True):\n"
+                         f"  ours {ours}\n  transformers {theirs}")
+    chat = hf_tok.apply_chat_template([{"role": "system", "content": text}, {"role": "user", "content": text}],
+                                      add_generation_prompt=True, sanitize_control_tokens=True, return_dict=False)
+    if [i for i in chat if i in control] != [tok.bos_id]:
+        raise ValueError(f"the exported chat template turns user text {text!r} into control ids: {list(chat)}")
+
+
 def check_hf_dir(out_dir, model, tok, dtype_name):
     """Load the directory with transformers (offline) and compare with our model and
     tokenizer; raise if they differ. Returns the max |logit difference|."""
@@ -264,6 +418,7 @@ def check_hf_dir(out_dir, model, tok, dtype_name):
         ours, theirs = tok.encode(text), hf_tok.encode(text)
         if ours != theirs:
             raise ValueError(f"exported tokenizer disagrees on {text!r}:\n  ours {ours}\n  transformers {theirs}")
+    check_control_text(hf_tok, tok)
     hf_model = AutoModelForCausalLM.from_pretrained(out_dir, dtype=torch.float32, local_files_only=True).eval()
     # Compare in fp32 against our weights rounded to the exported dtype, as transformers sees them.
     with torch.no_grad():
@@ -276,9 +431,10 @@ def check_hf_dir(out_dir, model, tok, dtype_name):
     return diff
 
 
-def export(ckpt_path, out, tokenizer_path=None, dtype_name=DTYPE, force=False):
-    """Checkpoint -> checked Hugging Face directory at `out`, written atomically.
-    Returns the max |logit difference| found by the check."""
+def export(ckpt_path, out, tokenizer_path=None, dtype_name=DTYPE, force=False, with_gguf=False):
+    """Checkpoint -> checked Hugging Face directory at `out`, written atomically; with_gguf
+    adds the same model as out/model.gguf and an Ollama Modelfile for it. Returns the max
+    |logit difference| found by the check."""
     out = Path(out)
     if out.exists() and not force:
         raise FileExistsError(f"{out} already exists; pass --force to replace it")
@@ -296,7 +452,11 @@ def export(ckpt_path, out, tokenizer_path=None, dtype_name=DTYPE, force=False):
     tmp.mkdir()
     try:
         write_hf_dir(tmp, model, tok, dtype_name)
-        diff = check_hf_dir(tmp, model, tok, dtype_name)
+        if with_gguf:
+            write_gguf(tmp / GGUF_NAME, model, tok, dtype_name)
+            check_gguf(tmp / GGUF_NAME, model, tok, dtype_name)
+            (tmp / "Modelfile").write_text(ollama_modelfile(tok, model.args.max_seq_len), encoding="utf-8")
+        diff = check_hf_dir(tmp, model, tok, dtype_name)  # rounds our weights to dtype_name: last
         if out.exists():  # --force: move the old one aside only once the new one is complete
             old = out.with_name(f".{out.name}.old-{os.getpid()}")
             os.replace(out, old)
@@ -308,6 +468,9 @@ def export(ckpt_path, out, tokenizer_path=None, dtype_name=DTYPE, force=False):
         shutil.rmtree(tmp, ignore_errors=True)
     print(f"export: transformers reloads {out}: tokenizer ids match on {len(CHECK_TEXTS)} strings, "
           f"max |logit diff| = {diff:.2e} (fp32, tolerance {LOGITS_TOLERANCE})")
+    if with_gguf:
+        print(f"export: {out / GGUF_NAME} reads back with the same tensors, vocabulary and special ids; "
+              f"Ollama: ollama create NAME -f {out / 'Modelfile'}")
     return diff
 
 
@@ -319,9 +482,11 @@ def main():
                         help="tokenizer.model path (default: the one the checkpoint records, else the usual search)")
     parser.add_argument("--dtype", default=DTYPE, choices=sorted(DTYPES), help="dtype of the exported weights")
     parser.add_argument("--force", action="store_true", help="replace --out if it already exists")
+    parser.add_argument("--gguf", action="store_true",
+                        help=f"also write {GGUF_NAME} (llama.cpp) and an Ollama Modelfile into --out")
     a = parser.parse_args()
     try:
-        export(a.ckpt, a.out, a.tokenizer, a.dtype, a.force)
+        export(a.ckpt, a.out, a.tokenizer, a.dtype, a.force, a.gguf)
     except (FileExistsError, FileNotFoundError, ValueError) as e:
         raise SystemExit(f"export.py: {e}") from None
 

@@ -187,6 +187,12 @@ def load_for_inference(ckpt_path, tokenizer_path=None, device=None, dtype=None):
     return ckpt, model, tok
 
 
+def default_max_new_tokens(max_seq_len, cap=256):
+    """How many tokens to allow an answer when none is asked for: `cap`, but at most half the
+    model's context, so that every model leaves a prompt room (the demo's context is 256)."""
+    return min(cap, max_seq_len // 2)
+
+
 # The sampling flags eval.py and chat.py share: (flag, type, help); each script gives the defaults.
 SAMPLING_FLAGS = (
     ("--max-new-tokens", int, "most tokens generated per answer"),
@@ -200,12 +206,17 @@ SAMPLING_FLAGS = (
 
 def add_generation_args(parser, defaults):
     """The flags eval.py and chat.py share: which model, where, and how to sample.
-    defaults: the script's ckpt and a value for every SAMPLING_FLAGS flag (max_new_tokens, ...)."""
+    defaults: the script's ckpt and a value for every SAMPLING_FLAGS flag (max_new_tokens, ...);
+    max_new_tokens None means the script picks default_max_new_tokens once the model is loaded
+    (and says which)."""
     parser.add_argument("--ckpt", default=defaults["ckpt"], help="checkpoint file or out dir (its best.pt, else latest step)")
     parser.add_argument("--tokenizer", default=None, help="tokenizer.model to use instead of the one the checkpoint names")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     for flag, type_, text in SAMPLING_FLAGS:
-        parser.add_argument(flag, type=type_, default=defaults[flag[2:].replace("-", "_")], help=text)
+        default = defaults[flag[2:].replace("-", "_")]
+        if flag == "--max-new-tokens" and default is None:
+            text += " (default: at most half the model's context, 256 at most)"
+        parser.add_argument(flag, type=type_, default=default, help=text)
 
 
 def sampling_settings(args, tok, device):

@@ -65,7 +65,8 @@ class _OneDNNMatmul(torch.autograd.Function):
         x, w = ctx.saved_tensors
         grad_y2, x2 = grad_y.reshape(-1, grad_y.shape[-1]), x.reshape(-1, x.shape[-1])
         grad_x = matmul_t(grad_y2, w.t()).view(x.shape)  # (.., out) @ (out, in)
-        grad_w = matmul_t(grad_y2.t().contiguous(), x2.t().contiguous())  # (out, rows) @ (rows, in)
+        # (out, rows) @ (rows, in): oneDNN reads the transposed views by their strides, no copies
+        grad_w = matmul_t(grad_y2.t(), x2.t())
         return grad_x, grad_w
 
 
@@ -221,9 +222,8 @@ class LinearCrossEntropy:
     def _add_grad_w(self, grad_w, dlogits, hc, vocab):
         """grad_w += dlogits.T @ hc, accumulated in fp32."""
         if self.onednn and onednn_applies(dlogits, hc):  # block by block: (block, rows) @ (rows, D)
-            hc_t = hc.t().contiguous()
-            for j in range(0, vocab, self.vocab_block):
-                grad_w[j:j + self.vocab_block] += matmul_t(dlogits[:, j:j + self.vocab_block].t().contiguous(), hc_t)
+            for j in range(0, vocab, self.vocab_block):  # transposed views, read by their strides
+                grad_w[j:j + self.vocab_block] += matmul_t(dlogits[:, j:j + self.vocab_block].t(), hc.t())
         elif dlogits.dtype == torch.float32:
             grad_w.addmm_(dlogits.t(), hc)
         else:

@@ -65,27 +65,28 @@ def model_args_from_flags(cfg, vocab_size):
 
 
 def main(argv=None):
-    cfg = parse_args(argv)
-    env = trainer.setup(cfg)
+    return trainer.run_script("pretrain.py", run, parse_args(argv))
+
+
+def run(cfg, env):
     tokenizer = load_tokenizer(cfg.tokenizer)
-    resume = trainer.load_resume(cfg, "pretrain", tokenizer)
+    resume = trainer.load_resume(cfg, env, "pretrain", tokenizer)
     args = ModelArgs.from_dict(resume["model_args"]) if resume else model_args_from_flags(cfg, tokenizer.vocab_size)
     model = Transformer(args)
 
     train_files, val_files = find_bin_files(cfg.data)
     if not val_files:
-        raise FileNotFoundError(f"--data {cfg.data}: no NAME_val.bin beside the training files to validate on")
+        raise FileNotFoundError(f"--data {' '.join(cfg.data)}: no NAME_val.bin beside the training files to "
+                                f"validate on (data_process.py pretrain writes one unless --val-fraction 0)")
     identity = tokenizer.identity()
-    train_set = PretrainDataset(train_files, args.max_seq_len, identity)
-    val_set = PretrainDataset(val_files, args.max_seq_len, identity)
-    env.print(f"data: {len(train_files)} training file(s), {train_set.n_tokens:,} tokens, {len(train_set):,} windows; "
-              f"validation {val_set.n_tokens:,} tokens")
+    train_set = PretrainDataset(train_files, args.max_seq_len, identity, args.vocab_size)
+    val_set = PretrainDataset(val_files, args.max_seq_len, identity, args.vocab_size)
+    env.print(f"data: {len(train_files)} training file(s), {train_set.n_tokens:,} tokens, {len(train_set):,} "
+              f"windows; validation {val_set.n_tokens:,} tokens")
     train_batches = trainer.Batches(train_set, cfg.batch_size, cfg.seed, env)
     val_batches = lambda: trainer.eval_batches(val_set, cfg.batch_size, cfg.eval_batches, env)  # noqa: E731
-    try:
-        return trainer.train(cfg, env, model, "pretrain", tokenizer, train_batches, val_batches, resume)
-    finally:
-        env.close()
+    train_data = [(f.name, meta["n_tokens"]) for f, meta in zip(train_set.files, train_set.metas)]
+    return trainer.train(cfg, env, model, "pretrain", tokenizer, train_batches, val_batches, train_data, resume)
 
 
 if __name__ == "__main__":

@@ -8,8 +8,8 @@ becomes one prompt text: an optional system text on its own line, each earlier t
     你是一名医生。\\n问：头痛怎么办？\\n答：多休息。\\n发热呢？  + <bos>
 
 data_process.py writes SFT data with this rule, dataset_sft.py encodes it, eval.py, chat.py
-and serve.py prompt with it, and export.py's chat template is generated from it, so every
-consumer of the model asks in the format it learned.
+and serve.py prompt with it, and export.py's chat template (and Ollama template) are generated
+from it, so every consumer of the model asks in the format it learned.
 """
 QUESTION_TAG, ANSWER_TAG, LINE_END = "问：", "答：", "\n"
 
@@ -75,4 +75,20 @@ def chat_template():
         "{%- endif -%}"
         "{%- endfor -%}"
         "{%- if add_generation_prompt -%}{{ bos_token }}{%- endif -%}"
+    )
+
+
+def ollama_template(bos_token):
+    """The same prompt as a Go template for an Ollama Modelfile: Ollama passes the system text
+    as .System (several system messages joined by a blank line, where messages_prompt keeps
+    the last) and the turns as .Messages; the last user turn is the question."""
+    q, a, end = QUESTION_TAG, ANSWER_TAG, LINE_END
+    return (
+        "{{ if .System }}{{ .System }}" + end + "{{ end }}"
+        "{{ range $i, $m := .Messages }}"
+        '{{ if eq $m.Role "user" }}'
+        "{{ if eq (len (slice $.Messages $i)) 1 }}{{ $m.Content }}" + bos_token +
+        "{{ else }}" + q + "{{ $m.Content }}" + end + "{{ end }}"
+        '{{ else if eq $m.Role "assistant" }}' + a + "{{ $m.Content }}" + end +
+        "{{ end }}{{ end }}"
     )

@@ -56,11 +56,13 @@ def init_model(cfg):
 
 
 def main(argv=None):
-    cfg = parse_args(argv)
-    env = trainer.setup(cfg)
+    return trainer.run_script("sft.py", run, parse_args(argv))
+
+
+def run(cfg, env):
     model, tokenizer, init = init_model(cfg)
     env.print(f"init: {init['path']} ({init.get('kind')} checkpoint, step {init.get('step')})")
-    resume = trainer.load_resume(cfg, "sft", tokenizer)
+    resume = trainer.load_resume(cfg, env, "sft", tokenizer)
     if resume:  # trainer.train loads the resumed weights into a model of the resumed shape
         model = Transformer(ModelArgs.from_dict(resume["model_args"]))
     max_seq_len = cfg.max_seq_len or model.args.max_seq_len
@@ -79,11 +81,9 @@ def main(argv=None):
     train_batches = trainer.Batches(train_set, cfg.batch_size, cfg.seed, env, collate_fn=collate,
                                     num_workers=cfg.num_workers, make_epoch=grouped if cfg.group_by_length else None)
     val_batches = (lambda: trainer.eval_batches(val_set, cfg.batch_size, cfg.eval_batches, env, collate)) if val_set else None
-    try:
-        return trainer.train(cfg, env, model, "sft", tokenizer, train_batches, val_batches, resume,
-                             extra={"init": init["path"]})
-    finally:
-        env.close()
+    train_data = [(data.name, int(train_set.lengths.sum()))]  # positions: changes with the data and with --max-seq-len
+    return trainer.train(cfg, env, model, "sft", tokenizer, train_batches, val_batches, train_data, resume,
+                         extra={"init": init["path"]})
 
 
 if __name__ == "__main__":

@@ -2,32 +2,40 @@
 
 A training script plugs in like this (pretrain.py is the worked example):
 
-    parser = argparse.ArgumentParser()
-    trainer.add_train_args(parser, DEFAULTS)        # shared flags; DEFAULTS: the script's own defaults
-    ...                                             # the script's own flags (data, model)
-    cfg = parser.parse_args(argv)
-    env = trainer.setup(cfg)                        # device, precision, DDP from torchrun's env, seeds
-    resume = trainer.load_resume(cfg, kind, tokenizer)  # latest checkpoint of cfg.out_dir, or None
-    model = Transformer(...)                        # built from resume["model_args"] when resuming
-    train_batches = trainer.Batches(dataset, cfg.batch_size, cfg.seed, env, collate_fn=...)
-    val_batches = lambda: trainer.eval_batches(val_dataset, cfg.batch_size, cfg.eval_batches, env)
-    trainer.train(cfg, env, model, kind, tokenizer, train_batches, val_batches, resume)
-    env.close()
+    def main(argv=None):
+        parser = argparse.ArgumentParser()
+        trainer.add_train_args(parser, DEFAULTS)    # shared flags; DEFAULTS: the script's own defaults
+        ...                                         # the script's own flags (data, model)
+        return trainer.run_script("NAME.py", run, parser.parse_args(argv))
+
+    def run(cfg, env):                              # env: device, precision, DDP from torchrun's env
+        resume = trainer.load_resume(cfg, env, kind, tokenizer)  # newest good checkpoint of cfg.out_dir, or None
+        model = Transformer(...)                    # built from resume["model_args"] when resuming
+        train_batches = trainer.Batches(dataset, cfg.batch_size, cfg.seed, env, collate_fn=...)
+        val_batches = lambda: trainer.eval_batches(val_dataset, cfg.batch_size, cfg.eval_batches, env)
+        return trainer.train(cfg, env, model, kind, tokenizer, train_batches, val_batches, train_data, resume)
+
+run_script sets up the environment (seeding every RNG), closes it at the end, and turns a
+refusal (REFUSALS: bad flags, data or checkpoints, a full disk) into a one-line message and a
+non-zero exit code instead of a traceback.
 
 What the script provides: the model; the training batches as a `Batches` (an endless,
 resumable stream of (x, y) micro-batches for this rank; its state_dict() is the data
 position); a function returning this rank's validation batches (or None: no validation);
-the tokenizer whose identity goes into every checkpoint. Any `extra` dict given to train()
-is stored in each checkpoint too.
+the tokenizer whose identity goes into every checkpoint; train_data, [file name, tokens] per
+training file, which --resume compares. Any `extra` dict given to train() is stored in each
+checkpoint too.
 
 What train() does: the optimizer (AdamW, or Muon for hidden matrices), warmup + cosine
 schedule over the run's real number of optimizer steps, gradient accumulation (DDP syncs
 on the last micro-step only), bf16/fp16 autocast, clipping, optional torch.compile,
 validation, checkpoints (best.pt + the last K step_*.pt, and one on SIGINT/SIGTERM),
-exact resume, metrics.jsonl, the loss-curve PNG and progress logs.
+exact resume (from the newest checkpoint that verifies, with the same settings), metrics.jsonl,
+the loss-curve PNG and progress logs.
 
 train() is the loop, at the end of this file; read it first. Its parts, in the order it calls
-them: set_up (the model on its device, optimizers, resumed state), wrap_model (compile, DDP),
+them: check_resume (a resumed run's settings against its checkpoint's), set_up (the model on
+its device, optimizers, resumed state), wrap_model (compile, DDP),
 plan (the number of steps), then per step train_step (forward, backward, update),
 metrics_row, evaluate and log, and checkpoint_dict and write_checkpoints.
 """
@@ -48,15 +56,23 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import kernels
-from checkpoint import load_checkpoint, resolve_checkpoint, save_checkpoint, step_checkpoints, write_text_atomic
+from atomic import AtomicFile, WriteError, naming_errors, write_text_atomic
+from checkpoint import CheckpointError, load_latest_good, save_checkpoint, step_checkpoints
+from chatglm_tokenizer import TokenizerNotFound
+from corpus import DataError
 from model import IGNORE_INDEX
+from muon import Muon, newton_schulz_dtype
+
+# What a user can get wrong (bad flags, data or checkpoints, a full disk): the error types whose
+# message says what to do. The scripts' main() shows them as one line and exits non-zero.
+REFUSALS = (ValueError, FileNotFoundError, DataError, TokenizerNotFound, WriteError)
 
 # Shared defaults; a script passes its own overrides to add_train_args.
 TRAIN_DEFAULTS = dict(
     batch_size=8, grad_accum=1, lr=3e-4, min_lr=3e-5, warmup_steps=1000, weight_decay=0.1,
     beta1=0.9, beta2=0.95, grad_clip=1.0, max_steps=0, max_tokens=0, epochs=0.0,
     eval_every=1000, eval_batches=50, save_every=1000, keep_last=3, log_every=10,
-    optimizer="adamw", muon_lr=0.02, muon_momentum=0.95, dtype="auto", device="auto",
+    optimizer="adamw", muon_lr=0.02, muon_momentum=0.95, muon_dtype="auto", dtype="auto", device="auto",
     compile=False, seed=1337, out_dir="out/train", stop_after_steps=0, peak_flops=0.0,
 )
 
@@ -88,6 +104,9 @@ def add_train_args(parser, defaults=None):
                    help="adamw for everything, or muon for the hidden 2-D matrices and AdamW for the rest")
     g.add_argument("--muon-lr", type=float, default=d["muon_lr"], help="peak learning rate of Muon's matrices")
     g.add_argument("--muon-momentum", type=float, default=d["muon_momentum"], help="Muon momentum")
+    g.add_argument("--muon-dtype", choices=["auto", "bfloat16", "float32"], default=d["muon_dtype"],
+                   help="dtype of Muon's Newton-Schulz iterations; auto: bf16 where the hardware computes it "
+                        "natively (CUDA, CPUs with AVX512-BF16 or AMX), else fp32")
     g.add_argument("--eval-every", type=int, default=d["eval_every"], help="validate every N optimizer steps (0: only at the end)")
     g.add_argument("--eval-batches", type=int, default=d["eval_batches"], help="validation micro-batches per process")
     g.add_argument("--save-every", type=int, default=d["save_every"], help="write step_*.pt every N optimizer steps (0: only at the end)")
@@ -160,6 +179,22 @@ def setup(cfg):
         raise ValueError("--dtype float16 needs a CUDA device (use bfloat16 or float32 on CPU)")
     torch.manual_seed(cfg.seed + rank)
     return Env(device, rank, local_rank, world_size, getattr(torch, dtype))
+
+
+def run_script(script, run, cfg):
+    """A training script's main: run(cfg, env) in the environment of setup(cfg). A refusal
+    (REFUSALS) or a second Ctrl-C ends it with a one-line message and a non-zero exit code,
+    never a traceback."""
+    try:
+        env = setup(cfg)
+        try:
+            return run(cfg, env)
+        finally:
+            env.close()
+    except REFUSALS as e:  # bad flags, data or checkpoints, a full disk: what to do, no traceback
+        raise SystemExit(f"{script}: error: {e}") from None
+    except KeyboardInterrupt:
+        raise SystemExit(f"{script}: interrupted; --resume continues from the last checkpoint") from None
 
 
 # ----------------------------------------------------------------------------- data
@@ -252,7 +287,8 @@ def is_hidden_matrix(name, p):
 
 
 def build_optimizers(cfg, model, device):
-    """AdamW (decay on >= 2-D weights only), or Muon on hidden matrices plus AdamW on the rest."""
+    """AdamW (decay on >= 2-D weights only), or Muon (muon.py) on hidden matrices plus AdamW on
+    the rest."""
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     muon = [p for n, p in params if cfg.optimizer == "muon" and is_hidden_matrix(n, p)]
     muon_ids = {id(p) for p in muon}
@@ -262,31 +298,91 @@ def build_optimizers(cfg, model, device):
     adamw = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=device.type == "cuda")
     optimizers = [adamw]
     if muon:
-        optimizers.append(torch.optim.Muon(muon, lr=cfg.muon_lr, momentum=cfg.muon_momentum,
-                                           weight_decay=cfg.weight_decay))
+        ns_dtype = newton_schulz_dtype(device) if cfg.muon_dtype == "auto" else getattr(torch, cfg.muon_dtype)
+        optimizers.append(Muon(muon, lr=cfg.muon_lr, momentum=cfg.muon_momentum, weight_decay=cfg.weight_decay,
+                               ns_dtype=ns_dtype))
     for opt in optimizers:
         for group in opt.param_groups:
             group["peak_lr"] = group["lr"]
     return optimizers
 
 
+def describe_optimizers(optimizers):
+    """One line for the run's header: which optimizer has how many tensors, Muon's dtype."""
+    parts = []
+    for opt in optimizers:
+        n = sum(len(g["params"]) for g in opt.param_groups)
+        extra = f", Newton-Schulz in {str(opt.ns_dtype).removeprefix('torch.')}" if isinstance(opt, Muon) else ""
+        parts.append(f"{type(opt).__name__} on {n} tensors{extra}")
+    return "; ".join(parts)
+
+
 # ----------------------------------------------------------------------------- checkpoints
 
-def load_resume(cfg, kind, tokenizer):
-    """The checkpoint to continue from when --resume is given and one exists, else None.
+def load_resume(cfg, env, kind, tokenizer):
+    """The checkpoint to continue from when --resume is given: the newest step_*.pt of
+    cfg.out_dir that loads and passes its checksums (else best.pt), or None when there is none
+    yet. The ones tried before that failed (damaged, truncated) are said so and set aside as
+    NAME.pt.damaged, so that pruning never counts them among the checkpoints it keeps.
     Refuses a checkpoint of another kind or another tokenizer."""
     if not cfg.resume:
         return None
-    try:
-        path = resolve_checkpoint(cfg.out_dir, prefer="latest")
-    except FileNotFoundError:
-        print(f"--resume: no checkpoint in {cfg.out_dir} yet, starting fresh", flush=True)
+    ckpt, damaged = load_latest_good(cfg.out_dir)
+    if ckpt is None:
+        env.print(f"--resume: no checkpoint in {cfg.out_dir} yet, starting fresh")
         return None
-    ckpt = load_checkpoint(path, prefer="latest")
+    for path, reason in damaged:
+        env.print(f"--resume: {reason}; set aside as {path.name}.damaged")
+        if env.master:
+            for p in (path, path.with_suffix(".json")):
+                with naming_errors(p):
+                    if p.exists():
+                        os.replace(p, p.with_name(p.name + ".damaged"))
+    if damaged:
+        env.print(f"--resume: falling back to {ckpt['path']} (step {ckpt['step']}), the newest checkpoint that verifies")
     if ckpt.get("kind") != kind or "optimizers" not in ckpt:
-        raise ValueError(f"checkpoint {path} is not a resumable {kind} checkpoint (kind={ckpt.get('kind')})")
-    tokenizer.check_identity(ckpt["tokenizer"], f"checkpoint {path}")
+        raise CheckpointError(f"checkpoint {ckpt['path']} is not a resumable {kind} checkpoint (kind={ckpt.get('kind')})")
+    tokenizer.check_identity(ckpt["tokenizer"], f"checkpoint {ckpt['path']}")
     return ckpt
+
+
+# Flags a resumed run cannot change, refused on --resume: those the saved data position depends
+# on (the training data itself is compared through the header's "train_data"), and those the
+# optimizer's saved state restores, so that a new value would be silently ignored.
+RESUME_MUST_MATCH = ("batch_size", "grad_accum", "seed", "group_by_length",
+                     "optimizer", "lr", "weight_decay", "beta1", "beta2", "muon_lr", "muon_momentum")
+# Flags that apply from the resumed step on: a change is reported, the run goes on.
+RESUME_MAY_CHANGE = ("min_lr", "warmup_steps", "max_steps", "max_tokens", "epochs", "grad_clip", "dtype")
+
+
+def check_resume(header, resume, env):
+    """Compare this run's settings with the resumed checkpoint's: refuse the changes that break
+    the resumed data position (data, batch, accumulation, seed, processes) or that the
+    optimizer state would override, report the others. Entries the checkpoint lacks (older
+    checkpoints) are not compared."""
+    old, new = dict(resume.get("config", {})), dict(header["config"])
+    old["processes"], new["processes"] = resume.get("world_size", len(resume["rng"])), header["world_size"]
+    refused = changes(old, new, RESUME_MUST_MATCH + ("processes",))
+    if resume.get("train_data", header["train_data"]) != header["train_data"]:
+        refused.append(f"--data {describe_data(resume['train_data'])} -> {describe_data(header['train_data'])}")
+    if refused:
+        raise ValueError(f"--resume: {'; '.join(refused)} since checkpoint {resume['path']}; a resumed run keeps "
+                         f"its data, batches and optimizer settings: resume with the checkpoint's, or start a new --out-dir")
+    notes = changes(old, new, RESUME_MAY_CHANGE)
+    if notes:
+        env.print(f"--resume: changed since the checkpoint: {', '.join(notes)} (they apply from here on; the run "
+                  f"will differ from an uninterrupted one)")
+
+
+def changes(old, new, keys):
+    """["--flag OLD -> NEW"] for the keys that old has and new differs in."""
+    return [f"{k if k == 'processes' else '--' + k.replace('_', '-')} {old[k]} -> {new.get(k)}"
+            for k in keys if k in old and old[k] != new.get(k)]
+
+
+def describe_data(train_data):
+    """A run's "train_data" ([file name, tokens] per training file) in words."""
+    return ", ".join(f"{name} ({size:,} tokens)" for name, size in train_data)
 
 
 def rng_state(env):
@@ -302,10 +398,6 @@ def rng_state(env):
 
 
 def set_rng_state(states, env):
-    if len(states) != env.world_size:
-        print(f"resume: the checkpoint has RNG states of {len(states)} processes, this run has "
-              f"{env.world_size}; dropout noise will differ from the uninterrupted run", flush=True)
-        return
     torch.set_rng_state(states[env.rank]["cpu"])
     if env.device.type == "cuda" and "cuda" in states[env.rank]:
         torch.cuda.set_rng_state(states[env.rank]["cuda"], env.device)
@@ -331,9 +423,15 @@ def guess_peak_flops(device):
 
 
 def read_metrics(path, up_to_step):
+    """The rows of metrics.jsonl up to a step; a last line cut short by a crash is dropped."""
     if not Path(path).is_file():
         return []
-    rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    rows = []
+    for line in Path(path).read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            break
     return [r for r in rows if r["step"] <= up_to_step]
 
 
@@ -357,10 +455,11 @@ def plot_losses(rows, path, title):
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
-    tmp = Path(str(path) + ".tmp")
-    fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        with AtomicFile(path, "wb") as out:
+            fig.savefig(out.f, format="png", dpi=100)
+    finally:
+        plt.close(fig)
 
 
 def format_seconds(s):
@@ -399,7 +498,8 @@ class Clock:
 
 
 class StopFlag:
-    """Set by SIGINT/SIGTERM while training; the loop finishes its step, saves and exits."""
+    """Set by SIGINT/SIGTERM while training; the loop finishes the step in progress, saves
+    and exits (any_rank() reads it after the step, so a signal during a step stops after it)."""
 
     def __enter__(self):
         self.requested = False
@@ -417,6 +517,15 @@ class StopFlag:
         print(f"signal {signal.Signals(signum).name}: saving a checkpoint after this step", flush=True)
 
 
+def any_rank(flag, env):
+    """Whether flag is set on any rank: one tiny all-reduce under DDP, so all ranks agree."""
+    if not env.ddp:
+        return flag
+    t = torch.tensor([float(flag)], device=env.device)
+    dist.all_reduce(t)
+    return t.item() > 0
+
+
 def is_multiple(step, every):
     """Whether an --x-every interval falls on this step (every=0: never)."""
     return every != 0 and step % every == 0
@@ -431,6 +540,7 @@ def set_up(cfg, env, model, train_batches, resume):
     # the optimizers nor torch.compile have seen it; parameter names stay, so resume works.
     env.print(f"speed: {kernels.speed_up(model, env.device, env.ptdtype)}")
     optimizers = build_optimizers(cfg, model, env.device)
+    env.print(f"optimizer: {describe_optimizers(optimizers)}")
     scaler = torch.amp.GradScaler(env.device.type, enabled=env.ptdtype == torch.float16)
     metrics_path = Path(cfg.out_dir) / "metrics.jsonl"
     progress = Progress()
@@ -445,8 +555,7 @@ def set_up(cfg, env, model, train_batches, resume):
         progress = Progress(resume["step"], resume["tokens"], resume["best_val_loss"], resume.get("elapsed_s", 0.0),
                             rows=read_metrics(metrics_path, up_to_step=resume["step"]))
         env.print(f"resumed from {resume['path']} at step {progress.step} ({progress.tokens:,} tokens)")
-    if env.master:
-        metrics_path.parent.mkdir(parents=True, exist_ok=True)
+    if env.master:  # also finds out early whether --out-dir is writable
         write_metrics(metrics_path, progress.rows)
     return optimizers, scaler, progress
 
@@ -487,16 +596,15 @@ def plan(cfg, env, model, train_batches):
     return total_steps, min(cfg.warmup_steps, max(1, total_steps // 10))
 
 
-def train_step(model, micro_batches, optimizers, scaler, grad_clip, env, stop_requested):
+def train_step(model, micro_batches, optimizers, scaler, grad_clip, env):
     """One optimizer step over this rank's micro-batches. The loss is the mean over every target
     token of the step, on all ranks, so it does not depend on how the tokens are split into
     micro-batches and ranks. Returns (the step's loss as a tensor on the device, the step's
-    positions on all ranks, whether any rank was asked to stop)."""
+    positions on all ranks)."""
     # One small all-reduce per step: the step's real target count (for the token-weighted
-    # mean) and whether any rank was asked to stop. Without DDP it stays on the CPU, so the
-    # GPU never waits for it.
+    # mean). Without DDP it stays on the CPU, so the GPU never waits for it.
     counts = torch.tensor([sum(int((y != IGNORE_INDEX).sum()) for _, y in micro_batches),
-                           sum(x.numel() for x, _ in micro_batches), float(stop_requested)],
+                           sum(x.numel() for x, _ in micro_batches)],
                           dtype=torch.float64, device=env.device if env.ddp else "cpu")
     if env.ddp:
         dist.all_reduce(counts)
@@ -520,7 +628,7 @@ def train_step(model, micro_batches, optimizers, scaler, grad_clip, env, stop_re
     scaler.update()
     for opt in optimizers:
         opt.zero_grad(set_to_none=True)
-    return step_loss, int(counts[1].item()), counts[2].item() > 0
+    return step_loss, int(counts[1].item())
 
 
 @torch.no_grad()
@@ -558,7 +666,8 @@ def log(row, progress, clock, total_steps, env, out_dir):
     """Append row to metrics.jsonl and print it with the time left at this invocation's pace."""
     progress.rows.append(row)
     if env.master:
-        with open(Path(out_dir) / "metrics.jsonl", "a") as f:
+        path = Path(out_dir) / "metrics.jsonl"
+        with naming_errors(path), open(path, "a") as f:
             f.write(json.dumps(row) + "\n")
     eta = clock.seconds() / clock.steps * (total_steps - progress.step)
     env.print(f"step {progress.step}/{total_steps} | loss {row['train_loss']:.4f}"
@@ -568,12 +677,12 @@ def log(row, progress, clock, total_steps, env, out_dir):
               + f" | mem {row['peak_mem_mb']:,.0f} MB | eta {format_seconds(eta)}")
 
 
-def checkpoint_header(cfg, kind, model, tokenizer, extra):
+def checkpoint_header(cfg, env, kind, model, tokenizer, train_data, extra):
     """What every checkpoint of the run says it is: kind, model shape, tokenizer, the plain
-    values of cfg, and the script's extra entries."""
+    values of cfg, the number of processes, the training data, and the script's extra entries."""
     config = {k: v for k, v in vars(cfg).items() if isinstance(v, (int, float, str, bool, type(None)))}
     return {"kind": kind, "model_args": model.args.to_dict(), "tokenizer": tokenizer.identity(), "config": config,
-            **(extra or {})}
+            "world_size": env.world_size, "train_data": [list(x) for x in train_data], **(extra or {})}
 
 
 def checkpoint_dict(header, model, optimizers, scaler, train_batches, progress, clock, env):
@@ -600,12 +709,14 @@ def write_checkpoints(ckpt, rows, cfg, env, periodic, best):
     plot_losses(rows, out_dir / "loss.png", f"{ckpt['kind']}: {out_dir.name}")
 
 
-def train(cfg, env, model, kind, tokenizer, train_batches, val_batches, resume=None, extra=None):
+def train(cfg, env, model, kind, tokenizer, train_batches, val_batches, train_data, resume=None, extra=None):
     """Train model to the planned step; returns the last metrics row. See the module docstring."""
+    header = checkpoint_header(cfg, env, kind, model, tokenizer, train_data, extra)
+    if resume is not None:
+        check_resume(header, resume, env)
     optimizers, scaler, progress = set_up(cfg, env, model, train_batches, resume)
     step_model, eval_model = wrap_model(cfg, env, model)
     total_steps, warmup = plan(cfg, env, model, train_batches)
-    header = checkpoint_header(cfg, kind, model, tokenizer, extra)
     flops_per_token = model.flops_per_token(model.args.max_seq_len)
     peak_flops = cfg.peak_flops or (guess_peak_flops(env.device) if env.device.type == "cuda" else 0.0)
 
@@ -621,8 +732,7 @@ def train(cfg, env, model, kind, tokenizer, train_batches, val_batches, resume=N
 
             # forward backward update, with optional gradient accumulation
             micro_batches = [next(train_batches) for _ in range(cfg.grad_accum)]
-            step_loss, n_tokens, stopping = train_step(step_model, micro_batches, optimizers, scaler,
-                                                       cfg.grad_clip, env, stop.requested)
+            step_loss, n_tokens = train_step(step_model, micro_batches, optimizers, scaler, cfg.grad_clip, env)
             progress.step += 1
             progress.tokens += n_tokens
             clock.steps += 1
@@ -640,6 +750,7 @@ def train(cfg, env, model, kind, tokenizer, train_batches, val_batches, resume=N
                 log(row, progress, clock, total_steps, env, cfg.out_dir)
 
             # write checkpoints: every --save-every steps, at the end, on a stop, and on a new best val loss
+            stopping = any_rank(stop.requested, env)  # read now: a signal during this step stops after it
             pause = cfg.stop_after_steps and clock.steps >= cfg.stop_after_steps
             periodic = is_last or stopping or pause or is_multiple(progress.step, cfg.save_every)
             if periodic or best:

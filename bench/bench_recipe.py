@@ -67,6 +67,8 @@ def parse_args():
     p.add_argument("--out-dir", default=OUT_DIR, help="data, runs, summary.json and curves.png go here")
     p.add_argument("--vocab-size", type=int, default=VOCAB_SIZE, help="size of the vocabulary trained on --data")
     p.add_argument("--max-tokens", type=float, default=MAX_TOKENS, help="training tokens per recipe")
+    for field in ("dim", "n_layers", "n_heads"):
+        p.add_argument(f"--{field.replace('_', '-')}", type=int, default=MODEL[field], help=f"model {field}")
     p.add_argument("--eval-every", type=int, default=EVAL_EVERY, help="validate every N optimizer steps")
     p.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=list(RECIPES), help="recipes to train")
     p.add_argument("--jobs", type=int, default=0, help="recipes trained at once (0: all at once)")
@@ -101,7 +103,8 @@ def prepare_data(args, out):
 
 def train_command(args, name, bin_path, tokenizer, out):
     steps = int(args.max_tokens // (BATCH_SIZE * MODEL["max_seq_len"]))
-    model = [f"--{k.replace('_', '-')}={v}" for k, v in MODEL.items()]
+    shape = {**MODEL, "dim": args.dim, "n_layers": args.n_layers, "n_heads": args.n_heads}
+    model = [f"--{k.replace('_', '-')}={v}" for k, v in shape.items()]
     return [sys.executable, "pretrain.py", "--data", bin_path, "--tokenizer", tokenizer,
             "--out-dir", out / "runs" / name, *model, "--batch-size", BATCH_SIZE, "--grad-accum", 1,
             "--max-tokens", int(args.max_tokens), "--warmup-steps", max(1, int(WARMUP_FRACTION * steps)),

@@ -23,8 +23,8 @@ CHATGLM2_VOCAB_SIZE = 64793
 UINT16_LIMIT = 65535
 
 
-class TokenizerNotFound(RuntimeError):
-    pass
+class TokenizerNotFound(FileNotFoundError):
+    """No tokenizer.model where one was looked for (scripts report it in one message)."""
 
 
 def file_sha256(path):
@@ -49,8 +49,9 @@ def _download_from_hub():
         ) from None
 
 
-def find_tokenizer_model(path=None):
-    """Return the path of the tokenizer model file, downloading it as a last resort."""
+def find_tokenizer_model(path=None, download=True):
+    """Return the path of the tokenizer model file, downloading ChatGLM2's as a last resort
+    (download=False: never; for an own vocabulary, which no Hub repo holds)."""
     if path:
         path = Path(path)
         if not path.is_file():
@@ -63,6 +64,8 @@ def find_tokenizer_model(path=None):
         return Path(env)
     if DEFAULT_PATH.is_file():
         return DEFAULT_PATH
+    if not download:
+        raise TokenizerNotFound(f"no tokenizer.model given, in {ENV_VAR} or at {DEFAULT_PATH}")
     return _download_from_hub()
 
 
@@ -122,8 +125,8 @@ class Tokenizer:
                 f"but this run uses {self.name} ({self.path}, sha256 {self.sha256})")
 
 
-def load_tokenizer(path=None):
-    return Tokenizer(find_tokenizer_model(path))
+def load_tokenizer(path=None, download=True):
+    return Tokenizer(find_tokenizer_model(path, download))
 
 
 def train_sentencepiece(texts, vocab_size, out_path, model_type="bpe", character_coverage=0.9995,

@@ -12,7 +12,7 @@ def write_bin(path, tokens, identity):
     tokens = np.asarray(tokens, dtype="<u2")
     tokens.tofile(path)
     meta = dict(tokenizer=identity, vocab_size=identity["vocab_size"], eos_id=2, dtype="uint16",
-                n_tokens=len(tokens), n_documents=1, sources=["test"])
+                n_tokens=len(tokens), max_id=int(tokens.max(initial=0)), n_documents=1, sources=["test"])
     path.with_suffix(".json").write_text(json.dumps(meta))
     return path
 

@@ -4,39 +4,24 @@ import math
 
 import pytest
 import torch
-from nltk.translate.bleu_score import corpus_bleu
 
 import chat
 import eval as qa_eval
-from checkpoint import save_checkpoint
+import metrics as scores
+from checkpoint import load_checkpoint, save_checkpoint
 from conftest import make_chinese_texts
 from model import ModelArgs, Transformer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-# Two pairs worked by hand (character tokens; "ok" is one token, the space is none):
+# Sentence BLEU worked by hand (character tokens; "ok" is one token, the space is none):
 #   hyp 感冒感冒了 (5) vs ref 感冒了要休息 (6): clipped matches 1-4 grams 3/5, 2/4, 1/3, 0/2
 #   hyp 多喝水 ok  (4) vs ref 多喝水ok吧   (5): 4/4, 3/3, 2/2, 1/1
-# corpus precisions 7/9, 5/7, 3/5, 1/3 (product 1/9), lengths c=9, r=11:
-#   BLEU = exp(1 - 11/9) * (1/9)^(1/4) = exp(-2/9) / sqrt(3)
+# nltk method1 (a zero count becomes 0.1 / total):
+#   pair 1: exp(1 - 6/5) * (3/5 * 2/4 * 1/3 * 0.1/2)^(1/4); pair 2: exp(1 - 5/4)
 HYPS = ["感冒感冒了", "多喝水 ok"]
 REFS = ["感冒了要休息", "多喝水ok吧"]
-CORPUS_BLEU = 100 * math.exp(-2 / 9) / math.sqrt(3)
-# sentence BLEU, nltk method1 (a zero count becomes 0.1 / total):
-#   pair 1: exp(1 - 6/5) * (3/5 * 2/4 * 1/3 * 0.1/2)^(1/4); pair 2: exp(1 - 5/4)
 SENTENCE_AVG = 100 * (math.exp(-0.2) * (0.6 * 0.5 / 3 * 0.05) ** 0.25 + math.exp(-0.25)) / 2
-
-
-def test_char_tokens_split_chinese_and_keep_ascii_runs():
-    assert qa_eval.char_tokens("多喝水 ok，3.5mg") == ["多", "喝", "水", "ok", "，", "3", ".", "5mg"]
-
-
-def test_corpus_bleu_equals_hand_computed_value_and_nltk():
-    assert qa_eval.bleu4_char_corpus(HYPS, REFS) == pytest.approx(CORPUS_BLEU, rel=1e-12)
-    nltk_value = corpus_bleu([[qa_eval.char_tokens(r)] for r in REFS], [qa_eval.char_tokens(h) for h in HYPS])
-    assert qa_eval.bleu4_char_corpus(HYPS, REFS) == pytest.approx(100 * nltk_value, rel=1e-12)
-    assert qa_eval.bleu4_char_corpus(REFS, REFS) == pytest.approx(100.0)
-    assert qa_eval.bleu4_char_corpus(["", "感冒"], REFS) == 0.0
 
 
 def test_sentence_bleu_average_equals_hand_computed_value():
@@ -67,26 +52,105 @@ def sft_ckpt(tmp_path_factory, tiny_tokenizer):
     return save_tiny_checkpoint(tmp_path_factory.mktemp("sft") / "best.pt", tiny_tokenizer, "sft")
 
 
-def run_eval(ckpt, data, out_dir, *flags):
+def run_eval(ckpt, data, out_dir, *flags, max_new_tokens="12"):
+    lengths = ["--max-new-tokens", max_new_tokens] if max_new_tokens else []
     return qa_eval.evaluate(qa_eval.parse_args(
-        ["--ckpt", str(ckpt), "--data", str(data), "--out-dir", str(out_dir), "--max-new-tokens", "12", *flags]))
+        ["--ckpt", str(ckpt), "--data", str(data), "--out-dir", str(out_dir), *lengths, *flags]))
+
+
+def read_jsonl(path):
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+SCORES = ("bleu1", "bleu2", "bleu3", "bleu4", "rouge1", "rouge2", "rougeL", "distinct1", "distinct2", "length_ratio")
 
 
 def test_eval_end_to_end_writes_predictions_and_metrics(tmp_path, sft_ckpt):
     data = write_jsonl(tmp_path / "qa.jsonl", qa_rows(5))
-    metrics = run_eval(sft_ckpt, data, tmp_path / "out", "--batch-size", "3")
+    train = write_jsonl(tmp_path / "train.jsonl", [{"prompt": "头痛", "answer": a} for a in ("多休息", "多喝水", "多休息")])
+    metrics = run_eval(sft_ckpt, data, tmp_path / "out", "--batch-size", "3", "--train-data", str(train))
     written = json.loads((tmp_path / "out" / "metrics.json").read_text(encoding="utf-8"))
-    for key in ("bleu4_char_corpus", "bleu_sentence_avg", "answer_ppl", "n"):
-        assert written[key] == pytest.approx(metrics[key])
+    for key in ("bleu4_char_corpus", "bleu_sentence_avg", "answer_ppl", "n", *SCORES):
+        assert written[key] == pytest.approx(metrics[key]), key
     assert written["n"] == 5 and math.isfinite(written["answer_ppl"]) and written["answer_ppl"] > 1
-    predictions = [json.loads(line) for line in (tmp_path / "out" / "predictions.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert written["answer_ppl"] == pytest.approx(math.exp(written["answer_nll"]))
+    assert written["bleu4_char_corpus"] == written["bleu4"]
+    assert written["sacrebleu_signature"].startswith("nrefs:1|case:mixed|eff:no|tok:zh|smooth:exp|version:")
+    for key in ("bleu4_char_corpus_ci95", "rougeL_ci95"):
+        low, high = written[key]
+        assert low <= high
+    common = written["baselines"]["most_common_train_answer"]
+    assert (common["answer"], common["count"], common["n_train"]) == ("多休息", 2, 3)
+    copy = written["baselines"]["copy_question"]
+    references = [r["answer"] for r in qa_rows(5)]
+    assert copy["rougeL"] == pytest.approx(
+        float(scores.rouge_scores([r["question"] for r in qa_rows(5)], references)[:, 2].mean()))
+    assert set(SCORES) <= set(copy) and set(SCORES) <= set(common)
+    predictions = read_jsonl(tmp_path / "out" / "predictions.jsonl")
     assert [p["question"] for p in predictions] == [r["question"] for r in qa_rows(5)]
     assert all(isinstance(p["prediction"], str) and p["n_new_tokens"] <= 12 for p in predictions)
     assert not list((tmp_path / "out").glob("*.tmp"))
     # batching changes nothing under greedy decoding
     run_eval(sft_ckpt, data, tmp_path / "one", "--batch-size", "1")
-    one = [json.loads(line)["prediction"] for line in (tmp_path / "one" / "predictions.jsonl").read_text(encoding="utf-8").splitlines()]
-    assert one == [p["prediction"] for p in predictions]
+    one = read_jsonl(tmp_path / "one" / "predictions.jsonl")
+    assert [p["prediction"] for p in one] == [p["prediction"] for p in predictions]
+    assert "skipped" in json.loads((tmp_path / "one" / "metrics.json").read_text())["baselines"]["most_common_train_answer"]
+
+
+def test_compare_runs_a_paired_bootstrap_on_the_same_questions(tmp_path, sft_ckpt, capsys):
+    data = write_jsonl(tmp_path / "qa.jsonl", qa_rows(6))
+    run_eval(sft_ckpt, data, tmp_path / "a")
+    # another "run": the same questions answered with their references, which must win
+    other = [{**p, "prediction": p["reference"]} for p in read_jsonl(tmp_path / "a" / "predictions.jsonl")]
+    write_jsonl(tmp_path / "b.jsonl", other)
+    metrics = run_eval(sft_ckpt, data, tmp_path / "c", "--compare", str(tmp_path / "b.jsonl"), "--bootstrap", "200")
+    compare = metrics["compare"]
+    assert compare["bleu4"]["b"] == pytest.approx(100) and compare["bleu4"]["delta"] < 0
+    assert compare["rougeL"]["ci95"][1] < 0 and 0 < compare["rougeL"]["p"] <= 1
+    assert "this run trails" in capsys.readouterr().out
+    same = run_eval(sft_ckpt, data, tmp_path / "d", "--compare", str(tmp_path / "a" / "predictions.jsonl"))["compare"]
+    assert same["bleu4"]["delta"] == 0 and same["bleu4"]["p"] == 1.0
+    with pytest.raises(SystemExit, match="--compare .*missing.jsonl: no such file"):
+        qa_eval.main(["--ckpt", str(sft_ckpt), "--data", str(data), "--compare", str(tmp_path / "missing.jsonl")])
+    write_jsonl(tmp_path / "short.jsonl", other[:4])
+    with pytest.raises(ValueError, match="short.jsonl: 4 predictions but this run scored 6"):
+        run_eval(sft_ckpt, data, tmp_path / "e", "--compare", str(tmp_path / "short.jsonl"))
+    write_jsonl(tmp_path / "moved.jsonl", other[1:] + other[:1])
+    with pytest.raises(ValueError, match="moved.jsonl:1: its reference differs"):
+        run_eval(sft_ckpt, data, tmp_path / "f", "--compare", str(tmp_path / "moved.jsonl"))
+
+
+def test_default_answer_length_fits_a_small_context(tmp_path, sft_ckpt, capsys):
+    # the tiny model's context is 64: the old fixed default of 256 new tokens left no room
+    metrics = run_eval(sft_ckpt, write_jsonl(tmp_path / "qa.jsonl", qa_rows(2)), tmp_path / "out", max_new_tokens=None)
+    assert metrics["generation"]["max_new_tokens"] == 32
+    assert "max_new_tokens 32: at most half the model's context of 64" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="--max-new-tokens 63 leaves no room"):
+        run_eval(sft_ckpt, tmp_path / "qa.jsonl", tmp_path / "out", max_new_tokens="63")
+
+
+def test_overflowing_perplexity_keeps_the_answers(tmp_path, tiny_tokenizer):
+    # logits scaled by 1e4: the answers' loss is far above the ~709 nats where exp() overflows
+    ckpt = load_checkpoint(save_tiny_checkpoint(tmp_path / "ckpt" / "best.pt", tiny_tokenizer, "sft"))
+    ckpt["model"]["norm.weight"] *= 1e4
+    save_checkpoint(tmp_path / "huge" / "best.pt", {k: v for k, v in ckpt.items() if k not in ("path", "format")})
+    metrics = run_eval(tmp_path / "huge", write_jsonl(tmp_path / "qa.jsonl", qa_rows(3)), tmp_path / "out")
+    written = json.loads((tmp_path / "out" / "metrics.json").read_text(encoding="utf-8"))
+    assert metrics["answer_nll"] > 709 and written["answer_ppl"] is None and written["answer_nll"] > 709
+    assert len(read_jsonl(tmp_path / "out" / "predictions.jsonl")) == 3
+
+
+def test_answers_are_written_before_scoring_can_fail(tmp_path, sft_ckpt, monkeypatch):
+    data = write_jsonl(tmp_path / "qa.jsonl", qa_rows(3))
+    run_eval(sft_ckpt, data, tmp_path / "out")
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("scoring failed")
+    monkeypatch.setattr(scores, "score", broken)
+    with pytest.raises(RuntimeError, match="scoring failed"):
+        run_eval(sft_ckpt, data, tmp_path / "out")
+    assert len(read_jsonl(tmp_path / "out" / "predictions.jsonl")) == 3
+    assert not (tmp_path / "out" / "metrics.json").exists()  # the old one described other answers
 
 
 def test_qa_set_reads_the_same_from_jsonl_json_and_csv_with_custom_fields(tmp_path):
@@ -105,15 +169,32 @@ def test_qa_set_reads_the_same_from_jsonl_json_and_csv_with_custom_fields(tmp_pa
 
 @pytest.mark.parametrize("bad_line, where", [
     ('{"question": "头痛怎么办", "answer": ""}', "qa.jsonl:3: field 'answer'"),
-    ('{"question": "头痛怎么办"', "qa.jsonl:3: not valid JSON"),
-    ('   ', "qa.jsonl:3: empty line"),
-    ('["头痛", "休息"]', "qa.jsonl:3: expected an object"),
+    ('{"question": "头痛怎么办"', "qa.jsonl:3: malformed JSON"),
+    ('["头痛", "休息"]', "qa.jsonl:3: expected a JSON object"),
 ])
 def test_empty_or_malformed_row_stops_with_its_line(tmp_path, bad_line, where):
     good = [json.dumps(r, ensure_ascii=False) for r in qa_rows(3)]
     (tmp_path / "qa.jsonl").write_text("\n".join(good[:2] + [bad_line] + good[2:]) + "\n", encoding="utf-8")
     with pytest.raises(ValueError, match=where):
         qa_eval.read_qa(tmp_path / "qa.jsonl")
+
+
+@pytest.mark.parametrize("name, where", [("qa.jsonl", "qa.jsonl:2"), ("qa.csv", "qa.csv:3"), ("qa.json", "qa.json:3")])
+def test_non_utf8_bytes_stop_with_file_and_line(tmp_path, name, where):
+    gbk = "发热".encode("gbk")  # a GBK-encoded word (not valid UTF-8) in an otherwise UTF-8 file
+    rows = [{"question": r["question"].encode(), "answer": r["answer"].encode()} for r in qa_rows(3)]
+    rows[1]["answer"] += gbk
+    if name == "qa.csv":
+        lines = [b"question,answer"] + [r["question"] + b"," + r["answer"] for r in rows]
+    else:
+        lines = [b'{"question": "' + r["question"] + b'", "answer": "' + r["answer"] + b'"}' for r in rows]
+        if name == "qa.json":
+            lines = [b"["] + [line + b"," for line in lines[:-1]] + [lines[-1], b"]"]
+    (tmp_path / name).write_bytes(b"\n".join(lines) + b"\n")
+    with pytest.raises(ValueError, match=f"{where}: .*UTF-8"):
+        qa_eval.read_qa(tmp_path / name)
+    with pytest.raises(SystemExit, match=f"{where}: .*UTF-8"):
+        qa_eval.main(["--data", str(tmp_path / name)])
 
 
 def test_csv_row_without_answer_names_its_line(tmp_path):

@@ -15,7 +15,7 @@ from chatglm_tokenizer import Tokenizer  # noqa: E402
 from conftest import ROOT, make_chinese_texts  # noqa: E402
 from export import export, hf_tokenizer  # noqa: E402
 from model import ModelArgs, Transformer  # noqa: E402
-from prompt import messages_prompt, sft_prompt_ids  # noqa: E402
+from prompt import chat_template, messages_prompt, sft_prompt_ids  # noqa: E402
 
 TEXT = "医生你好，我头痛发热三天了，咳嗽，应该吃什么药？"
 MIXED_TEXTS = ["", " ", "  两个空格", "\n", "第一行\n\n第二行 ", "体温38.5度，血压140/90", "Hello 世界  tabs\tand\r\nCRLF",
@@ -151,3 +151,107 @@ def test_tokenizer_json_equals_sentencepiece_on_chatglm2():
     # The model has 64793 ids, the SentencePiece file 64789 pieces: the rest are placeholders.
     assert (tok.vocab_size, hf.get_vocab_size()) == (64793, 64793)
     assert hf.decode(tok.encode("你好") + [64790]) == "你好"
+
+
+def gguf_field(reader, key):
+    return reader.get_field(key).contents()
+
+
+@pytest.mark.parametrize("model_kw, dtype_name", [({"n_kv_heads": 2, "rope_theta": 500000.0}, "float32"),
+                                                  ({"tie_embeddings": False}, "bfloat16")], ids=["gqa-f32", "untied-bf16"])
+def test_gguf_reads_back_with_our_weights_vocabulary_and_template(tmp_path, tiny_tokenizer, model_kw, dtype_name):
+    from gguf import GGMLQuantizationType, GGUFReader
+
+    tok = tiny_tokenizer
+    ckpt_path, model = save_tiny_checkpoint(tmp_path, tok, **model_kw)
+    export(ckpt_path, tmp_path / "hf", dtype_name=dtype_name, with_gguf=True)
+    reader = GGUFReader(tmp_path / "hf" / "model.gguf")
+    args = model.args
+
+    expected = {"general.architecture": "llama", "llama.context_length": args.max_seq_len,
+                "llama.embedding_length": args.dim, "llama.block_count": args.n_layers,
+                "llama.feed_forward_length": args.hidden_dim, "llama.attention.head_count": args.n_heads,
+                "llama.attention.head_count_kv": args.n_kv_heads, "llama.rope.freq_base": args.rope_theta,
+                "llama.attention.layer_norm_rms_epsilon": pytest.approx(args.norm_eps),
+                "tokenizer.ggml.model": "llama", "tokenizer.ggml.bos_token_id": tok.bos_id,
+                "tokenizer.ggml.eos_token_id": tok.eos_id, "tokenizer.ggml.unknown_token_id": tok.sp.unk_id(),
+                "tokenizer.ggml.padding_token_id": tok.pad_id, "tokenizer.ggml.add_bos_token": False,
+                "tokenizer.chat_template": chat_template()}
+    assert {k: gguf_field(reader, k) for k in expected} == expected
+    assert gguf_field(reader, "tokenizer.ggml.tokens") == [tok.sp.id_to_piece(i) for i in range(tok.vocab_size)]
+    kinds = [2 if tok.sp.is_unknown(i) else 3 if tok.sp.is_control(i) else 6 if tok.sp.is_byte(i) else 1
+             for i in range(tok.vocab_size)]  # GGUF token types: normal 1, unknown 2, control 3, byte 6
+    assert gguf_field(reader, "tokenizer.ggml.token_type") == kinds
+    assert gguf_field(reader, "tokenizer.ggml.scores") == pytest.approx([tok.sp.get_score(i) for i in range(tok.vocab_size)])
+
+    # weights: as exported (rounded to dtype_name), norms in fp32; q/k rows reordered so that
+    # row 2i and 2i+1 of a head hold its dimensions i and i + head_dim/2 (llama.cpp's rope pairs)
+    tensors = {t.name: t for t in reader.tensors}
+    hd = args.dim // args.n_heads
+    pairs = [r // 2 + (r % 2) * (hd // 2) for r in range(hd)]
+
+    def rope_rows(w, n):
+        return w[[h * hd + r for h in range(n) for r in pairs]]
+
+    def stored(name, shape):
+        t = tensors[name]
+        if t.tensor_type == GGMLQuantizationType.BF16:
+            bits = torch.from_numpy(t.data.view("uint16").astype("int32")).to(torch.int32) << 16
+            return bits.view(torch.float32).reshape(shape)
+        assert t.tensor_type == GGMLQuantizationType.F32
+        return torch.from_numpy(t.data.copy()).reshape(shape)
+
+    exported = torch.bfloat16 if dtype_name == "bfloat16" else torch.float32
+    ours = {"token_embd.weight": model.tok_embeddings.weight, "output_norm.weight": model.norm.weight}
+    if not args.tie_embeddings:
+        ours["output.weight"] = model.output.weight
+    for i, layer in enumerate(model.layers):
+        att, ffn = layer.attention, layer.feed_forward
+        ours.update({f"blk.{i}.attn_q.weight": rope_rows(att.wq.weight, args.n_heads),
+                     f"blk.{i}.attn_k.weight": rope_rows(att.wk.weight, args.n_kv_heads),
+                     f"blk.{i}.attn_v.weight": att.wv.weight, f"blk.{i}.attn_output.weight": att.wo.weight,
+                     f"blk.{i}.ffn_gate.weight": ffn.w1.weight, f"blk.{i}.ffn_down.weight": ffn.w2.weight,
+                     f"blk.{i}.ffn_up.weight": ffn.w3.weight, f"blk.{i}.attn_norm.weight": layer.attention_norm.weight,
+                     f"blk.{i}.ffn_norm.weight": layer.ffn_norm.weight})
+    assert sorted(tensors) == sorted(ours)
+    for name, w in ours.items():
+        assert torch.equal(stored(name, w.shape), w.detach().to(exported).float()), name
+    assert (tensors["blk.0.attn_norm.weight"].tensor_type == GGMLQuantizationType.F32)
+
+    modelfile = (tmp_path / "hf" / "Modelfile").read_text(encoding="utf-8")
+    assert modelfile.startswith("FROM ./model.gguf\n") and f"PARAMETER num_ctx {args.max_seq_len}" in modelfile
+
+
+def test_a_corrupted_gguf_is_detected(tmp_path, tiny_tokenizer):
+    from export import check_gguf, write_gguf
+
+    _, model = save_tiny_checkpoint(tmp_path, tiny_tokenizer)
+    path = tmp_path / "model.gguf"
+    write_gguf(path, model, tiny_tokenizer, "float32")
+    check_gguf(path, model, tiny_tokenizer, "float32")
+    data = bytearray(path.read_bytes())
+    data[-100] ^= 0xFF  # inside the last tensor's data
+    path.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="does not read back as written"):
+        check_gguf(path, model, tiny_tokenizer, "float32")
+
+
+def test_user_text_with_literal_control_pieces_stays_text_on_both_sides(tmp_path, tiny_tokenizer):
+    from transformers import AutoTokenizer
+
+    tok = tiny_tokenizer
+    ckpt_path, _ = save_tiny_checkpoint(tmp_path, tok)
+    export(ckpt_path, tmp_path / "hf")
+    hf_tok = AutoTokenizer.from_pretrained(tmp_path / "hf", local_files_only=True)
+    text = "我输入了<s>、</s>和<unk>这几个字"
+    control = {tok.bos_id, tok.eos_id, tok.sp.unk_id()}
+    ours = tok.encode(text)  # what chat.py and eval.py encode
+    assert not control & set(ours)
+    assert hf_tok(text, split_special_tokens=True)["input_ids"] == ours
+    messages = [{"role": "system", "content": "系统<s>"}, {"role": "user", "content": text},
+                {"role": "assistant", "content": "回答</s>"}, {"role": "user", "content": text}]
+    ids = hf_tok.apply_chat_template(messages, add_generation_prompt=True, sanitize_control_tokens=True,
+                                     return_dict=False)
+    assert list(ids) == sft_prompt_ids(tok, messages_prompt(messages))  # only the final bos is a control id
+    # without those flags transformers matches the control pieces' spelling in user text
+    assert control & set(hf_tok(text)["input_ids"])

@@ -4,6 +4,7 @@ import torch
 import pretrain
 import trainer
 from model import Transformer
+from muon import Muon
 
 LAYER_MATRICES = ("attention.wq", "attention.wk", "attention.wv", "attention.wo",
                   "feed_forward.w1", "feed_forward.w2", "feed_forward.w3")
@@ -34,7 +35,7 @@ def test_default_is_muon_and_the_upstream_recipe_is_one_flag_away():
 def test_muon_recipe_takes_hidden_matrices_and_adamw_the_rest():
     model, optimizers = build("--optimizer", "muon", "--muon-lr", "0.03", "--lr", "2e-3", "--qk-norm", "--untie-head")
     adamw, muon = optimizers
-    assert isinstance(adamw, torch.optim.AdamW) and isinstance(muon, torch.optim.Muon)
+    assert isinstance(adamw, torch.optim.AdamW) and isinstance(muon, Muon)
     hidden = {f"layers.{i}.{m}.weight" for i in range(2) for m in LAYER_MATRICES}
     assert names_of(model, muon.param_groups[0]["params"]) == hidden
     (group,) = muon.param_groups
@@ -47,3 +48,8 @@ def test_muon_recipe_takes_hidden_matrices_and_adamw_the_rest():
     owned = [id(p) for o in optimizers for g in o.param_groups for p in g["params"]]
     assert sorted(owned) == sorted(id(p) for p in model.parameters())
     assert model.output.weight is not model.tok_embeddings.weight
+
+
+def test_muon_dtype_flag_sets_the_newton_schulz_dtype():
+    assert build("--optimizer", "muon", "--muon-dtype", "float32")[1][1].ns_dtype == torch.float32
+    assert build("--optimizer", "muon", "--muon-dtype", "bfloat16")[1][1].ns_dtype == torch.bfloat16

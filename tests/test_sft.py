@@ -114,7 +114,7 @@ def test_refuses_init_with_another_tokenizer(tmp_path, tiny_tokenizer, tiny_toke
     other = dict(tiny_tokenizer.identity(), name="other", sha256="0" * 64)
     save_init(tmp_path / "pre" / "best.pt", tiny_tokenizer, tokenizer=other)
     write_jsonl(tmp_path / "sft.jsonl", QA)
-    with pytest.raises(ValueError, match="made with tokenizer other"):
+    with pytest.raises(SystemExit, match="made with tokenizer other"):
         run_sft(tmp_path, tiny_tokenizer_path, tmp_path / "sft", "--max-steps", "1")
 
 
@@ -122,9 +122,9 @@ def test_refuses_init_whose_shapes_do_not_match(tmp_path, tiny_tokenizer, tiny_t
     write_jsonl(tmp_path / "sft.jsonl", QA)
     wrong_weights = Transformer(ModelArgs(dim=32, n_layers=2, n_heads=4, vocab_size=tiny_tokenizer.vocab_size)).state_dict()
     save_init(tmp_path / "pre" / "best.pt", tiny_tokenizer, model=wrong_weights)
-    with pytest.raises(ValueError, match="weights do not match"):
+    with pytest.raises(SystemExit, match="weights do not match"):
         run_sft(tmp_path, tiny_tokenizer_path, tmp_path / "sft", "--max-steps", "1")
     small_vocab = ModelArgs(dim=64, n_layers=2, n_heads=4, vocab_size=100).to_dict()
     save_init(tmp_path / "pre" / "best.pt", tiny_tokenizer, model_args=small_vocab)
-    with pytest.raises(ValueError, match="100 token rows"):
+    with pytest.raises(SystemExit, match="100 token rows"):
         run_sft(tmp_path, tiny_tokenizer_path, tmp_path / "sft", "--max-steps", "1")

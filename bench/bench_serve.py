@@ -1,0 +1,160 @@
+"""Serving throughput of serve.py, one client beside many at once, in one run:
+  1. one client: streamed greedy answers of NEW_TOKENS tokens, one request after another;
+  2. CLIENTS clients at once, each streaming the same kind of answer to its own question.
+Reports tokens/s in all for each, their ratio, the time to first token (p50 and p95, from
+sending the request to its first event, which serve.py sends with the first generated token)
+and the requests that failed. Each phase
+runs ROUNDS times; the median round counts.
+
+The model is the demo's size (dim 128, 4 layers, 4 heads, context 256) over a 4096-piece
+vocabulary trained here on ../shared/data text, with random weights: speed does not depend
+on what the weights say, and greedy decoding makes every round do the same work. serve.py
+runs in a child process on 127.0.0.1, started as a user starts it.
+
+    python bench/bench_serve.py [--clients 16] [--new-tokens 128] [--threads 2]
+
+Target on a 2-core CPU: CLIENTS clients >= 5x the tokens/s of one client, and no request fails.
+"""
+import argparse
+import asyncio
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import serve  # noqa: E402
+from chatglm_tokenizer import Tokenizer, train_sentencepiece  # noqa: E402
+from checkpoint import save_checkpoint  # noqa: E402
+from eval import read_qa  # noqa: E402
+from model import ModelArgs, Transformer  # noqa: E402
+from prompt import sft_prompt_ids  # noqa: E402
+
+# -----------------------------------------------------------------------------
+# defaults (flags override)
+CLIENTS = 16
+NEW_TOKENS = 128
+ROUNDS = 3
+MODEL = dict(dim=128, n_layers=4, n_heads=4, max_seq_len=256)  # the demo's model
+VOCAB_SIZE = 4096
+TEXT = ROOT / "../shared/data/pretrain/medical_texts.jsonl"  # the vocabulary's training text
+N_TEXTS = 5000
+QA_DATA = ROOT / "../shared/data/medical_qa/huatuo26m_test_eval.jsonl"
+OUT_DIR = ROOT / "out/bench_serve"
+# -----------------------------------------------------------------------------
+
+
+def demo_sized_checkpoint(out_dir):
+    """A 4096-piece vocabulary (trained once, then reused) and a random demo-sized SFT checkpoint."""
+    tok_path = out_dir / "tokenizer.model"
+    if not tok_path.is_file():
+        with open(TEXT, encoding="utf-8") as f:
+            texts = [json.loads(line)["text"] for _, line in zip(range(N_TEXTS), f)]
+        train_sentencepiece(texts, VOCAB_SIZE, tok_path, character_coverage=0.99)
+    tok = Tokenizer(tok_path)
+    torch.manual_seed(0)
+    args = ModelArgs(vocab_size=tok.vocab_size, **MODEL)
+    path = out_dir / "model.pt"
+    save_checkpoint(path, {"kind": "sft", "model_args": args.to_dict(), "tokenizer": tok.identity(),
+                           "model": Transformer(args).state_dict(), "step": 0})
+    return path, tok
+
+
+async def one_stream(http, url, question, new_tokens):
+    """-> (seconds to the first text, seconds in all, tokens generated); raises on a failure."""
+    body = {"messages": [{"role": "user", "content": question}], "temperature": 0, "max_tokens": new_tokens,
+            "stream": True, "stream_options": {"include_usage": True}}
+    t0 = time.perf_counter()
+    first, usage = None, None
+    async with http.stream("POST", url + "/v1/chat/completions", json=body) as r:
+        if r.status_code != 200:
+            raise RuntimeError(f"HTTP {r.status_code}: {(await r.aread()).decode()[:200]}")
+        async for line in r.aiter_lines():
+            if not line.startswith("data: {"):
+                continue
+            event = json.loads(line[6:])
+            if event.get("error"):
+                raise RuntimeError(event["error"]["message"])
+            if first is None:  # serve.py sends its first event with the first token
+                first = time.perf_counter() - t0
+            usage = event.get("usage") or usage
+    return first, time.perf_counter() - t0, usage["completion_tokens"]
+
+
+async def phase(url, questions, new_tokens, together):
+    """Every question streamed, all at once (together) or one after another. -> result dict."""
+    async with httpx.AsyncClient(timeout=300, limits=httpx.Limits(max_connections=len(questions))) as http:
+        t0 = time.perf_counter()
+        if together:
+            results = await asyncio.gather(*(one_stream(http, url, q, new_tokens) for q in questions),
+                                           return_exceptions=True)
+        else:
+            results = [await one_stream(http, url, q, new_tokens) for q in questions]
+        wall = time.perf_counter() - t0
+    done = [r for r in results if not isinstance(r, BaseException)]
+    failed = [repr(r) for r in results if isinstance(r, BaseException)]
+    ttft = sorted(r[0] for r in done if r[0] is not None)
+    tokens = sum(r[2] for r in done)
+    return {"requests": len(questions), "failed": len(failed), "failures": failed[:3], "tokens": tokens,
+            "short_answers": sum(r[2] < new_tokens for r in done), "wall_s": wall, "tokens_per_s": tokens / wall,
+            "ttft_p50_s": statistics.median(ttft) if ttft else None,
+            "ttft_p95_s": ttft[min(len(ttft) - 1, round(0.95 * (len(ttft) - 1)))] if ttft else None}
+
+
+def median_round(rounds):
+    return sorted(rounds, key=lambda r: r["tokens_per_s"])[len(rounds) // 2]
+
+
+def main():
+    p = argparse.ArgumentParser(description="serve.py tokens/s: many concurrent streaming clients vs one.")
+    p.add_argument("--clients", type=int, default=CLIENTS, help="clients streaming at once")
+    p.add_argument("--new-tokens", type=int, default=NEW_TOKENS, help="tokens per answer (greedy)")
+    p.add_argument("--rounds", type=int, default=ROUNDS, help="times each phase runs (the median counts)")
+    p.add_argument("--threads", type=int, default=None, help="the server's torch CPU threads (default: torch's choice)")
+    p.add_argument("--out-dir", default=str(OUT_DIR), help="tokenizer, checkpoint and summary.json go here")
+    args = p.parse_args()
+    for path in (TEXT, QA_DATA):
+        if not path.is_file():
+            sys.exit(f"bench_serve.py: error: {path} is missing (the repository's ../shared/data)")
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    ckpt, tok = demo_sized_checkpoint(out_dir)
+    room = MODEL["max_seq_len"] - args.new_tokens  # questions whose whole answer fits the context
+    questions = [r["question"] for r in read_qa(QA_DATA, limit=10 * args.clients)
+                 if len(sft_prompt_ids(tok, r["question"])) <= room][:args.clients]
+    flags = ["--ckpt", str(ckpt), "--device", "cpu", "--max-batch", str(args.clients)]
+    process, url = serve.start_subprocess(flags + (["--threads", str(args.threads)] if args.threads else []))
+    try:
+        asyncio.run(phase(url, questions[:2], args.new_tokens, together=False))  # warm-up
+        single = [asyncio.run(phase(url, questions[:1], args.new_tokens, False)) for _ in range(args.rounds)]
+        many = [asyncio.run(phase(url, questions, args.new_tokens, True)) for _ in range(args.rounds)]
+        peak_batch = httpx.get(url + "/health").json()["peak_batch"]
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+    one, together = median_round(single), median_round(many)
+    ratio = together["tokens_per_s"] / one["tokens_per_s"]
+    failed = sum(r["failed"] for r in single + many)
+    summary = {"model": {**MODEL, "vocab_size": VOCAB_SIZE}, "clients": args.clients, "new_tokens": args.new_tokens,
+               "threads": args.threads or torch.get_num_threads(), "one_client": one, "many_clients": together,
+               "speedup": ratio, "failed_requests": failed, "peak_batch": peak_batch,
+               "rounds": {"one_client": single, "many_clients": many}}
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    print(f"one client:  {one['tokens_per_s']:7.1f} tokens/s  (time to first token {one['ttft_p50_s'] * 1000:.0f} ms)")
+    print(f"{args.clients} clients: {together['tokens_per_s']:7.1f} tokens/s in all, {ratio:.2f}x one client "
+          f"(target >= 5x); time to first token p50 {together['ttft_p50_s'] * 1000:.0f} ms, "
+          f"p95 {together['ttft_p95_s'] * 1000:.0f} ms; peak batch {peak_batch}")
+    print(f"failed requests: {failed}; answers that ended at eos before {args.new_tokens} tokens: "
+          f"{sum(r['short_answers'] for r in single + many)}  -> {out_dir / 'summary.json'}")
+    if failed or ratio < 5:
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

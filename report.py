@@ -1,0 +1,359 @@
+"""A readable report of a whole run, in one file to read or share: OUT_DIR/report.md, with
+the loss curves of pretraining and SFT on one page in OUT_DIR/loss_curves.png.
+
+    python report.py out --pretrain-data 'data/pretrain/*.bin'
+    python report.py out/demo --pretrain-data data/demo/pretrain/demo.bin   # what demo.py runs
+
+OUT_DIR holds the stages' out dirs: pretrain/, sft/ and eval/ (--pretrain, --sft and --eval
+name others). Every number comes from what the stages wrote: checkpoints (settings, steps,
+wall-clock), metrics.jsonl (losses), eval's metrics.json and predictions.jsonl, and the
+data's meta files. A stage that is missing gets a line saying so, not a failure.
+
+Sections: data; model and training settings; loss curves; final validation losses beside
+the unigram entropy (the loss of the best model that knows only how often each token
+occurs: a trained model must get well below it); evaluation scores with 95% confidence
+intervals and the baselines; sample answers; wall-clock per stage; hardware.
+"""
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from checkpoint import load_checkpoint, tokenizer_for_checkpoint, write_text_atomic
+from dataset import find_bin_files, read_meta
+from model import ModelArgs, Transformer
+
+N_SAMPLES = 5  # sample answers shown
+TEXT_CHARS = 200  # longest question/answer text shown
+
+
+# -----------------------------------------------------------------------------
+# reading what the stages wrote
+
+def read_jsonl(path):
+    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def load_stage(out_dir):
+    """A training stage's latest checkpoint (without weights) and its metrics rows, or None
+    when out_dir holds no checkpoint."""
+    if not any(Path(out_dir).glob("*.pt")):
+        return None
+    ckpt = load_checkpoint(out_dir, prefer="latest")
+    for heavy in ("model", "optimizers", "scaler", "rng", "data"):
+        ckpt.pop(heavy, None)
+    metrics = Path(out_dir) / "metrics.jsonl"
+    ckpt["rows"] = read_jsonl(metrics) if metrics.is_file() else []
+    return ckpt
+
+
+def last_val_loss(rows):
+    vals = [r["val_loss"] for r in rows if r.get("val_loss") is not None]
+    return vals[-1] if vals else None
+
+
+def unigram_entropy(counts):
+    """Entropy in nats of token frequencies: the loss of the best model that ignores context."""
+    counts = np.asarray(counts, dtype=np.float64)
+    p = counts[counts > 0] / counts.sum()
+    return float(-(p * np.log(p)).sum())
+
+
+def bin_token_counts(bin_paths):
+    """How often each token id occurs in uint16 .bin files."""
+    counts = np.zeros(1, dtype=np.int64)
+    for path in bin_paths:
+        c = np.bincount(np.memmap(path, dtype=np.uint16, mode="r"))
+        counts = np.pad(counts, (0, max(len(c) - len(counts), 0))) + np.pad(c, (0, max(len(counts) - len(c), 0)))
+    return counts
+
+
+def answer_token_counts(jsonl_path, tok):
+    """How often each token id occurs among the SFT loss targets of a file: answer ids + eos."""
+    ids = [i for row in read_jsonl(jsonl_path) for i in tok.encode(row["answer"]) + [tok.eos_id]]
+    return np.bincount(np.array(ids, dtype=np.int64))
+
+
+def val_path(train_path):
+    """data/sft/NAME.jsonl -> data/sft/NAME_val.jsonl (the held-out file data_process.py writes beside it)."""
+    p = Path(train_path)
+    return p.with_name(p.stem + "_val" + p.suffix)
+
+
+def param_count(model_args):
+    """Unique parameters of the model a checkpoint describes, built without memory for weights."""
+    with torch.device("meta"):
+        return Transformer(ModelArgs.from_dict(model_args)).num_params()
+
+
+# -----------------------------------------------------------------------------
+# the figure
+
+def plot_loss_curves(stages, entropies, path):
+    """Pretraining and SFT side by side: train and validation loss against tokens, and the
+    unigram entropy of the validation targets as a dashed line."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for ax, (name, stage) in zip(axes, stages.items()):
+        ax.set_title(name)
+        ax.set_xlabel("tokens")
+        ax.set_ylabel("cross entropy (nats/token)")
+        ax.grid(alpha=0.3)
+        if stage is None or not stage["rows"]:
+            ax.text(0.5, 0.5, "no run", ha="center", va="center", transform=ax.transAxes)
+            continue
+        rows = stage["rows"]
+        ax.plot([r["tokens"] for r in rows if "train_loss" in r], [r["train_loss"] for r in rows if "train_loss" in r],
+                lw=1, label="train")
+        val = [(r["tokens"], r["val_loss"]) for r in rows if r.get("val_loss") is not None]
+        if val:
+            ax.plot(*zip(*val), "o-", label="validation")
+        if entropies[name] is not None:
+            ax.axhline(entropies[name], ls="--", color="gray", label="unigram entropy of validation")
+        ax.legend()
+    fig.tight_layout()
+    tmp = Path(str(path) + ".tmp")
+    fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+# -----------------------------------------------------------------------------
+# the sections, each a list of markdown lines
+
+def table(header, rows):
+    return ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)] + \
+           ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+
+
+def bin_row(path):
+    """A table row describing one pretraining .bin from its meta file."""
+    try:
+        meta = read_meta(path)
+    except ValueError as e:
+        return [path, str(e), "", "", ""]
+    s = meta.get("summary", {})
+    dropped = (f"{s.get('dropped_short', 0):,} short, {s.get('dropped_duplicate', 0):,} duplicate, "
+               f"{s.get('skipped_bad', 0):,} bad" if s else "")
+    return [path, meta.get("split", ""), f"{meta['n_documents']:,}", f"{meta['n_tokens']:,}", dropped]
+
+
+def section_data(pretrain_bins, sft, evaluation):
+    lines = ["## Data", ""]
+    if pretrain_bins[0]:
+        rows = [bin_row(path) for path in pretrain_bins[0] + pretrain_bins[1]]
+        lines += ["Pretraining:", ""] + table(["file", "split", "documents", "tokens", "dropped"], rows) + [""]
+    else:
+        lines += ["Pretraining: not described (a pretraining checkpoint does not record its data files; "
+                  "pass --pretrain-data).", ""]
+    if sft is not None and sft["config"].get("data"):
+        data = Path(sft["config"]["data"])
+        counts = [[p, f"{len(read_jsonl(p)):,}"] for p in (data, val_path(data)) if p.is_file()]
+        lines += ["SFT examples (drop counts are printed by data_process.py sft, not recorded):", ""]
+        lines += table(["file", "examples"], counts) + [""]
+    if evaluation is not None:
+        lines += [f"Evaluation: {evaluation['n']:,} questions of `{evaluation['data']}`.", ""]
+    return lines
+
+
+def section_model(stages):
+    keys = ("step", "tokens")
+    settings = ("optimizer", "lr", "min_lr", "muon_lr", "warmup_steps", "batch_size", "grad_accum",
+                "weight_decay", "dtype", "device", "compile", "seed")
+    rows = []
+    for name, s in stages.items():
+        if s is None:
+            continue
+        a = s["model_args"]
+        shape = (f"dim {a['dim']}, {a['n_layers']} layers, {a['n_heads']} heads ({a.get('n_kv_heads') or a['n_heads']} kv), "
+                 f"context {a['max_seq_len']}, vocab {a['vocab_size']}, {param_count(a) / 1e6:.2f}M parameters")
+        run = ", ".join(f"{k} {s.get(k):,}" for k in keys if s.get(k) is not None)
+        muon = s["config"].get("optimizer") == "muon"
+        cfg = ", ".join(f"{k} {s['config'][k]}" for k in settings
+                        if k in s["config"] and (muon or not k.startswith("muon")))
+        rows.append([name, shape, run, cfg + (f", init `{s['init']}`" if s.get("init") else "")])
+    if not rows:
+        return ["## Model and training", "", "No training checkpoints found.", ""]
+    tokenizer = next(s["tokenizer"]["name"] for s in stages.values() if s is not None)
+    return ["## Model and training", ""] + table(["stage", "model", "trained", "settings"], rows) + \
+           ["", f"Tokenizer: {tokenizer}.", ""]
+
+
+def unigram_entropies(stages, pretrain_bins, tokenizer_path):
+    """The unigram entropy of each stage's validation targets -> ({stage: entropy or None}, note).
+    Pretraining: the tokens of the NAME_val.bin files; SFT: the answer tokens and eos of
+    NAME_val.jsonl, which are what the SFT loss scores."""
+    result, note = {"pretrain": None, "sft": None}, ""
+    if pretrain_bins[1]:
+        result["pretrain"] = unigram_entropy(bin_token_counts(pretrain_bins[1]))
+    sft = stages["sft"]
+    if sft is not None and sft["config"].get("data") and val_path(sft["config"]["data"]).is_file():
+        try:
+            tok = tokenizer_for_checkpoint(sft, tokenizer_path)
+            result["sft"] = unigram_entropy(answer_token_counts(val_path(sft["config"]["data"]), tok))
+        except (RuntimeError, ValueError, OSError) as e:
+            note = f"SFT entropy not computed: {e}"
+    return result, note
+
+
+def section_losses(stages, entropies, note):
+    rows = []
+    for name, label in (("pretrain", "pretrain (validation tokens)"), ("sft", "SFT (validation answer tokens + eos)")):
+        loss = last_val_loss(stages[name]["rows"]) if stages[name] is not None else None
+        entropy = entropies[name]
+        rows.append([label, "n/a" if loss is None else f"{loss:.3f}", "n/a" if entropy is None else f"{entropy:.3f}",
+                     "" if loss is None or entropy is None else f"{1 - loss / entropy:.1%}"])
+    return ["## Loss curves", "", "![loss curves: pretraining and SFT](loss_curves.png)", "",
+            "## Final validation loss vs unigram entropy", "",
+            "Both in nats per token. The unigram entropy of the same tokens is the loss of a model that "
+            "knows only how often each token occurs; 'below' is how far under it the model got.", ""] + \
+        table(["stage", "final val loss", "unigram entropy", "below"], rows) + ([""] + [note] if note else []) + [""]
+
+
+def score_cell(scores, key):
+    if scores is None or "skipped" in scores or key not in scores:
+        return ""
+    ci = scores.get(f"{key}_ci95")
+    return f"{scores[key]:.2f}" + (f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else "")
+
+
+def section_eval(m):
+    if m is None:
+        return ["## Evaluation", "", "No eval/metrics.json.", ""]
+    if "baselines" not in m:
+        return ["## Evaluation", "", "eval/metrics.json was written by an older eval.py; run eval.py again.", ""]
+    copy, common = m["baselines"]["copy_question"], m["baselines"]["most_common_train_answer"]
+    names = [("bleu4", "sacreBLEU (BLEU-4)"), ("bleu1", "BLEU-1"), ("bleu2", "BLEU-2"), ("bleu3", "BLEU-3"),
+             ("rouge1", "ROUGE-1"), ("rouge2", "ROUGE-2"), ("rougeL", "ROUGE-L"), ("distinct1", "Distinct-1"),
+             ("distinct2", "Distinct-2"), ("length_ratio", "length ratio")]
+    rows = [[label, score_cell(m, key), score_cell(copy, key), score_cell(common, key)] for key, label in names]
+    ppl = f"{m['answer_ppl']:.2f}" if m.get("answer_ppl") is not None else "inf"
+    rows += [["sentence BLEU, nltk (upstream's score)", f"{m['bleu_sentence_avg']:.2f}", "", ""],
+             ["answer perplexity (nll)", f"{ppl} ({m['answer_nll']:.3f})", "", ""]]
+    g = m["generation"]
+    decoding = "greedy" if not g["temperature"] else f"temperature {g['temperature']}"
+    lines = ["## Evaluation", "",
+             f"{m['n']} questions; checkpoint `{m['checkpoint']}` (step {m['step']}); {decoding}, at most "
+             f"{g['max_new_tokens']} new tokens, repetition penalty {g['repetition_penalty']}. Scores are 0-100 over "
+             f"characters, with [95% bootstrap intervals] from {m['bootstrap']['samples']} resamples of the questions. "
+             f"sacreBLEU signature `{m['sacrebleu_signature']}`.", ""]
+    lines += table(["metric", "model", "copy the question", "most common training answer"], rows) + [""]
+    if "skipped" in common:
+        lines += [f"Most common training answer: skipped ({common['skipped']}).", ""]
+    else:
+        unique = " (every training answer occurs once: this is the first)" if common["count"] == 1 else ""
+        lines += [f"The most common training answer ({common['count']:,} of {common['n_train']:,} training examples"
+                  f"{unique}): \"{one_line(common['answer'])}\"", ""]
+    return lines
+
+
+def one_line(text, limit=TEXT_CHARS):
+    text = " ".join(text.split()).replace("|", "\\|")
+    return text if len(text) <= limit else text[:limit] + "…"
+
+
+def section_samples(predictions_path):
+    if not predictions_path.is_file():
+        return []
+    lines = ["## Sample answers", ""]
+    for p in read_jsonl(predictions_path)[:N_SAMPLES]:
+        lines += [f"**Q{p['index'] + 1}.** {one_line(p['question'])}", "",
+                  f"- model: {one_line(p['prediction']) or '(empty)'}", f"- reference: {one_line(p['reference'])}", ""]
+    return lines
+
+
+def section_time(stages, evaluation, summary):
+    """Wall-clock per stage: the demo's own timing when it left one, else what the stages recorded."""
+    if summary and summary.get("stage_seconds"):
+        rows = [[name, f"{s:,.0f} s"] for name, s in summary["stage_seconds"].items()]
+    else:
+        rows = [[name, f"{s['elapsed_s']:,.0f} s (training)"] for name, s in stages.items()
+                if s is not None and s.get("elapsed_s") is not None]
+        if evaluation is not None:
+            rows.append(["eval", f"{evaluation['seconds']:,.0f} s ({evaluation['generate_seconds']:,.0f} s generating, "
+                                 f"{evaluation['questions_per_s']:.2f} questions/s)"])
+    return ["## Wall-clock per stage", ""] + table(["stage", "wall-clock"], rows) + [""]
+
+
+def cpu_description():
+    """CPU model and whether it has AVX-512 and native bf16 (avx512_bf16), from /proc/cpuinfo."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor() or platform.machine()
+    model = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")),
+                 platform.machine())
+    flags = set(next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), []))
+    return f"{model} (AVX-512: {'yes' if 'avx512f' in flags else 'no'}, avx512_bf16: {'yes' if 'avx512_bf16' in flags else 'no'})"
+
+
+def section_hardware(stages, evaluation):
+    gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2 ** 30 if hasattr(os, "sysconf") else 0
+    used = {name: s["config"].get("device") for name, s in stages.items() if s is not None}
+    if evaluation is not None:
+        used["eval"] = evaluation.get("device")
+    return ["## Hardware", "",
+            f"The machine that wrote this report: {cpu_description()}, {os.cpu_count()} logical CPUs, "
+            f"{memory:.0f} GiB memory, GPUs: {', '.join(gpus) or 'none'}; Python {platform.python_version()}, "
+            f"torch {torch.__version__}, {platform.system()} {platform.release()}.", "",
+            "Devices the stages asked for: " + ", ".join(f"{k} {v}" for k, v in used.items()) + ".", ""]
+
+
+# -----------------------------------------------------------------------------
+
+def write_report(out_dir, pretrain_dir=None, sft_dir=None, eval_dir=None, pretrain_data=(), tokenizer=None):
+    """Write out_dir/report.md and out_dir/loss_curves.png; returns the report's path."""
+    out_dir = Path(out_dir)
+    if not out_dir.is_dir():
+        raise FileNotFoundError(f"{out_dir} is not a directory")
+    stages = {"pretrain": load_stage(pretrain_dir or out_dir / "pretrain"), "sft": load_stage(sft_dir or out_dir / "sft")}
+    eval_dir = Path(eval_dir or out_dir / "eval")
+    evaluation = json.loads((eval_dir / "metrics.json").read_text(encoding="utf-8")) \
+        if (eval_dir / "metrics.json").is_file() else None
+    if all(s is None for s in stages.values()) and evaluation is None:
+        raise FileNotFoundError(f"{out_dir}: no checkpoints in pretrain/ or sft/ and no eval/metrics.json")
+    pretrain_bins = find_bin_files(pretrain_data) if pretrain_data else ([], [])  # (train, val)
+    summary_path = out_dir / "summary.json"
+    summary = json.loads(summary_path.read_text(encoding="utf-8")) if summary_path.is_file() else None
+    entropies, note = unigram_entropies(stages, pretrain_bins, tokenizer)
+    plot_loss_curves(stages, entropies, out_dir / "loss_curves.png")
+    lines = [f"# Run report: {out_dir}", "", f"Written {time.strftime('%Y-%m-%d %H:%M')} by `report.py`.", ""]
+    lines += section_data(pretrain_bins, stages["sft"], evaluation)
+    lines += section_model(stages)
+    lines += section_losses(stages, entropies, note)
+    lines += section_eval(evaluation)
+    lines += section_samples(eval_dir / "predictions.jsonl")
+    lines += section_time(stages, evaluation, summary)
+    lines += section_hardware(stages, evaluation)
+    write_text_atomic(out_dir / "report.md", "\n".join(lines))
+    return out_dir / "report.md"
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("out_dir", help="the run's out dir, holding pretrain/, sft/ and eval/")
+    p.add_argument("--pretrain", default=None, help="pretraining out dir (default OUT_DIR/pretrain)")
+    p.add_argument("--sft", default=None, help="SFT out dir (default OUT_DIR/sft)")
+    p.add_argument("--eval", default=None, help="eval out dir (default OUT_DIR/eval)")
+    p.add_argument("--pretrain-data", nargs="*", default=[],
+                   help="pretrain.py's --data: .bin files, globs or directories (NAME_val.bin beside each)")
+    p.add_argument("--tokenizer", default=None, help="tokenizer.model, if not where the checkpoints recorded it")
+    args = p.parse_args(argv)
+    try:
+        path = write_report(args.out_dir, args.pretrain, args.sft, args.eval, args.pretrain_data, args.tokenizer)
+    except (ValueError, FileNotFoundError) as e:
+        sys.exit(f"report.py: error: {e}")
+    print(f"report: {path}")
+
+
+if __name__ == "__main__":
+    main()

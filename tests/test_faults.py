@@ -1,0 +1,350 @@
+"""Bad inputs and faults: what a user who damages, truncates, fills or mistypes something sees.
+
+Each test is one case of README's "Troubleshooting": damaged and truncated checkpoints,
+token ids outside the vocabulary, damaged .gz inputs, outputs that would be empty, a full
+disk and a read-only output directory, SIGTERM in the middle of a step, refusals shown as
+one line instead of a traceback, and --resume with changed settings."""
+import errno
+import gzip
+import json
+import os
+import signal
+import subprocess
+import sys
+import zipfile
+
+import numpy as np
+import pytest
+import torch
+
+import atomic
+import data_process
+import export
+import generate
+import pretrain
+import sft
+from checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from conftest import ROOT, make_chinese_texts
+from dataset import PretrainDataset
+from test_dataset import write_bin
+from test_train import TINY, bins, losses  # noqa: F401  (bins: the tiny .bin fixture)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def train(bins, out_dir, *flags):
+    return pretrain.main([*bins, *TINY, "--out-dir", str(out_dir), "--eval-every", "100", *flags])
+
+
+def flip_tensor_bytes(path, n=16):
+    """Flip n bytes in the middle of the checkpoint's largest tensor (torch's zip stores tensor
+    data uncompressed, and torch.load does not check the zip's CRCs)."""
+    with zipfile.ZipFile(path) as z:
+        info = max((i for i in z.infolist() if "/data/" in i.filename), key=lambda i: i.file_size)
+    data = bytearray(path.read_bytes())
+    h = info.header_offset  # local file header: 30 bytes, then the name and the extra field
+    start = h + 30 + int.from_bytes(data[h + 26:h + 28], "little") + int.from_bytes(data[h + 28:h + 30], "little")
+    middle = start + info.file_size // 2
+    data[middle:middle + n] = bytes(b ^ 0xFF for b in data[middle:middle + n])
+    path.write_bytes(bytes(data))
+
+
+class FullDisk:
+    """A file whose writes fail with ENOSPC once `room` bytes are in: a disk filling up."""
+
+    def __init__(self, f, room):
+        self.f, self.room = f, room
+
+    def write(self, data):
+        if len(data) > self.room:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        self.room -= len(data)
+        return self.f.write(data)
+
+    def __getattr__(self, name):
+        return getattr(self.f, name)
+
+
+def fail_writes(monkeypatch, name_suffix, error=errno.ENOSPC, room=0):
+    """Make atomic's files whose name ends with name_suffix fail: writes after `room` bytes
+    with ENOSPC, or opening with another errno (EROFS, EACCES: a read-only directory)."""
+    def failing_open(path, mode="r", **kwargs):
+        if not str(path).endswith(name_suffix):
+            return open(path, mode, **kwargs)
+        if error != errno.ENOSPC:
+            raise OSError(error, os.strerror(error), str(path))
+        return FullDisk(open(path, mode, **kwargs), room)
+    monkeypatch.setattr(atomic, "open", failing_open, raising=False)
+
+
+# ---------------------------------------------------------------------------- checkpoints
+
+def test_flipped_bytes_in_a_checkpoint_are_refused_by_every_loader(bins, tmp_path, tiny_tokenizer_path):
+    train(bins, tmp_path, "--max-steps", "2")
+    path = tmp_path / "step_00000002.pt"
+    assert load_checkpoint(path)["step"] == 2
+    flip_tensor_bytes(path)
+    torch.load(path, weights_only=True)  # the file still loads: only the checksums can tell
+    with pytest.raises(CheckpointError, match=r"step_00000002.pt is damaged: \d+ of its entries differ from their checksums \(first: model/"):
+        load_checkpoint(path)
+    with pytest.raises(CheckpointError, match="step_00000002.pt is damaged"):  # eval.py and chat.py load so
+        generate.load_for_inference(path, tiny_tokenizer_path, device="cpu")
+    with pytest.raises(CheckpointError, match="step_00000002.pt is damaged"):
+        export.export(path, tmp_path / "hf", tiny_tokenizer_path)
+    assert not (tmp_path / "hf").exists()
+    (tmp_path / "sft.jsonl").write_text(json.dumps({"prompt": "头痛", "answer": "休息"}, ensure_ascii=False) + "\n")
+    with pytest.raises(SystemExit, match="step_00000002.pt is damaged"):
+        sft.main(["--init", str(path), "--data", str(tmp_path / "sft.jsonl"), "--out-dir", str(tmp_path / "sft"),
+                  "--tokenizer", str(tiny_tokenizer_path), "--max-steps", "1", "--num-workers", "0"])
+
+
+def test_resume_falls_back_past_a_damaged_checkpoint_and_pruning_keeps_the_good_one(bins, tmp_path, capsys):
+    flags = ["--max-steps", "6", "--dropout", "0.1"]
+    train(bins, tmp_path / "whole", *flags)
+    train(bins, tmp_path / "parts", *flags, "--save-every", "2", "--stop-after-steps", "4")
+    flip_tensor_bytes(tmp_path / "parts" / "step_00000004.pt")
+    capsys.readouterr()
+    train(bins, tmp_path / "parts", *flags, "--save-every", "1", "--keep-last", "1", "--resume")
+    out = capsys.readouterr().out
+    assert "step_00000004.pt is damaged" in out and "falling back to" in out and "step_00000002.pt (step 2)" in out
+    # the damaged file is set aside, so pruning (keep 1) never kept it instead of a good one
+    assert sorted(p.name for p in (tmp_path / "parts").glob("step_*")) == [
+        "step_00000004.json.damaged", "step_00000004.pt.damaged", "step_00000006.json", "step_00000006.pt"]
+    assert load_checkpoint(tmp_path / "parts" / "step_00000006.pt")["step"] == 6
+    assert losses(tmp_path / "parts") == losses(tmp_path / "whole")  # steps 3-6 retrained exactly
+
+
+def test_truncated_latest_checkpoint_falls_back_to_the_previous_one(bins, tmp_path, capsys):
+    train(bins, tmp_path, "--max-steps", "4", "--save-every", "2")
+    latest = tmp_path / "step_00000004.pt"
+    latest.write_bytes(latest.read_bytes()[:latest.stat().st_size // 2])
+    capsys.readouterr()
+    train(bins, tmp_path, "--max-steps", "4", "--save-every", "2", "--resume")
+    out = capsys.readouterr().out
+    assert "step_00000004.pt is corrupt (truncated or overwritten)" in out and "resumed from" in out
+    assert "falling back to" in out and load_checkpoint(latest)["step"] == 4  # retrained and saved whole
+
+
+def test_resume_falls_back_to_best_pt_when_no_step_checkpoint_verifies(bins, tmp_path, capsys):
+    train(bins, tmp_path, "--max-steps", "2", "--eval-every", "1")
+    best_step = load_checkpoint(tmp_path / "best.pt")["step"]
+    step = tmp_path / "step_00000002.pt"
+    step.write_bytes(step.read_bytes()[:100])
+    capsys.readouterr()
+    train(bins, tmp_path, "--max-steps", "3", "--resume")
+    out = capsys.readouterr().out
+    assert f"falling back to {tmp_path / 'best.pt'} (step {best_step})" in out
+    (tmp_path / "best.pt").write_bytes(b"not a checkpoint")
+    for p in tmp_path.glob("step_*.pt"):
+        p.write_bytes(b"")
+    with pytest.raises(SystemExit, match=r"no checkpoint in \S+ is usable \(.*best.pt is corrupt.*\); move them away"):
+        train(bins, tmp_path, "--max-steps", "4", "--resume")
+
+
+# ---------------------------------------------------------------------------- token ids
+
+def test_data_process_records_the_largest_id(tmp_path, tiny_tokenizer_path):
+    src = tmp_path / "docs.jsonl"
+    src.write_text("".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in make_chinese_texts(80, seed=4)))
+    data_process.main(["pretrain", "--input", str(src), "--out", str(tmp_path / "c"), "--tokenizer", str(tiny_tokenizer_path),
+                       "--val-fraction", "0.2"])
+    for name in ("c", "c_val"):
+        meta = json.loads((tmp_path / f"{name}.json").read_text())
+        assert meta["max_id"] == int(np.fromfile(tmp_path / f"{name}.bin", dtype="<u2").max())
+
+
+@pytest.mark.parametrize("with_max_id", [True, False], ids=["meta", "older-meta-scanned"])
+def test_bin_with_ids_outside_the_vocabulary_is_refused_on_loading(bins, tmp_path, tiny_tokenizer, with_max_id):
+    ids = np.arange(600) % 500  # a vocabulary of 500 ids, but the model's has 400
+    for name in ("x.bin", "x_val.bin"):
+        write_bin(tmp_path / name, ids, tiny_tokenizer.identity())
+        if not with_max_id:
+            meta = json.loads((tmp_path / name).with_suffix(".json").read_text())
+            del meta["max_id"]
+            (tmp_path / name).with_suffix(".json").write_text(json.dumps(meta))
+    with pytest.raises(SystemExit, match=r"x.bin: holds token id 499, outside the model's vocabulary of 400"):
+        pretrain.main(["--data", str(tmp_path / "x.bin"), *bins[2:], *TINY, "--out-dir", str(tmp_path / "o"),
+                       "--max-steps", "1"])
+
+
+def test_damaged_bin_is_stopped_at_the_batch_naming_file_and_offset(bins, tmp_path, tiny_tokenizer):
+    ids = np.asarray([i for t in make_chinese_texts(60, seed=2) for i in tiny_tokenizer.encode(t, eos=True)])
+    for name in ("x.bin", "x_val.bin"):
+        write_bin(tmp_path / name, ids, tiny_tokenizer.identity())
+    # after the meta was written, one id becomes 400: the first of the rows a GPU pads the
+    # vocabulary with (to 448), where it would have been a silent target instead of an error
+    damaged = ids.astype("<u2")
+    damaged[1000] = 400
+    damaged.tofile(tmp_path / "x.bin")
+    dataset = PretrainDataset(tmp_path / "x.bin", 16, tiny_tokenizer.identity())  # the meta looks fine
+    with pytest.raises(ValueError, match=r"x.bin: token id 400 at token offset 1,000 \(byte 2,000\)"):
+        dataset[1000 // 16]
+    with pytest.raises(SystemExit, match=r"x.bin: token id 400 at token offset 1,000"):
+        pretrain.main(["--data", str(tmp_path / "x.bin"), *bins[2:], *TINY, "--out-dir", str(tmp_path / "o"),
+                       "--epochs", "1", "--eval-every", "0"])
+
+
+# ---------------------------------------------------------------------------- data_process
+
+def run_data_process(*argv):
+    return data_process.main([str(a) for a in argv])
+
+
+def both_refuse(src, tmp_path, tokenizer_path, flags, pretrain_message, sft_message):
+    """data_process.py pretrain and sft both stop on input src with these messages."""
+    with pytest.raises(SystemExit, match=pretrain_message):
+        run_data_process("pretrain", "--input", src, "--out", tmp_path / "c", "--tokenizer", tokenizer_path, *flags)
+    with pytest.raises(SystemExit, match=sft_message):
+        run_data_process("sft", "--input", src, "--out", tmp_path / "s.jsonl", *flags)
+
+
+@pytest.mark.parametrize("skip_bad", [[], ["--skip-bad"]], ids=["stop", "skip-bad"])
+def test_truncated_gz_and_plain_file_named_gz_name_the_file(tmp_path, tiny_tokenizer_path, skip_bad):
+    text = "".join(json.dumps({"text": t, "prompt": t, "answer": t}, ensure_ascii=False) + "\n"
+                   for t in make_chinese_texts(300, seed=3))
+    packed = gzip.compress(text.encode())
+    (tmp_path / "cut.jsonl.gz").write_bytes(packed[:len(packed) // 2])
+    (tmp_path / "plain.jsonl.gz").write_text(text, encoding="utf-8")
+    for name, why in (("cut.jsonl.gz", "Compressed file ended"), ("plain.jsonl.gz", "Not a gzipped file")):
+        both_refuse(tmp_path / name, tmp_path, tiny_tokenizer_path, skip_bad,
+                    rf"^error: \S*{name}: damaged gzip file \({why}", rf"^error: \S*{name}: damaged gzip file \({why}")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cut.jsonl.gz", "plain.jsonl.gz"]
+
+
+def test_empty_input_or_every_record_bad_fails_with_nothing_written(tmp_path, tiny_tokenizer_path):
+    (tmp_path / "empty.jsonl").write_text("")
+    (tmp_path / "bad.jsonl").write_text('{"body": "no text field"}\nnot json\n')
+    for name, flags in (("empty.jsonl", []), ("bad.jsonl", ["--skip-bad"])):
+        both_refuse(tmp_path / name, tmp_path, tiny_tokenizer_path, flags,
+                    r"c.bin: no documents to write \(read \d+ records", r"s.jsonl: no examples to write \(read \d+ examples")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.jsonl", "empty.jsonl"]
+
+
+def test_small_corpus_still_gets_one_validation_document(tmp_path, tiny_tokenizer_path, tiny_tokenizer):
+    texts = make_chinese_texts(5, seed=11)
+    assert not any(data_process.is_val(t.encode(), data_process.PRETRAIN_VAL_FRACTION) for t in texts)  # the hash picks none
+    src = tmp_path / "docs.jsonl"
+    src.write_text("".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in texts), encoding="utf-8")
+    outputs = []
+    for workers in (1, 2):
+        out = tmp_path / f"w{workers}"
+        run_data_process("pretrain", "--input", src, "--out", out / "c", "--tokenizer", tiny_tokenizer_path,
+                         "--min-tokens", "1", "--workers", workers, "--chunk-bytes", 200)
+        outputs.append({p.name: p.read_bytes() for p in out.iterdir() if p.suffix == ".bin"})
+    assert outputs[0] == outputs[1]  # the same bytes for any worker count
+    val = np.frombuffer(outputs[0]["c_val.bin"], dtype="<u2")
+    assert tiny_tokenizer.decode(val[:-1].tolist()) == texts[-1]
+    meta = json.loads((tmp_path / "w1" / "c.json").read_text())
+    assert meta["n_documents"] == 4 and meta["max_id"] == int(np.frombuffer(outputs[0]["c.bin"], dtype="<u2").max())
+    PretrainDataset(tmp_path / "w1" / "c_val.bin", 4)  # usable by pretrain.py
+
+    src.write_text(json.dumps({"text": texts[0]}, ensure_ascii=False) + "\n", encoding="utf-8")
+    with pytest.raises(SystemExit, match=r"c_val.bin: cannot hold out a validation document: only 1 document"):
+        run_data_process("pretrain", "--input", src, "--out", tmp_path / "one" / "c", "--tokenizer", tiny_tokenizer_path,
+                         "--min-tokens", "1")
+    assert not (tmp_path / "one").exists() or not list((tmp_path / "one").iterdir())
+
+    pairs = [{"prompt": f"问题{i}", "answer": "回答"} for i in range(3)]  # sft: the same guarantee
+    assert not any(data_process.is_val(p["prompt"].encode(), data_process.SFT_VAL_FRACTION) for p in pairs)
+    (tmp_path / "sft_in.jsonl").write_text("".join(json.dumps(p, ensure_ascii=False) + "\n" for p in pairs))
+    run_data_process("sft", "--input", tmp_path / "sft_in.jsonl", "--out", tmp_path / "s.jsonl")
+    assert [json.loads(line) for line in (tmp_path / "s_val.jsonl").read_text().splitlines()] == pairs[-1:]
+    assert [json.loads(line) for line in (tmp_path / "s.jsonl").read_text().splitlines()] == pairs[:-1]
+
+
+# ---------------------------------------------------------------------------- disk full, read-only
+
+def test_disk_full_during_a_checkpoint_save_names_it_and_leaves_no_temp_file(bins, tmp_path, monkeypatch):
+    train(bins, tmp_path, "--max-steps", "2")
+    fail_writes(monkeypatch, "step_00000004.pt.tmp", room=1000)
+    with pytest.raises(SystemExit, match=r"step_00000004.pt: the disk is full; free some space and run again"):
+        train(bins, tmp_path, "--max-steps", "4", "--resume")
+    assert not list(tmp_path.glob("*.tmp"))
+    assert load_checkpoint(tmp_path / "step_00000002.pt")["step"] == 2  # what was there is intact
+
+
+def test_disk_full_while_writing_metrics_names_the_file(bins, tmp_path, monkeypatch):
+    fail_writes(monkeypatch, "metrics.jsonl.tmp")
+    with pytest.raises(SystemExit, match=r"metrics.jsonl: the disk is full"):
+        train(bins, tmp_path, "--max-steps", "2")
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_disk_full_while_writing_data_leaves_nothing_complete_looking(tmp_path, tiny_tokenizer_path, monkeypatch):
+    src = tmp_path / "docs.jsonl"
+    src.write_text("".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in make_chinese_texts(300, seed=7)))
+    for failing in ("c.json.tmp", "c.bin.tmp"):  # the meta that marks completion (the val meta is in by then)
+        fail_writes(monkeypatch, failing)
+        with pytest.raises(SystemExit, match=rf"error: cannot write \S*{failing[:-4]}: the disk is full"):
+            run_data_process("pretrain", "--input", src, "--out", tmp_path / "out" / "c",
+                             "--tokenizer", tiny_tokenizer_path, "--val-fraction", "0.2")
+        assert list((tmp_path / "out").iterdir()) == []
+    fail_writes(monkeypatch, "s.jsonl.tmp")
+    with pytest.raises(SystemExit, match=r"s.jsonl: the disk is full"):
+        run_data_process("sft", "--input", tmp_path / "docs.jsonl", "--out", tmp_path / "out" / "s.jsonl",
+                         "--prompt-field", "text", "--answer-field", "text")
+    assert list((tmp_path / "out").iterdir()) == []
+
+
+@pytest.mark.parametrize("error, words", [(errno.EROFS, "the file system is read-only"),
+                                          (errno.EACCES, "permission denied")], ids=["EROFS", "EACCES"])
+def test_read_only_output_directory_is_named_as_such(bins, tmp_path, tiny_tokenizer_path, monkeypatch, error, words):
+    (tmp_path / "docs.jsonl").write_text(json.dumps({"text": "头痛发热"}, ensure_ascii=False) + "\n")
+    fail_writes(monkeypatch, ".tmp", error=error)  # (tests run as root, where chmod does not stop writes)
+    with pytest.raises(SystemExit, match=rf"^pretrain.py: error: cannot write \S*metrics.jsonl: {words}; "
+                                         r"choose a writable output directory$"):
+        train(bins, tmp_path / "out", "--max-steps", "1")
+    with pytest.raises(SystemExit, match=rf"^error: cannot write \S*c.bin: {words}"):
+        run_data_process("pretrain", "--input", tmp_path / "docs.jsonl", "--out", tmp_path / "data" / "c",
+                         "--tokenizer", tiny_tokenizer_path)
+
+
+# ---------------------------------------------------------------------------- signals, refusals, resume
+
+def test_sigterm_during_a_step_saves_after_that_step(bins, tmp_path, monkeypatch):
+    class SignalledModel(pretrain.Transformer):
+        """Sends this process SIGTERM in the middle of step 4 (its 7th forward: 2 per step)."""
+        calls = 0
+
+        def forward(self, *args, **kwargs):
+            SignalledModel.calls += 1
+            if SignalledModel.calls == 7:
+                os.kill(os.getpid(), signal.SIGTERM)
+            return super().forward(*args, **kwargs)
+
+    monkeypatch.setattr(pretrain, "Transformer", SignalledModel)
+    train(bins, tmp_path, "--max-steps", "20", "--save-every", "100")
+    assert [p.name for p in tmp_path.glob("step_*.pt")] == ["step_00000004.pt"]
+    assert losses(tmp_path)[-1][0] == 4
+
+
+@pytest.mark.parametrize("script, flags, message", [
+    ("pretrain.py", ["--data", "no/such/*.bin"], "pretrain.py: error: --data no/such/*.bin: no .bin files match"),
+    ("sft.py", ["--init", "no/such/dir"], "sft.py: error: checkpoint no/such/dir does not exist"),
+])
+def test_refusals_are_one_line_without_a_traceback(tmp_path, tiny_tokenizer_path, script, flags, message):
+    r = subprocess.run([sys.executable, str(ROOT / script), *flags, "--tokenizer", str(tiny_tokenizer_path),
+                        "--out-dir", str(tmp_path / "o")],
+                       cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines() == [message]
+
+
+def test_resume_with_changed_batch_data_or_processes_is_refused_naming_them(bins, tmp_path, tiny_tokenizer, capsys):
+    train(bins, tmp_path / "o", "--max-steps", "2")
+    other = [i for t in make_chinese_texts(100, seed=9) for i in tiny_tokenizer.encode(t, eos=True)]
+    write_bin(tmp_path / "other.bin", other, tiny_tokenizer.identity())
+    write_bin(tmp_path / "other_val.bin", other, tiny_tokenizer.identity())
+    for flags, refused in ((["--batch-size", "8"], "--batch-size 4 -> 8"), (["--grad-accum", "4"], "--grad-accum 2 -> 4"),
+                           (["--data", str(tmp_path / "other.bin")], r"--data corpus.bin \([\d,]+ tokens\) -> other.bin \([\d,]+ tokens\)"),
+                           (["--lr", "1e-3"], "--lr 0.003 -> 0.001")):  # (the optimizer state would override it)
+        with pytest.raises(SystemExit, match=rf"--resume: {refused} since checkpoint \S*step_00000002.pt"):
+            pretrain.main([*bins, *TINY, "--out-dir", str(tmp_path / "o"), "--max-steps", "4", "--resume", *flags])
+    path = tmp_path / "o" / "step_00000002.pt"  # as if saved by two processes (torchrun)
+    save_checkpoint(path, {**load_checkpoint(path), "world_size": 2})
+    with pytest.raises(SystemExit, match=r"--resume: processes 2 -> 1 since"):
+        train(bins, tmp_path / "o", "--max-steps", "4", "--resume")
+    save_checkpoint(path, {**load_checkpoint(path), "world_size": 1})
+    capsys.readouterr()
+    train(bins, tmp_path / "o", "--max-steps", "4", "--resume", "--grad-clip", "0.5")  # these apply: reported
+    assert "--resume: changed since the checkpoint: --max-steps 2 -> 4, --grad-clip 1.0 -> 0.5" in capsys.readouterr().out

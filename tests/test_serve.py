@@ -1,0 +1,454 @@
+"""serve.py against real clients: the official openai package, raw HTTP, and the chat page in
+a headless Chromium. One server (a child process on 127.0.0.1 and a free port) serves a tiny
+checkpoint made here; the tests stop it at the end."""
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+import torch
+from fastapi.testclient import TestClient
+from openai import OpenAI
+
+import eval as qa_eval
+import serve
+from checkpoint import save_checkpoint
+from engine import BatchEngine
+from generate import load_for_inference
+from model import ModelArgs, Transformer
+from prompt import messages_prompt, sft_prompt_ids
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+CONTEXT = 1024  # long enough that a 1000-token answer takes about a second: time to disconnect, or press stop
+LONG = CONTEXT - 64  # an answer length no prompt here reaches the context's end before
+QUESTIONS = ["头痛怎么办？", "感冒发烧了怎么办", "医生建议多休息吗", "胃痛", "心脏病人要注意什么", "糖尿病饮食",
+             "咳嗽一直不好", "血压高吃什么药", "肝不好怎么检查", "肾病要运动吗", "发热头痛", "肠胃不好",
+             "失眠怎么治疗", "老人感冒了", "孩子发热", "药要饭后吃吗"]
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory, tiny_tokenizer):
+    """Random weights, large enough that greedy answers vary from token to token and run on
+    without eos for the questions above."""
+    torch.manual_seed(0)
+    args = ModelArgs(dim=32, n_layers=2, n_heads=4, vocab_size=tiny_tokenizer.vocab_size, max_seq_len=CONTEXT)
+    model = Transformer(args)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0.0, 0.3)
+    path = tmp_path_factory.mktemp("sft") / "best.pt"
+    save_checkpoint(path, {"kind": "sft", "model_args": args.to_dict(), "tokenizer": tiny_tokenizer.identity(),
+                           "model": model.state_dict(), "step": 1})
+    return path
+
+
+@pytest.fixture(scope="module")
+def url(ckpt):
+    process, url = serve.start_subprocess(["--ckpt", str(ckpt), "--device", "cpu", "--threads", "1"])
+    yield url
+    process.terminate()
+    process.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def client(url):
+    return OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+def health(url):
+    return httpx.get(url + "/health", timeout=10).json()
+
+
+def wait_idle(url, timeout=15):
+    deadline = time.monotonic() + timeout
+    while (h := health(url))["active"] or h["waiting"]:
+        assert time.monotonic() < deadline, f"server still busy: {h}"
+        time.sleep(0.05)
+    return h
+
+
+def eval_predictions(ckpt, questions, max_new_tokens, tmp_path):
+    """eval.py's greedy answers to the questions."""
+    data = tmp_path / "qa.jsonl"
+    data.write_text("".join(json.dumps({"question": q, "answer": "多休息。"}, ensure_ascii=False) + "\n"
+                            for q in questions), encoding="utf-8")
+    qa_eval.evaluate(qa_eval.parse_args(["--ckpt", str(ckpt), "--data", str(data), "--out-dir", str(tmp_path / "eval"),
+                                         "--max-new-tokens", str(max_new_tokens), "--batch-size", "16"]))
+    lines = (tmp_path / "eval" / "predictions.jsonl").read_text(encoding="utf-8").splitlines()
+    return [json.loads(line) for line in lines]
+
+
+def ask(client, question, **kw):
+    return client.chat.completions.create(model="any", messages=[{"role": "user", "content": question}], **kw)
+
+
+def streamed(client, messages, **kw):
+    """(text, finish_reason, usage, number of content chunks) of a streamed answer."""
+    text, finish, usage, n_chunks = "", None, None, 0
+    for chunk in client.chat.completions.create(model="any", messages=messages, stream=True,
+                                                stream_options={"include_usage": True}, **kw):
+        if chunk.usage is not None:
+            usage = chunk.usage
+        for choice in chunk.choices:
+            if choice.delta.content:
+                text, n_chunks = text + choice.delta.content, n_chunks + 1
+            finish = choice.finish_reason or finish
+    return text, finish, usage, n_chunks
+
+
+# ----------------------------------------------------------------------------- answers
+
+def test_openai_client_gets_eval_greedy_answer_whole_and_streamed(url, client, ckpt, tiny_tokenizer, tmp_path):
+    expected = eval_predictions(ckpt, QUESTIONS[:3], 24, tmp_path)
+    for question, want in zip(QUESTIONS[:3], expected):
+        answer = ask(client, question, temperature=0, max_tokens=24)
+        assert answer.choices[0].message.content == want["prediction"]
+        assert answer.choices[0].finish_reason == "length" and answer.model == "baby-llama2-chinese"
+        prompt_tokens = len(sft_prompt_ids(tiny_tokenizer, question))
+        assert (answer.usage.prompt_tokens, answer.usage.completion_tokens) == (prompt_tokens, 24)
+        text, finish, usage, n_chunks = streamed(client, [{"role": "user", "content": question}],
+                                                 temperature=0, max_tokens=24)
+        assert text == want["prediction"] and finish == "length" and n_chunks > 5
+        assert usage.completion_tokens == 24
+    assert len(set(expected[0]["prediction"])) > 5  # the answers are not one repeated character
+
+
+def test_models_and_health(url, client):
+    assert [m.id for m in client.models.list().data] == ["baby-llama2-chinese"]
+    h = health(url)
+    assert h["status"] == "ok" and h["context_length"] == CONTEXT and h["defaults"]["temperature"] == 0.7
+
+
+def test_stop_strings_cut_the_answer_before_them(client):
+    full = ask(client, QUESTIONS[0], temperature=0, max_tokens=40).choices[0].message.content
+    stop = full[20:22]
+    cut = full[:full.find(stop)]
+    answer = ask(client, QUESTIONS[0], temperature=0, max_tokens=40, stop=[stop, "never appears"])
+    assert answer.choices[0].message.content == cut and answer.choices[0].finish_reason == "stop"
+    text, finish, _, _ = streamed(client, [{"role": "user", "content": QUESTIONS[0]}], temperature=0,
+                                  max_tokens=40, stop=stop)
+    assert (text, finish) == (cut, "stop")
+
+
+def test_seeded_sampling_repeats_and_multi_turn_and_system_messages_work(client):
+    def sample(seed):
+        return ask(client, QUESTIONS[1], temperature=1.0, top_p=0.9, seed=seed, max_tokens=20).choices[0].message.content
+    assert sample(11) == sample(11) != sample(12)
+    turns = [{"role": "system", "content": "你是一名医生。"}, {"role": "user", "content": QUESTIONS[0]},
+             {"role": "assistant", "content": "多休息。"}, {"role": "user", "content": QUESTIONS[1]}]
+    answer = client.chat.completions.create(model="any", messages=turns, temperature=0, max_tokens=8)
+    assert answer.usage.prompt_tokens > ask(client, QUESTIONS[1], max_tokens=1).usage.prompt_tokens + 5
+    parts = [{"role": "user", "content": [{"type": "text", "text": "头痛"}, {"type": "text", "text": "怎么办？"}]}]
+    as_parts = client.chat.completions.create(model="any", messages=parts, temperature=0, max_tokens=8)
+    assert as_parts.choices[0].message.content == ask(client, "头痛怎么办？", temperature=0, max_tokens=8).choices[0].message.content
+
+
+# ----------------------------------------------------------------------------- bad input
+
+def chat_url(url):
+    return url + "/v1/chat/completions"
+
+
+USER = [{"role": "user", "content": "头痛"}]
+BAD_BODIES = [  # (body, the error's param or code, a word of its message)
+    (b'{"messages": [', "invalid_json", "not valid JSON"),
+    (b'[1, 2]', "invalid_json", "JSON object"),
+    (b'\xff\xfe{}', "invalid_json", "not valid JSON"),
+    ({}, "messages", "Field required"),
+    ({"messages": []}, "messages", "at least 1"),
+    ({"messages": "头痛"}, "messages", "valid list"),
+    ({"messages": [{"role": "user", "content": 5}]}, "messages", "content"),
+    ({"messages": [{"role": "tool", "content": "x"}]}, "messages", "role"),
+    ({"messages": [{"role": "assistant", "content": "x"}]}, "messages", "alternate"),
+    ({"messages": USER + USER}, "messages", "alternate"),
+    ({"messages": USER, "temperature": "hot"}, "temperature", "valid number"),
+    ({"messages": USER, "temperature": -1}, "temperature", "greater than or equal"),
+    ({"messages": USER, "temperature": 1e9}, "temperature", "less than or equal"),
+    (b'{"messages": [{"role": "user", "content": "x"}], "temperature": NaN}', "temperature", "finite"),
+    ({"messages": USER, "top_p": 0}, "top_p", "greater than"),
+    ({"messages": USER, "top_p": 1.5}, "top_p", "less than"),
+    ({"messages": USER, "top_k": 0}, "top_k", "greater than"),
+    ({"messages": USER, "repetition_penalty": 0}, "repetition_penalty", "greater than"),
+    ({"messages": USER, "max_tokens": 0}, "max_tokens", "greater than"),
+    ({"messages": USER, "max_tokens": "12"}, "max_tokens", "valid integer"),
+    ({"messages": USER, "max_tokens": 1.5}, "max_tokens", "valid integer"),
+    ({"messages": USER, "seed": -1}, "seed", "greater than"),
+    ({"messages": USER, "stream": "yes"}, "stream", "valid boolean"),
+    ({"messages": USER, "stop": ["a", "b", "c", "d", "e"]}, "stop", "at most 4"),
+    ({"messages": USER, "n": 2}, "n", "less than"),
+    ({"messages": USER, "max_tokens": 5, "max_completion_tokens": 6}, "max_tokens", "differ"),
+    ({"messages": USER, "prompt_file": "/etc/passwd"}, "prompt_file", "Extra inputs"),
+]
+
+
+@pytest.mark.parametrize("body, param, words", BAD_BODIES)
+def test_bad_requests_get_an_openai_error_and_400(url, body, param, words):
+    kw = {"content": body} if isinstance(body, bytes) else {"json": body}
+    r = httpx.post(chat_url(url), headers={"Content-Type": "application/json"}, timeout=30, **kw)
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["type"] == "invalid_request_error" and words in error["message"]
+    assert param in (error["param"], error["code"])
+
+
+def test_a_prompt_longer_than_the_context_is_refused_with_the_numbers(url, tiny_tokenizer):
+    question = "头痛发热" * 400
+    n = len(sft_prompt_ids(tiny_tokenizer, question))
+    r = httpx.post(chat_url(url), json={"messages": [{"role": "user", "content": question}]}, timeout=30)
+    assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
+    assert f"{n} tokens" in r.json()["error"]["message"] and f"context is {CONTEXT} tokens" in r.json()["error"]["message"]
+
+
+def test_max_tokens_beyond_the_context_is_clamped_and_said_so(url, tiny_tokenizer):
+    n = len(sft_prompt_ids(tiny_tokenizer, "头痛"))
+    r = httpx.post(chat_url(url), json={"messages": USER, "max_tokens": 10 ** 6, "temperature": 0, "stop": "咳"},
+                   timeout=60)
+    assert r.status_code == 200
+    assert r.json()["warnings"] == [f"max_tokens 1000000 clamped to {CONTEXT - n}: the prompt's {n} tokens and the "
+                                    f"answer must fit the model's context of {CONTEXT} tokens"]
+    assert r.json()["usage"]["completion_tokens"] <= CONTEXT - n
+    with httpx.stream("POST", chat_url(url), json={"messages": USER, "max_tokens": 10 ** 6, "stream": True},
+                      timeout=30) as r:  # streamed, the first chunk says it
+        first = json.loads(next(r.iter_lines()).removeprefix("data: "))
+    assert first["warnings"][0].startswith(f"max_tokens 1000000 clamped to {CONTEXT - n}")
+
+
+def test_oversized_bodies_get_413_and_the_server_goes_on(url):
+    big = json.dumps({"messages": [{"role": "user", "content": "头" * (1 << 20)}]}).encode()
+    r = httpx.post(chat_url(url), content=big, timeout=30)
+    assert r.status_code == 413 and r.json()["error"]["code"] == "body_too_large"
+
+    def chunked():  # no Content-Length: the server counts what arrives
+        for i in range(0, len(big), 1 << 16):
+            yield big[i:i + 1 << 16]
+    try:
+        r = httpx.post(chat_url(url), content=chunked(), timeout=30)
+        assert r.status_code == 413
+    except httpx.TransportError:
+        pass  # the server may close the connection before the client has sent everything
+    assert httpx.post(chat_url(url), json={"messages": USER, "max_tokens": 3}, timeout=30).status_code == 200
+
+
+def test_wrong_paths_and_methods_get_openai_errors(url):
+    for method, path, status in [("GET", "/v1/nothing", 404), ("GET", "/chat.html", 404), ("GET", "/../serve.py", 404),
+                                 ("GET", "/v1/chat/completions", 405), ("DELETE", "/health", 405)]:
+        r = httpx.request(method, url + path, timeout=10)
+        assert r.status_code == status and "message" in r.json()["error"]
+
+
+def test_the_model_field_is_a_label_never_a_file(client):
+    answer = client.chat.completions.create(model="../../etc/passwd", messages=USER, max_tokens=2)
+    assert answer.model == "baby-llama2-chinese" and answer.usage.completion_tokens == 2
+
+
+# ----------------------------------------------------------------------------- clients that leave, clients together
+
+def test_a_client_that_disconnects_stops_its_row(url, client):
+    full = ask(client, QUESTIONS[2], temperature=0, max_tokens=LONG)
+    assert full.usage.completion_tokens == LONG  # so a row that runs on would generate this many
+    for stream in (True, False):
+        before = wait_idle(url)
+        body = {"messages": [{"role": "user", "content": QUESTIONS[2]}], "temperature": 0, "max_tokens": LONG,
+                "stream": stream}
+        if stream:
+            with httpx.stream("POST", chat_url(url), json=body, timeout=30) as r:
+                chunks = 0
+                for line in r.iter_lines():
+                    chunks += line.startswith("data: {")
+                    if chunks == 3:
+                        break  # leaving the block closes the connection mid-stream
+        else:
+            with pytest.raises(httpx.ReadTimeout):
+                httpx.post(chat_url(url), json=body, timeout=httpx.Timeout(30, read=0.3))
+        after = wait_idle(url)
+        assert after["tokens_generated"] - before["tokens_generated"] < LONG / 2
+        assert after["cancelled"] == before["cancelled"] + 1
+
+
+def test_16_concurrent_streaming_clients_all_get_their_answers(url, client, ckpt, tmp_path):
+    expected = [p["prediction"] for p in eval_predictions(ckpt, QUESTIONS, 48, tmp_path)]
+    with ThreadPoolExecutor(len(QUESTIONS)) as pool:
+        results = list(pool.map(lambda q: streamed(client, [{"role": "user", "content": q}], temperature=0,
+                                                   max_tokens=48), QUESTIONS))
+    assert [text for text, _, _, _ in results] == expected
+    assert all(finish == "length" and usage.completion_tokens == 48 for _, finish, usage, _ in results)
+    assert health(url)["peak_batch"] >= 8  # they shared decode steps
+
+
+def test_ctrl_c_ends_open_streams_and_the_server_exits_cleanly(ckpt, capfd):
+    process, own_url = serve.start_subprocess(["--ckpt", str(ckpt), "--device", "cpu", "--threads", "1"])
+    try:
+        body = {"messages": USER, "temperature": 0, "max_tokens": LONG, "stream": True}
+        with httpx.stream("POST", chat_url(own_url), json=body, timeout=30) as r:
+            lines = r.iter_lines()
+            next(lines)
+            process.send_signal(signal.SIGINT)
+            rest = [line for line in lines if line]
+        assert json.loads(rest[-2].removeprefix("data: "))["error"]["code"] == "server_shutdown"
+        assert rest[-1] == "data: [DONE]"
+        assert process.wait(timeout=30) == 0
+    finally:
+        process.kill()
+    assert "Traceback" not in capfd.readouterr().err
+
+
+# ----------------------------------------------------------------------------- in-process: the API key, the flags
+
+def local_app(ckpt, **settings):
+    """serve.py's app in this process (TestClient runs it, engine thread included)."""
+    _, model, tok = load_for_inference(ckpt, device="cpu")
+    defaults = vars(serve.parse_args(["--ckpt", str(ckpt)]))
+    return TestClient(serve.create_app(serve.Server(BatchEngine(model, tok.eos_id, tok.pad_id, 2), tok, defaults,
+                                                    **settings)))
+
+
+def test_api_key_guards_the_api_but_not_the_page(ckpt):
+    with local_app(ckpt, api_key="sekret") as http:
+        body = {"messages": USER, "max_tokens": 2}
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "sekret"}):
+            r = http.post("/v1/chat/completions", json=body, headers=headers)
+            assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+            assert http.get("/v1/models", headers=headers).status_code == 401
+        good = {"Authorization": "Bearer sekret"}
+        assert http.post("/v1/chat/completions", json=body, headers=good).json()["usage"]["completion_tokens"] == 2
+        assert http.get("/health").status_code == 200
+        page = http.get("/")
+        assert page.status_code == 200 and "<textarea" in page.text and "sekret" not in page.text
+
+
+def test_a_full_queue_gets_503(ckpt):
+    with local_app(ckpt, max_waiting=0) as http:
+        r = http.post("/v1/chat/completions", json={"messages": USER, "max_tokens": 2})
+        assert r.status_code == 503 and r.json()["error"]["code"] == "server_busy"
+
+
+def test_bad_flags_and_a_taken_port_stop_with_one_line(tmp_path, ckpt):
+    with pytest.raises(SystemExit, match="serve.py: error: checkpoint .*nothing does not exist"):
+        serve.main(["--ckpt", str(tmp_path / "nothing"), "--port", "0"])
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(SystemExit, match=f"cannot listen on --host 127.0.0.1 --port {port}"):
+            serve.main(["--ckpt", str(ckpt), "--port", str(port)])
+    with pytest.raises(SystemExit):
+        serve.parse_args(["--top-p", "2"])
+
+
+# ----------------------------------------------------------------------------- the page in a browser
+
+@pytest.fixture
+def browser():
+    chromium, chromedriver = shutil.which("chromium"), shutil.which("chromedriver")
+    fonts = subprocess.run(["fc-list", ":lang=zh"], capture_output=True, text=True).stdout if shutil.which("fc-list") else ""
+    if not (chromium and chromedriver and fonts.strip()):
+        if os.environ.get("CI"):
+            pytest.fail("CI must run the browser test: .ci/run installs chromium, chromium-driver and fonts-wqy-microhei")
+        pytest.skip("no chromium, chromedriver or Chinese font (Debian: apt-get install chromium chromium-driver "
+                    "fonts-wqy-microhei)")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.options import Options
+    from selenium.webdriver.chrome.service import Service
+    options = Options()
+    options.binary_location = chromium
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(chromedriver), options=options)
+    yield driver
+    driver.quit()
+
+
+def wait_for(condition, timeout=20, what="the page"):
+    deadline = time.monotonic() + timeout
+    while not (value := condition()):
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.02)
+    return value
+
+
+CHINESE_RENDERS = (  # 头 drawn in the page's font differs from a character no font has (a box)
+    "const c = document.createElement('canvas'), g = c.getContext('2d'), s = getComputedStyle(document.body);"
+    "g.font = s.fontSize + ' ' + s.fontFamily;"
+    "const px = (ch) => { g.clearRect(0, 0, c.width, c.height); g.fillText(ch, 4, 24);"
+    "                     return g.getImageData(0, 0, c.width, c.height).data.join(); };"
+    "return px('头') !== px('\\uE000') && px('\\uE000') === px('\\uE001');")
+
+
+def last_answer(browser):
+    """The last answer's own text node (a tag such as "(stopped)" may follow it)."""
+    return browser.execute_script("const b = document.querySelectorAll('.msg.assistant');"
+                                  "return b.length ? (b[b.length - 1].childNodes[0] || {}).nodeValue || '' : '';")
+
+
+def wait_for_answers(browser, n):
+    from selenium.webdriver.common.by import By
+    wait_for(lambda: len(browser.find_elements(By.CSS_SELECTOR, ".msg.assistant")) == n
+             and browser.find_element(By.ID, "send").is_enabled(), what=f"answer {n}")
+
+
+def test_chat_page_streams_an_answer_stops_it_and_goes_on(browser, url, client, tiny_tokenizer):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    find = browser.find_element
+    browser.get(url + "/")
+    wait_for(lambda: f"context {CONTEXT}" in find(By.ID, "status").text, what="the status line")
+    assert browser.execute_script(CHINESE_RENDERS)
+    find(By.TAG_NAME, "summary").click()
+    find(By.ID, "temperature").send_keys("0")
+    find(By.ID, "max_tokens").send_keys(str(LONG))
+    find(By.ID, "input").send_keys(QUESTIONS[0])
+    find(By.ID, "send").click()
+    lengths = set()
+    wait_for(lambda: lengths.add(len(last_answer(browser))) or len(lengths - {0}) >= 3, what="a growing answer")
+    find(By.ID, "stop").click()
+    wait_for_answers(browser, 1)
+    partial = last_answer(browser)
+    assert "(stopped)" in find(By.CSS_SELECTOR, ".msg.assistant .tag").text
+    assert find(By.CSS_SELECTOR, ".msg.user").text == QUESTIONS[0]  # Chinese arrives intact
+    full = ask(client, QUESTIONS[0], temperature=0, max_tokens=LONG).choices[0].message.content
+    assert 0 < len(partial) < len(full) and full.startswith(partial)  # stopped before the end
+    wait_idle(url)
+
+    # a second turn: the page sends the conversation, stopped answer included
+    find(By.ID, "max_tokens").clear()
+    find(By.ID, "max_tokens").send_keys("12")
+    find(By.ID, "input").send_keys(QUESTIONS[1], Keys.ENTER)
+    wait_for_answers(browser, 2)
+    turns = [{"role": "user", "content": QUESTIONS[0]}, {"role": "assistant", "content": partial},
+             {"role": "user", "content": QUESTIONS[1]}]
+    second = client.chat.completions.create(model="any", messages=turns, temperature=0, max_tokens=12)
+    assert last_answer(browser) == second.choices[0].message.content
+
+    # a question that only fits without the first turn: the page drops that turn and says so
+    turns.append({"role": "assistant", "content": last_answer(browser)})
+    question = long_question(tiny_tokenizer, turns)
+    browser.execute_script("document.getElementById('input').value = arguments[0];", question)
+    find(By.ID, "send").click()
+    wait_for_answers(browser, 3)
+    assert "earlier turns dropped" in find(By.ID, "note").text and "clamped" in find(By.ID, "note").text
+    assert len(browser.find_elements(By.CSS_SELECTOR, ".msg.dropped")) == 2
+    third = client.chat.completions.create(model="any", messages=turns[2:] + [{"role": "user", "content": question}],
+                                           temperature=0, max_tokens=12)
+    assert last_answer(browser) == third.choices[0].message.content
+
+    find(By.ID, "clear").click()
+    assert browser.find_elements(By.CSS_SELECTOR, ".msg") == [] and find(By.ID, "note").text == ""
+
+
+def long_question(tok, turns):
+    """A question whose prompt overflows the context after all these turns but nearly fills
+    it after the last two alone."""
+    def n_tokens(messages, question):
+        return len(sft_prompt_ids(tok, messages_prompt(messages + [{"role": "user", "content": question}])))
+    question = ""
+    while n_tokens(turns[2:], question + "头痛发热") <= CONTEXT - 8:
+        question += "头痛发热"
+    assert n_tokens(turns, question) >= CONTEXT, "the test's question must overflow with every turn"
+    return question
