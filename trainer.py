@@ -567,7 +567,10 @@ def wrap_model(cfg, env, model):
         model = torch.compile(model)
     eval_model = model
     if env.ddp:
-        model = DDP(model, device_ids=[env.local_rank] if env.device.type == "cuda" else None)
+        # gradient_as_bucket_view: the gradients live in DDP's all-reduce buckets, saving one
+        # model-sized copy of them; the buckets are all-reduced while backward still runs.
+        model = DDP(model, device_ids=[env.local_rank] if env.device.type == "cuda" else None,
+                    gradient_as_bucket_view=True)
     return model, eval_model
 
 

@@ -3,6 +3,7 @@
     python bench/bench_train.py                      # default config, batch 8, seq 512, CPU fp32
     python bench/bench_train.py --device cuda         # bf16 autocast on a GPU, reports MFU
     python bench/bench_train.py --compile             # torch.compile ours (the reference stays eager)
+    python bench/bench_train.py --compile --compile-loss  # ... with the loss traced into the graph too
 
 On a shared or busy machine, step times swing widely; the variants run in alternating
 rounds and each reports its fastest step (the least disturbed one).
@@ -53,10 +54,14 @@ def parse_args():
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
                    help="autocast dtype; auto: bf16 on CUDA, fp32 on CPU")
     p.add_argument("--compile", action="store_true", help="torch.compile our model; the reference stays eager, as upstream ran")
+    p.add_argument("--compile-loss", action="store_true", help="with --compile, trace our loss into the compiled graph too")
     p.add_argument("--no-onednn", action="store_true", help="CPU matmuls of both variants through MKL, not oneDNN")
     p.add_argument("--peak-flops", type=float, default=0.0, help="device peak FLOP/s for MFU (0: guess from the GPU name)")
     p.add_argument("--variant", choices=VARIANTS, default=None, help="(internal) run one variant and print JSON")
-    return p.parse_args()
+    args = p.parse_args()
+    if args.compile_loss and not args.compile:
+        p.error("--compile-loss needs --compile")
+    return args
 
 
 def manual_attention_forward(self, x, cos, sin, cache=None, attn_mask=None):
@@ -97,8 +102,9 @@ def run_variant(cfg):
             kernels.use_onednn_linears(model)
     else:
         model = Transformer(args).to(device)
-        print(f"ours: {kernels.speed_up(model, device, getattr(torch, dtype), onednn=not cfg.no_onednn)}",
-              file=sys.stderr)
+        kernels.speed_up(model, device, getattr(torch, dtype), onednn=not cfg.no_onednn)
+        model.loss_fn.traced = cfg.compile_loss
+        print(f"ours: {model.loss_fn.describe()}", file=sys.stderr)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
     step_model = torch.compile(model) if cfg.compile and cfg.variant == "ours" else model
     x = torch.randint(0, cfg.vocab_size, (cfg.batch_size, cfg.seq_len), device=device)
@@ -151,7 +157,7 @@ def main():
                  for v in VARIANTS)
     print(f"\nconfig: dim {cfg.dim}, {cfg.n_layers} layers, {cfg.n_heads} heads, vocab {cfg.vocab_size}, "
           f"batch {cfg.batch_size} x seq {cfg.seq_len}, {ours['device']} {ours['dtype']}"
-          f"{', ours compiled' if cfg.compile else ''}{', no oneDNN' if cfg.no_onednn else ''}, {torch.get_num_threads()} threads, best of {cfg.rounds} rounds "
+          f"{', ours compiled' if cfg.compile else ''}{' with its loss' if cfg.compile_loss else ''}{', no oneDNN' if cfg.no_onednn else ''}, {torch.get_num_threads()} threads, best of {cfg.rounds} rounds "
           f"x {cfg.steps} timed steps")
     print(f"{'variant':<10} {'tokens/s':>10} {'s/step':>8} {'peak MB':>9} {'MFU':>6}  loss")
     for r in (ref, ours):

@@ -85,3 +85,53 @@ def test_speed_up_keeps_the_models_loss_gradients_and_tied_weights(onednn):
     ref.backward()
     for (name, p), r in zip(fast.named_parameters(), plain.parameters()):
         torch.testing.assert_close(p.grad, r.grad, msg=name)
+
+
+def grad_distance(a, b):
+    """Largest relative difference ||a.grad - b.grad|| / ||b.grad|| over matching parameters."""
+    return max(((p.grad - q.grad).norm() / q.grad.norm()).item() for p, q in zip(a.parameters(), b.parameters()))
+
+
+# (device, autocast dtype, loss tolerance, gradient tolerance): bf16 rounds each matmul
+# differently when compiled (fused kernels), so its tolerances are bf16's, not fp32's.
+COMPILED_CASES = [
+    pytest.param("cpu", torch.float32, 1e-5, 1e-4, id="cpu-fp32"),
+    pytest.param("cpu", torch.bfloat16, 1e-2, 5e-2, id="cpu-bf16"),
+    pytest.param("cuda", torch.bfloat16, 1e-2, 5e-2, id="cuda-bf16", marks=pytest.mark.skipif(
+        not torch.cuda.is_available(), reason="needs a CUDA GPU")),
+]
+
+
+@pytest.mark.parametrize("device, dtype, loss_tol, grad_tol", COMPILED_CASES)
+def test_loss_traced_by_torch_compile_equals_eager_over_training_steps(device, dtype, loss_tol, grad_tol):
+    """The lean loss inside a compiled model gives the eager loss and gradients at every one
+    of 20 AdamW steps: the compiled copy is given the eager model's weights before each step."""
+    torch.manual_seed(0)
+    args = ModelArgs(dim=64, n_layers=2, n_heads=4, vocab_size=1000, max_seq_len=64)
+    eager, traced = Transformer(args).to(device), Transformer(args).to(device)
+    chunks = dict(chunk_rows=96, vocab_block=256) if device == "cpu" else {}  # several chunks and blocks
+    eager.loss_fn = LinearCrossEntropy.for_device(device, onednn=device == "cpu")  # oneDNN: eagerly only
+    traced.loss_fn = LinearCrossEntropy.for_device(device, onednn=device == "cpu")
+    for loss_fn in (eager.loss_fn, traced.loss_fn):
+        vars(loss_fn).update(chunks)
+    traced.loss_fn.traced = True
+    compiled = torch.compile(traced)
+    opt = torch.optim.AdamW(eager.parameters(), lr=3e-3)
+    g = torch.Generator().manual_seed(1)
+    for step in range(20):
+        traced.load_state_dict(eager.state_dict())
+        x = torch.randint(0, args.vocab_size, (4, 64), generator=g).to(device)
+        y = (7 * x + 3) % args.vocab_size  # a rule the model can learn in a few steps
+        y[:, :5] = IGNORE_INDEX  # masked positions, as SFT's prompts
+        losses = []
+        for model in (compiled, eager):
+            with torch.autocast(device, dtype=dtype, enabled=dtype != torch.float32):
+                loss = model(x, y)
+            loss.backward()
+            losses.append(loss.item())
+        assert abs(losses[0] - losses[1]) <= loss_tol * losses[1], (step, losses)
+        assert grad_distance(traced, eager) <= grad_tol, step
+        opt.step()
+        opt.zero_grad()
+        traced.zero_grad()
+    assert losses[1] < 6.5  # it trained: ln(1000) = 6.91 at the start
