@@ -27,8 +27,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import kernels  # noqa: E402
 from model import ModelArgs, Transformer  # noqa: E402
-from muon import Muon, newton_schulz_dtype  # noqa: E402
-from trainer import is_hidden_matrix  # noqa: E402
+from muon import newton_schulz_dtype  # noqa: E402
+from trainer import TRAIN_DEFAULTS, build_optimizers  # noqa: E402
 
 VARIANTS = ("adamw", "muon", "muon_fp32", "muon_bf16", "torch_muon")
 
@@ -50,16 +50,15 @@ def parse_args():
 
 
 def optimizers_for(variant, model, device):
-    """The variant's optimizers over model, as trainer.build_optimizers splits the parameters."""
-    hidden = [p for n, p in model.named_parameters() if variant != "adamw" and is_hidden_matrix(n, p)]
-    ids = {id(p) for p in hidden}
-    rest = [p for p in model.parameters() if id(p) not in ids]
-    optimizers = [torch.optim.AdamW(rest, lr=1e-4, fused=device.type == "cuda")]
-    dtypes = {"muon": None, "muon_fp32": torch.float32, "muon_bf16": torch.bfloat16}
-    if variant in dtypes:
-        optimizers.append(Muon(hidden, lr=0.02, ns_dtype=dtypes[variant]))
-    elif variant == "torch_muon":
-        optimizers.append(torch.optim.Muon(hidden, lr=0.02))
+    """The variant's optimizers, built by trainer.build_optimizers as pretrain.py builds them;
+    for torch_muon, its Muon is swapped for torch.optim.Muon on the same matrices."""
+    muon_dtype = {"muon_fp32": "float32", "muon_bf16": "bfloat16"}.get(variant, "auto")
+    cfg = argparse.Namespace(**{**TRAIN_DEFAULTS, "optimizer": "adamw" if variant == "adamw" else "muon",
+                                "muon_dtype": muon_dtype})
+    optimizers = build_optimizers(cfg, model, device)
+    if variant == "torch_muon":
+        optimizers[1] = torch.optim.Muon(optimizers[1].param_groups[0]["params"], lr=cfg.muon_lr,
+                                         momentum=cfg.muon_momentum, weight_decay=cfg.weight_decay)
     return optimizers
 
 
