@@ -222,7 +222,7 @@ class LinearCrossEntropy:
                 total += chunk_loss
                 if with_grads:
                     grad_h[start:start + len(hc)] = matmul_t(dlogits, w.t(), self.onednn)
-                    self._add_grad_w(grad_w, dlogits, hc, vocab)
+                    self._add_grad_w(grad_w, dlogits, hc)
         return total, grad_h, grad_w[:vocab] if with_grads else None
 
     def _chunk(self, hc, w, tc, vocab, buffer, with_grads):
@@ -235,7 +235,7 @@ class LinearCrossEntropy:
         loss, dlogits = softmax_grad_in_place(logits, tc, vocab, with_grads)
         return loss, dlogits.to(hc.dtype) if with_grads else None
 
-    def _add_grad_w(self, grad_w, dlogits, hc, vocab):
+    def _add_grad_w(self, grad_w, dlogits, hc):
         """grad_w += dlogits.T @ hc, accumulated in fp32 (torch's gemm, as OneDNNLinear's
         weight gradient)."""
         if dlogits.dtype == torch.float32:

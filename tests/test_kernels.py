@@ -109,12 +109,12 @@ def test_loss_traced_by_torch_compile_equals_eager_over_training_steps(device, d
     torch.manual_seed(0)
     args = ModelArgs(dim=64, n_layers=2, n_heads=4, vocab_size=1000, max_seq_len=64)
     eager, traced = Transformer(args).to(device), Transformer(args).to(device)
-    chunks = dict(chunk_rows=96, vocab_block=256) if device == "cpu" else {}  # several chunks and blocks
-    eager.loss_fn = LinearCrossEntropy.for_device(device, onednn=device == "cpu")  # oneDNN: eagerly only
-    traced.loss_fn = LinearCrossEntropy.for_device(device, onednn=device == "cpu")
-    for loss_fn in (eager.loss_fn, traced.loss_fn):
-        vars(loss_fn).update(chunks)
-    traced.loss_fn.traced = True
+    def device_loss(traced):  # on CPU: several chunks and vocabulary blocks; oneDNN runs eagerly only
+        loss_fn = (LinearCrossEntropy(chunk_rows=96, vocab_block=256, onednn=True) if device == "cpu"
+                   else LinearCrossEntropy.for_device(device, onednn=False))
+        loss_fn.traced = traced
+        return loss_fn
+    eager.loss_fn, traced.loss_fn = device_loss(False), device_loss(True)
     compiled = torch.compile(traced)
     opt = torch.optim.AdamW(eager.parameters(), lr=3e-3)
     g = torch.Generator().manual_seed(1)
