@@ -105,4 +105,4 @@ def write_text_atomic(path, text):
 
 
 def write_json_atomic(path, obj):
-    write_text_atomic(path, json.dumps(obj, ensure_ascii=False, indent=2))
+    write_text_atomic(path, json.dumps(obj, ensure_ascii=False, indent=2) + "\n")

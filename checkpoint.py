@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from atomic import AtomicFile, write_text_atomic
+from atomic import AtomicFile, write_json_atomic
 from model import ModelArgs, Transformer
 
 CHECKPOINT_FORMAT = "baby-llama2-chinese/2"
@@ -119,7 +119,7 @@ def save_checkpoint(path, ckpt):
     with AtomicFile(path, "wb") as out:
         torch.save(ckpt, out.f)
     summary = {k: ckpt[k] for k in ("format", "kind", "step", "model_args", "tokenizer") if k in ckpt}
-    write_text_atomic(path.with_suffix(".json"), json.dumps(summary, ensure_ascii=False, indent=2))
+    write_json_atomic(path.with_suffix(".json"), summary)
 
 
 def step_checkpoints(out_dir):

@@ -26,6 +26,7 @@ import sys
 import time
 from pathlib import Path
 
+from atomic import write_json_atomic
 from eval import headline
 from report import bin_token_counts, last_val_loss, read_jsonl, unigram_entropy
 
@@ -138,7 +139,7 @@ def summarize(work, out, seconds, started):
     summary = {"pretrain_val_loss": val_loss, "val_unigram_entropy": entropy,
                "below_unigram": 1 - val_loss / entropy, "eval": metrics,
                "stage_seconds": {k: round(v, 1) for k, v in seconds.items()}, "seconds": round(time.time() - started)}
-    (out / "summary.json").write_text(json.dumps(summary, ensure_ascii=False, indent=2), encoding="utf-8")
+    write_json_atomic(out / "summary.json", summary)
     run("report.py", out, "--pretrain-data", work / "pretrain" / "demo.bin")
 
     baselines = metrics["baselines"]

@@ -36,7 +36,7 @@ from nltk.translate.bleu_score import SmoothingFunction, sentence_bleu
 from tqdm import tqdm
 
 import metrics as scores
-from checkpoint import write_text_atomic
+from atomic import write_json_atomic, write_text_atomic
 from corpus import DataError, iter_records, utf8
 from generate import (add_generation_args, default_max_new_tokens, generate_answers, load_for_inference,
                       sampling_settings)
@@ -277,7 +277,7 @@ def evaluate(args):
                    checkpoint=ckpt["path"], kind=ckpt.get("kind"), step=ckpt.get("step"), tokenizer=tok.name,
                    data=str(args.data), generation={k: getattr(args, k) for k in (
                        "max_new_tokens", "temperature", "top_k", "top_p", "repetition_penalty", "seed", "batch_size")})
-    write_text_atomic(out_dir / "metrics.json", json.dumps(metrics, ensure_ascii=False, indent=2) + "\n")
+    write_json_atomic(out_dir / "metrics.json", metrics)
     print_summary(metrics, out_dir)
     return metrics
 
