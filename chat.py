@@ -19,8 +19,8 @@ line editing and the arrow keys recall earlier lines.
 import argparse
 import sys
 
-from generate import (add_generation_args, check_sampling, default_max_new_tokens, generate_stream, load_for_inference,
-                      sampling_settings)
+from generate import (TextStream, add_generation_args, check_sampling, default_max_new_tokens, generate_stream,
+                      load_for_inference, sampling_settings)
 from prompt import fit_prompt
 
 # -----------------------------------------------------------------------------
@@ -63,23 +63,18 @@ def not_encodable(text):
 def stream_reply(model, tok, prompt_ids, max_new_tokens, sampling):
     """Generate one reply, printing its text as it grows. Ctrl-C stops it early.
     Returns (the whole reply, whether Ctrl-C stopped it)."""
-    out, ids, shown, stopped = sys.stdout, [], "", False
+    out, text, stopped = sys.stdout, TextStream(tok), False
     try:
         for step in generate_stream(model, [prompt_ids], max_new_tokens, **sampling):
             if step[0] is None:  # eos
                 break
-            ids.append(step[0])
-            text = tok.decode(ids)
-            if not text.endswith("\ufffd"):  # a character whose bytes are not all generated yet waits
-                out.write(text[len(shown):])
-                out.flush()
-                shown = text
+            out.write(text.push(step[0]))
+            out.flush()
     except KeyboardInterrupt:
         stopped = True
-    text = tok.decode(ids)
-    out.write(text[len(shown):] + ("  [stopped]" if stopped else "") + "\n")
+    out.write(text.flush() + ("  [stopped]" if stopped else "") + "\n")
     out.flush()
-    return text, stopped
+    return tok.decode(text.ids), stopped
 
 
 class Session:

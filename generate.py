@@ -187,6 +187,45 @@ def load_for_inference(ckpt_path, tokenizer_path=None, device=None, dtype=None):
     return ckpt, model, tok
 
 
+class TextStream:
+    """Token ids -> text, piece by piece, as a client should see it. A character whose bytes
+    are not all generated yet (decode shows U+FFFD) waits, and so does text that could be the
+    start of a stop string; the text ends just before the first stop string."""
+
+    def __init__(self, tok, stops=()):
+        self.tok, self.stops = tok, [s for s in stops if s]
+        self.ids, self.shown, self.stopped = [], "", False
+
+    def push(self, token):
+        """Add a token; returns the text that may be shown now ('' when all of it waits)."""
+        self.ids.append(token)
+        text = self.tok.decode(self.ids)
+        found = [i for i in (text.find(s) for s in self.stops) if i >= 0]
+        if found:
+            self.stopped = True
+            return self._show(text[:min(found)])
+        return self._show(text[:len(text) - self._held(text)])
+
+    def flush(self):
+        """At the end: whatever still waits (unless a stop string ended the text)."""
+        return "" if self.stopped else self._show(self.tok.decode(self.ids))
+
+    def _held(self, text):
+        """How many characters at the end wait: the unfinished ones, and before them the
+        longest start of a stop string."""
+        unfinished = len(text) - len(text.rstrip("\ufffd"))
+        settled = text[:len(text) - unfinished]
+        start = 0
+        for s in self.stops:
+            start = max([start] + [k for k in range(1, min(len(s), len(settled) + 1)) if settled.endswith(s[:k])])
+        return unfinished + start
+
+    def _show(self, text):
+        piece = text[len(self.shown):]
+        self.shown = max(self.shown, text, key=len)
+        return piece
+
+
 def default_max_new_tokens(max_seq_len, cap=256):
     """How many tokens to allow an answer when none is asked for: `cap`, but at most half the
     model's context, so that every model leaves a prompt room (the demo's context is 256)."""

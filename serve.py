@@ -34,7 +34,7 @@ import urllib.request
 import uuid
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Literal, Optional, Union
+from typing import Annotated, Literal, Optional, Union
 
 import torch
 import uvicorn
@@ -45,7 +45,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException
 
 from engine import BatchEngine, Sampling
-from generate import add_generation_args, check_sampling, load_for_inference
+from generate import TextStream, add_generation_args, check_sampling, load_for_inference
 from prompt import messages_prompt, sft_prompt_ids
 
 # -----------------------------------------------------------------------------
@@ -117,7 +117,7 @@ class ChatRequest(BaseModel):
     seed: Optional[int] = Field(None, ge=0, lt=2 ** 63)
     stream: bool = False
     stream_options: Optional[StreamOptions] = None
-    stop: Union[str, list[str], None] = Field(None, max_length=4)
+    stop: Union[str, Annotated[list[str], Field(max_length=4)], None] = None  # up to 4 strings, each any length
     n: int = Field(1, ge=1, le=1)  # one answer per request
     user: Optional[str] = None
 
@@ -190,44 +190,6 @@ def generation_settings(server, body, prompt_len):
     sampling = Sampling(temperature=pick("temperature"), top_k=pick("top_k"), top_p=pick("top_p"),
                         repetition_penalty=pick("repetition_penalty"), seed=pick("seed"))
     return max_new, sampling, warnings
-
-
-class TextStream:
-    """Token ids -> text, piece by piece, as a client should see it. A character whose bytes
-    are not all generated yet (decode shows U+FFFD) waits, and so does text that could be the
-    start of a stop string; the text ends just before the first stop string."""
-
-    def __init__(self, tok, stops):
-        self.tok, self.stops = tok, [s for s in stops if s]
-        self.ids, self.shown, self.stopped = [], "", False
-
-    def push(self, token):
-        """Add a token; returns the text that may be shown now ('' when all of it waits)."""
-        self.ids.append(token)
-        text = self.tok.decode(self.ids)
-        found = [i for i in (text.find(s) for s in self.stops) if i >= 0]
-        if found:
-            self.stopped = True
-            return self._show(text[:min(found)])
-        return self._show(text[:len(text) - self._held(text)])
-
-    def flush(self):
-        """At the end: whatever still waits (unless a stop string ended the text)."""
-        return "" if self.stopped else self._show(self.tok.decode(self.ids))
-
-    def _held(self, text):
-        held = len(text) - len(text.rstrip("\ufffd"))
-        for s in self.stops:
-            for k in range(min(len(s) - 1, len(text)), held, -1):
-                if text.endswith(s[:k]):
-                    held = k
-                    break
-        return held
-
-    def _show(self, text):
-        piece = text[len(self.shown):]
-        self.shown = max(self.shown, text, key=len)
-        return piece
 
 
 class Mailbox:

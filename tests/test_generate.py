@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from generate import apply_repetition_penalty, generate, generate_stream, sample_next_token
+from generate import TextStream, apply_repetition_penalty, generate, generate_stream, sample_next_token
 from model import ModelArgs, Transformer
 
 MAX_SEQ_LEN = 40
@@ -101,3 +101,22 @@ def test_top_k_top_p_and_repetition_penalty_filter_the_right_tokens():
 def test_stream_yields_the_same_tokens_as_generate(model):
     steps = list(generate_stream(model, PROMPTS[:2], 10))
     assert [list(col) for col in zip(*steps)] == generate(model, PROMPTS[:2], 10)
+
+
+class ByteTokenizer:
+    """Ids -> byte strings, decoded as a SentencePiece tokenizer does: a character whose bytes
+    are not all there yet shows as U+FFFD."""
+    PIECES = ["答案".encode(), "好".encode(), "的".encode()[:2], "的".encode()[2:], "。".encode()]
+
+    def decode(self, ids):
+        return b"".join(self.PIECES[i] for i in ids).decode("utf-8", errors="replace")
+
+
+def test_text_stream_holds_unfinished_characters_and_stop_string_starts():
+    shown = TextStream(ByteTokenizer())
+    assert [shown.push(i) for i in range(5)] == ["答案", "好", "", "的", "。"]
+    cut = TextStream(ByteTokenizer(), stops=["好的"])  # its 的 arrives in two pieces
+    pieces = [cut.push(i) for i in range(4)]
+    assert "".join(pieces) + cut.flush() == "答案" and cut.stopped
+    unstopped = TextStream(ByteTokenizer(), stops=["好人"])  # held 好 is shown once it cannot start a stop
+    assert "".join(unstopped.push(i) for i in range(5)) + unstopped.flush() == "答案好的。"

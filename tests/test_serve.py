@@ -135,6 +135,9 @@ def test_stop_strings_cut_the_answer_before_them(client):
     text, finish, _, _ = streamed(client, [{"role": "user", "content": QUESTIONS[0]}], temperature=0,
                                   max_tokens=40, stop=stop)
     assert (text, finish) == (cut, "stop")
+    long_stop = full[10:30]  # up to 4 stop strings, each of any length
+    answer = ask(client, QUESTIONS[0], temperature=0, max_tokens=40, stop=long_stop)
+    assert answer.choices[0].message.content == full[:full.find(long_stop)]
 
 
 def test_seeded_sampling_repeats_and_multi_turn_and_system_messages_work(client):
