@@ -25,9 +25,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from checkpoint import load_checkpoint, tokenizer_for_checkpoint, write_text_atomic
+from atomic import AtomicFile, WriteError, write_text_atomic
+from checkpoint import load_checkpoint, tokenizer_for_checkpoint
 from dataset import find_bin_files, read_meta
-from model import ModelArgs, Transformer
+from dataset_sft import build_example, read_sft_jsonl
+from model import IGNORE_INDEX, ModelArgs, Transformer
+from trainer import read_metrics
 
 N_SAMPLES = 5  # sample answers shown
 TEXT_CHARS = 200  # longest question/answer text shown
@@ -48,8 +51,7 @@ def load_stage(out_dir):
     ckpt = load_checkpoint(out_dir, prefer="latest")
     for heavy in ("model", "optimizers", "scaler", "rng", "data"):
         ckpt.pop(heavy, None)
-    metrics = Path(out_dir) / "metrics.jsonl"
-    ckpt["rows"] = read_jsonl(metrics) if metrics.is_file() else []
+    ckpt["rows"] = read_metrics(Path(out_dir) / "metrics.jsonl", up_to_step=ckpt["step"])
     return ckpt
 
 
@@ -65,18 +67,23 @@ def unigram_entropy(counts):
     return float(-(p * np.log(p)).sum())
 
 
-def bin_token_counts(bin_paths):
-    """How often each token id occurs in uint16 .bin files."""
-    counts = np.zeros(1, dtype=np.int64)
+def bin_token_counts(bin_paths, block=1 << 24):
+    """How often each token id occurs in uint16 .bin files (read a block at a time)."""
+    counts = np.zeros(1 << 16, dtype=np.int64)
     for path in bin_paths:
-        c = np.bincount(np.memmap(path, dtype=np.uint16, mode="r"))
-        counts = np.pad(counts, (0, max(len(c) - len(counts), 0))) + np.pad(c, (0, max(len(counts) - len(c), 0)))
+        ids = np.memmap(path, dtype=np.uint16, mode="r")
+        for start in range(0, len(ids), block):
+            counts += np.bincount(ids[start:start + block], minlength=1 << 16)
     return counts
 
 
-def answer_token_counts(jsonl_path, tok):
-    """How often each token id occurs among the SFT loss targets of a file: answer ids + eos."""
-    ids = [i for row in read_jsonl(jsonl_path) for i in tok.encode(row["answer"]) + [tok.eos_id]]
+def answer_token_counts(jsonl_path, tok, max_seq_len):
+    """How often each token id occurs among the SFT loss targets of a file: answer ids + eos,
+    cut to the context as training cuts them."""
+    ids = []
+    for prompt, answer, _ in read_sft_jsonl(jsonl_path):
+        _, y = build_example(tok.encode(prompt), tok.encode(answer), tok.bos_id, tok.eos_id, max_seq_len)
+        ids += [i for i in y if i != IGNORE_INDEX]
     return np.bincount(np.array(ids, dtype=np.int64))
 
 
@@ -120,10 +127,11 @@ def plot_loss_curves(stages, entropies, path):
             ax.axhline(entropies[name], ls="--", color="gray", label="unigram entropy of validation")
         ax.legend()
     fig.tight_layout()
-    tmp = Path(str(path) + ".tmp")
-    fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        with AtomicFile(path, "wb") as out:
+            fig.savefig(out.f, format="png", dpi=100)
+    finally:
+        plt.close(fig)
 
 
 # -----------------------------------------------------------------------------
@@ -198,7 +206,8 @@ def unigram_entropies(stages, pretrain_bins, tokenizer_path):
     if sft is not None and sft["config"].get("data") and val_path(sft["config"]["data"]).is_file():
         try:
             tok = tokenizer_for_checkpoint(sft, tokenizer_path)
-            result["sft"] = unigram_entropy(answer_token_counts(val_path(sft["config"]["data"]), tok))
+            counts = answer_token_counts(val_path(sft["config"]["data"]), tok, sft["model_args"]["max_seq_len"])
+            result["sft"] = unigram_entropy(counts)
         except (RuntimeError, ValueError, OSError) as e:
             note = f"SFT entropy not computed: {e}"
     return result, note
@@ -350,7 +359,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     try:
         path = write_report(args.out_dir, args.pretrain, args.sft, args.eval, args.pretrain_data, args.tokenizer)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, WriteError) as e:
         sys.exit(f"report.py: error: {e}")
     print(f"report: {path}")
 
