@@ -17,6 +17,8 @@ import json
 import os
 from pathlib import Path
 
+from refusal import Refusal
+
 # errno -> what it means for the user who wanted to write a file
 WRITE_PROBLEMS = {
     errno.ENOSPC: "the disk is full",
@@ -28,7 +30,7 @@ WRITE_PROBLEMS = {
 }
 
 
-class WriteError(Exception):
+class WriteError(Refusal):
     """An output file could not be written; the message names it and what to do."""
 
 

@@ -36,6 +36,7 @@ import torch
 
 from atomic import AtomicFile, write_json_atomic
 from model import ModelArgs, Transformer
+from refusal import Refusal
 
 CHECKPOINT_FORMAT = "baby-llama2-chinese/2"
 UNCHECKED_FORMAT = "baby-llama2-chinese/1"  # written before checksums: loads, unverified
@@ -43,7 +44,7 @@ STEP_PATTERN = re.compile(r"^step_(\d+)\.pt$")
 CHECKSUM_THREADS = min(8, os.cpu_count() or 1)  # zlib.crc32 releases the GIL, so threads run in parallel
 
 
-class CheckpointError(ValueError):
+class CheckpointError(Refusal):
     """A checkpoint that cannot be used: corrupt, not ours, or failing its checksums."""
 
 
@@ -135,7 +136,7 @@ def resolve_checkpoint(path, prefer="best"):
     if path.is_file():
         return path
     if not path.is_dir():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
+        raise CheckpointError(f"checkpoint {path} does not exist; pass a checkpoint file or a training out dir")
     steps = step_checkpoints(path)
     if prefer == "best" and (path / "best.pt").is_file():
         return path / "best.pt"
@@ -143,7 +144,7 @@ def resolve_checkpoint(path, prefer="best"):
         return steps[-1]
     if (path / "best.pt").is_file():
         return path / "best.pt"
-    raise FileNotFoundError(f"no checkpoint (best.pt or step_*.pt) in {path}")
+    raise CheckpointError(f"no checkpoint (best.pt or step_*.pt) in {path}")
 
 
 def load_checkpoint(path, prefer="best"):
@@ -179,7 +180,7 @@ def load_latest_good(out_dir):
     for path in step_checkpoints(out_dir)[::-1] + best:
         try:
             return load_checkpoint(path), damaged
-        except (CheckpointError, FileNotFoundError) as e:
+        except CheckpointError as e:
             damaged.append((path, str(e)))
     if damaged:
         raise CheckpointError(f"no checkpoint in {out_dir} is usable ({'; '.join(reason for _, reason in damaged)}); "

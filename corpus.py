@@ -37,10 +37,12 @@ from collections import deque
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
+from refusal import Refusal
+
 TEXT_FIELDS = ("text", "content", "completion")  # tried in order when no field is named
 
 
-class DataError(Exception):
+class DataError(Refusal):
     """Bad input or a refused run; the message names the file and line."""
 
 
@@ -247,6 +249,11 @@ def iter_records(path, bad):
     """(line_no, record dict) for every record of one input file; bad ones go to bad(path, ...)."""
     fmt = input_format(path)
     yield from parse_items(fmt, iter_raw(path, fmt), lambda line_no, message: bad(path, line_no, message))
+
+
+def stop_at_bad(path, line_no, message):
+    """The bad-record handler for files our own scripts wrote: the first bad record stops the run."""
+    raise DataError(f"{path}:{line_no}: {message}")
 
 
 class BadCounter:

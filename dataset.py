@@ -14,18 +14,20 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from corpus import DataError
+
 
 def read_meta(bin_path):
     """The .json beside a .bin, checked against the file itself."""
     bin_path = Path(bin_path)
     path = bin_path.with_suffix(".json")
     if not path.is_file():
-        raise ValueError(f"{bin_path}: no meta file {path} (an unfinished data_process.py run leaves none)")
+        raise DataError(f"{bin_path}: no meta file {path} (an unfinished data_process.py run leaves none)")
     meta = json.loads(path.read_text(encoding="utf-8"))
     if meta.get("dtype") != "uint16":
-        raise ValueError(f"{path}: dtype {meta.get('dtype')!r}, expected 'uint16'")
+        raise DataError(f"{path}: dtype {meta.get('dtype')!r}, expected 'uint16'")
     if bin_path.stat().st_size != 2 * meta["n_tokens"]:
-        raise ValueError(f"{bin_path}: {bin_path.stat().st_size} bytes, but its meta says {meta['n_tokens']} tokens "
+        raise DataError(f"{bin_path}: {bin_path.stat().st_size} bytes, but its meta says {meta['n_tokens']} tokens "
                          f"({2 * meta['n_tokens']} bytes); the file is damaged or from another run")
     return meta
 
@@ -50,12 +52,12 @@ def find_bin_files(patterns):
     for pattern in map(str, patterns):
         matches = sorted(glob.glob(str(Path(pattern) / "*.bin")) if Path(pattern).is_dir() else glob.glob(pattern))
         if not matches:
-            raise FileNotFoundError(f"--data {pattern}: no .bin files match")
+            raise DataError(f"--data {pattern}: no .bin files match")
         found += [Path(m) for m in matches if m.endswith(".bin")]
     train = [p for p in dict.fromkeys(found) if not p.stem.endswith("_val")]
     val = [v for p in train if (v := p.with_name(p.stem + "_val.bin")).is_file()]
     if not train:
-        raise FileNotFoundError(f"--data {patterns}: only validation files (*_val.bin) match")
+        raise DataError(f"--data {patterns}: only validation files (*_val.bin) match")
     return train, val
 
 
@@ -80,25 +82,25 @@ class PretrainDataset(Dataset):
     def __init__(self, files, max_seq_len, tokenizer_identity=None, vocab_size=None):
         self.files = [Path(files)] if isinstance(files, (str, Path)) else [Path(f) for f in files]
         if not self.files:
-            raise ValueError("PretrainDataset: no .bin files")
+            raise DataError("PretrainDataset: no .bin files")
         self.max_seq_len = max_seq_len
         self.metas = [read_meta(f) for f in self.files]
         self.vocab_size = vocab_size or (tokenizer_identity or self.metas[0])["vocab_size"]
         for f, meta in zip(self.files, self.metas):
             if tokenizer_identity is not None and meta.get("tokenizer", {}).get("sha256") != tokenizer_identity.get("sha256"):
-                raise ValueError(
+                raise DataError(
                     f"{f} was made with tokenizer {meta.get('tokenizer', {}).get('name')} "
                     f"(sha256 {meta.get('tokenizer', {}).get('sha256')}), but the model uses "
                     f"{tokenizer_identity.get('name')} (sha256 {tokenizer_identity.get('sha256')}); "
                     f"re-run data_process.py pretrain with the model's tokenizer")
             if (max_id := max_token_id(f, meta)) >= self.vocab_size:
-                raise ValueError(f"{f}: holds token id {max_id}, outside the model's vocabulary of {self.vocab_size}; "
+                raise DataError(f"{f}: holds token id {max_id}, outside the model's vocabulary of {self.vocab_size}; "
                                  f"the file is damaged or was made with another tokenizer: re-run data_process.py pretrain")
         self.n_tokens = sum(m["n_tokens"] for m in self.metas)
         windows = [max(0, (m["n_tokens"] - 1) // max_seq_len) for m in self.metas]
         self.ends = np.cumsum(windows)  # window i lives in the first file with ends[file] > i
         if self.ends[-1] == 0:
-            raise ValueError(f"{[str(f) for f in self.files]}: fewer than max_seq_len + 1 = {max_seq_len + 1} tokens")
+            raise DataError(f"{[str(f) for f in self.files]}: fewer than max_seq_len + 1 = {max_seq_len + 1} tokens")
         self._memmaps = None
 
     def __len__(self):
@@ -115,7 +117,7 @@ class PretrainDataset(Dataset):
         if ids.max() >= self.vocab_size:  # the file changed on disk since its meta was written
             first = int(np.argmax(ids >= self.vocab_size))
             offset = start + first
-            raise ValueError(f"{self.files[k]}: token id {ids[first]} at token offset {offset:,} (byte {2 * offset:,}) is "
+            raise DataError(f"{self.files[k]}: token id {ids[first]} at token offset {offset:,} (byte {2 * offset:,}) is "
                              f"outside the model's vocabulary of {self.vocab_size}; the file is damaged: re-create it "
                              f"with data_process.py pretrain, then --resume from the last checkpoint")
         chunk = torch.from_numpy(ids.astype(np.int64))

@@ -10,39 +10,31 @@ example (pad label IGNORE_INDEX, which model.py's loss leaves out of both its su
 denominator), and length_grouped_batches puts examples of similar length together so little
 is padded.
 """
-import json
+from pathlib import Path
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
+from corpus import DataError, iter_records, stop_at_bad
 from model import IGNORE_INDEX
 
 
-def read_sft_jsonl(path):
-    """Return [(prompt, answer, line_number)]; a malformed row raises naming path:line.
-    An empty prompt is allowed (the answer then follows bos alone); an empty answer is not."""
+def read_sft_examples(path):
+    """Return [(prompt, answer, line_number)] of a normalized SFT file; a malformed row is
+    refused naming path:line. An empty prompt is allowed (the answer then follows bos alone);
+    an empty answer is not."""
     examples = []
-    with open(path, encoding="utf-8") as f:
-        for line_number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{line_number}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{where}: not valid JSON ({e})") from None
-            if not isinstance(row, dict):
-                raise ValueError(f"{where}: expected an object with 'prompt' and 'answer', got {type(row).__name__}")
-            for field in ("prompt", "answer"):
-                if not isinstance(row.get(field), str):
-                    raise ValueError(f"{where}: field '{field}' is missing or not a string")
-            if not row["answer"].strip():
-                raise ValueError(f"{where}: empty answer (an SFT example needs an answer to learn)")
-            examples.append((row["prompt"], row["answer"], line_number))
+    for line_number, row in iter_records(Path(path), stop_at_bad):
+        for field in ("prompt", "answer"):
+            if not isinstance(row.get(field), str):
+                raise DataError(f"{path}:{line_number}: field '{field}' is missing or not a string")
+        if not row["answer"].strip():
+            raise DataError(f"{path}:{line_number}: empty answer (an SFT example needs an answer to learn)")
+        examples.append((row["prompt"], row["answer"], line_number))
     if not examples:
-        raise ValueError(f"{path}: no SFT examples")
+        raise DataError(f"{path}: no SFT examples")
     return examples
 
 
@@ -74,7 +66,7 @@ class SFTDataset(Dataset):
         self.path = str(path)
         self.tokenizer = tokenizer
         self.max_seq_len = max_seq_len
-        self.examples = read_sft_jsonl(path)
+        self.examples = read_sft_examples(path)
         self.lengths = self._measure_lengths()
 
     def _measure_lengths(self, chunk=8192):
@@ -90,7 +82,7 @@ class SFTDataset(Dataset):
             answers = self.tokenizer.encode_batch([a for _, a, _ in part])
             for i, (prompt_ids, answer_ids, (_, _, line_number)) in enumerate(zip(prompts, answers, part)):
                 if not answer_ids:
-                    raise ValueError(f"{self.path}:{line_number}: the answer encodes to no tokens")
+                    raise DataError(f"{self.path}:{line_number}: the answer encodes to no tokens")
                 lengths[start + i] = min(len(prompt_ids) + 1 + len(answer_ids), self.max_seq_len)
             progress.update(len(part))
         progress.close()
@@ -135,7 +127,7 @@ def length_grouped_batches(lengths, batch_size, seed, epoch, rank=0, world_size=
     global_batch = batch_size * world_size
     n_global = len(lengths) // global_batch
     if n_global == 0:
-        raise ValueError(f"{len(lengths)} training examples are fewer than one global batch of {global_batch}")
+        raise DataError(f"{len(lengths)} training examples are fewer than one global batch of {global_batch}")
     order = rng.permutation(len(lengths))[:n_global * global_batch]
     chunk = global_batch * megabatch
     # a stable sort keeps equal lengths in their shuffled order

@@ -27,10 +27,11 @@ import torch
 
 from atomic import AtomicFile, WriteError, write_text_atomic
 from checkpoint import load_checkpoint, tokenizer_for_checkpoint
+from corpus import iter_records, stop_at_bad
 from dataset import find_bin_files, read_meta
-from dataset_sft import build_example, read_sft_jsonl
+from dataset_sft import build_example, read_sft_examples
+from logbook import plot_loss_curves, read_metrics
 from model import IGNORE_INDEX, ModelArgs, Transformer
-from trainer import read_metrics
 
 N_SAMPLES = 5  # sample answers shown
 TEXT_CHARS = 200  # longest question/answer text shown
@@ -40,7 +41,8 @@ TEXT_CHARS = 200  # longest question/answer text shown
 # reading what the stages wrote
 
 def read_jsonl(path):
-    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+    """Every record of a JSONL file that a stage wrote; a damaged line is refused, naming it."""
+    return [record for _, record in iter_records(Path(path), stop_at_bad)]
 
 
 def load_stage(out_dir):
@@ -81,7 +83,7 @@ def answer_token_counts(jsonl_path, tok, max_seq_len):
     """How often each token id occurs among the SFT loss targets of a file: answer ids + eos,
     cut to the context as training cuts them."""
     ids = []
-    for prompt, answer, _ in read_sft_jsonl(jsonl_path):
+    for prompt, answer, _ in read_sft_examples(jsonl_path):
         _, y = build_example(tok.encode(prompt), tok.encode(answer), tok.bos_id, tok.eos_id, max_seq_len)
         ids += [i for i in y if i != IGNORE_INDEX]
     return np.bincount(np.array(ids, dtype=np.int64))
@@ -97,41 +99,6 @@ def param_count(model_args):
     """Unique parameters of the model a checkpoint describes, built without memory for weights."""
     with torch.device("meta"):
         return Transformer(ModelArgs.from_dict(model_args)).num_params()
-
-
-# -----------------------------------------------------------------------------
-# the figure
-
-def plot_loss_curves(stages, entropies, path):
-    """Pretraining and SFT side by side: train and validation loss against tokens, and the
-    unigram entropy of the validation targets as a dashed line."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    for ax, (name, stage) in zip(axes, stages.items()):
-        ax.set_title(name)
-        ax.set_xlabel("tokens")
-        ax.set_ylabel("cross entropy (nats/token)")
-        ax.grid(alpha=0.3)
-        if stage is None or not stage["rows"]:
-            ax.text(0.5, 0.5, "no run", ha="center", va="center", transform=ax.transAxes)
-            continue
-        rows = stage["rows"]
-        ax.plot([r["tokens"] for r in rows if "train_loss" in r], [r["train_loss"] for r in rows if "train_loss" in r],
-                lw=1, label="train")
-        val = [(r["tokens"], r["val_loss"]) for r in rows if r.get("val_loss") is not None]
-        if val:
-            ax.plot(*zip(*val), "o-", label="validation")
-        if entropies[name] is not None:
-            ax.axhline(entropies[name], ls="--", color="gray", label="unigram entropy of validation")
-        ax.legend()
-    fig.tight_layout()
-    try:
-        with AtomicFile(path, "wb") as out:
-            fig.savefig(out.f, format="png", dpi=100)
-    finally:
-        plt.close(fig)
 
 
 # -----------------------------------------------------------------------------
@@ -334,7 +301,8 @@ def write_report(out_dir, pretrain_dir=None, sft_dir=None, eval_dir=None, pretra
     summary_path = out_dir / "summary.json"
     summary = json.loads(summary_path.read_text(encoding="utf-8")) if summary_path.is_file() else None
     entropies, note = unigram_entropies(stages, pretrain_bins, tokenizer)
-    plot_loss_curves(stages, entropies, out_dir / "loss_curves.png")
+    plot_loss_curves({name: (stage["rows"] if stage else [], entropies[name]) for name, stage in stages.items()},
+                     out_dir / "loss_curves.png")
     lines = [f"# Run report: {out_dir}", "", f"Written {time.strftime('%Y-%m-%d %H:%M')} by `report.py`.", ""]
     lines += section_data(pretrain_bins, stages["sft"], evaluation)
     lines += section_model(stages)

@@ -56,16 +56,23 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import kernels
-from atomic import AtomicFile, WriteError, naming_errors, write_text_atomic
-from checkpoint import CheckpointError, load_latest_good, save_checkpoint, step_checkpoints
+from atomic import WriteError, naming_errors
 from chatglm_tokenizer import TokenizerNotFound
+from checkpoint import (
+    CheckpointError,
+    load_latest_good,
+    save_checkpoint,
+    step_checkpoints,
+)
 from corpus import DataError
+from logbook import append_metrics, plot_loss_curves, read_metrics, write_metrics
 from model import IGNORE_INDEX
 from muon import Muon, newton_schulz_dtype
+from refusal import Refusal
 
 # What a user can get wrong (bad flags, data or checkpoints, a full disk): the error types whose
 # message says what to do. The scripts' main() shows them as one line and exits non-zero.
-REFUSALS = (ValueError, FileNotFoundError, DataError, TokenizerNotFound, WriteError)
+REFUSALS = (Refusal, ValueError, FileNotFoundError)
 
 # Shared defaults; a script passes its own overrides to add_train_args.
 TRAIN_DEFAULTS = dict(
@@ -422,46 +429,6 @@ def guess_peak_flops(device):
     return next((f for key, f in PEAK_FLOPS.items() if key in name), 0.0)
 
 
-def read_metrics(path, up_to_step):
-    """The rows of metrics.jsonl up to a step; a last line cut short by a crash is dropped."""
-    if not Path(path).is_file():
-        return []
-    rows = []
-    for line in Path(path).read_text().splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            break
-    return [r for r in rows if r["step"] <= up_to_step]
-
-
-def write_metrics(path, rows):
-    write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in rows))
-
-
-def plot_losses(rows, path, title):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    train = [(r["tokens"], r["train_loss"]) for r in rows if "train_loss" in r]
-    val = [(r["tokens"], r["val_loss"]) for r in rows if "val_loss" in r]
-    fig, ax = plt.subplots(figsize=(8, 5))
-    if train:
-        ax.plot(*zip(*train), label="train", lw=1)
-    if val:
-        ax.plot(*zip(*val), "o-", label="validation")
-    ax.set_xlabel("tokens")
-    ax.set_ylabel("cross entropy")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    try:
-        with AtomicFile(path, "wb") as out:
-            fig.savefig(out.f, format="png", dpi=100)
-    finally:
-        plt.close(fig)
-
-
 def format_seconds(s):
     h, rem = divmod(int(s), 3600)
     return f"{h}h{rem // 60:02d}m" if h else f"{rem // 60}m{rem % 60:02d}s"
@@ -669,9 +636,7 @@ def log(row, progress, clock, total_steps, env, out_dir):
     """Append row to metrics.jsonl and print it with the time left at this invocation's pace."""
     progress.rows.append(row)
     if env.master:
-        path = Path(out_dir) / "metrics.jsonl"
-        with naming_errors(path), open(path, "a") as f:
-            f.write(json.dumps(row) + "\n")
+        append_metrics(Path(out_dir) / "metrics.jsonl", row)
     eta = clock.seconds() / clock.steps * (total_steps - progress.step)
     env.print(f"step {progress.step}/{total_steps} | loss {row['train_loss']:.4f}"
               + (f" | val {row['val_loss']:.4f}" if "val_loss" in row else "")
@@ -709,7 +674,7 @@ def write_checkpoints(ckpt, rows, cfg, env, periodic, best):
     if best:
         save_checkpoint(out_dir / "best.pt", ckpt)
     write_metrics(out_dir / "metrics.jsonl", rows)
-    plot_losses(rows, out_dir / "loss.png", f"{ckpt['kind']}: {out_dir.name}")
+    plot_loss_curves({f"{ckpt['kind']}: {out_dir.name}": (rows, None)}, out_dir / "loss.png")
 
 
 def train(cfg, env, model, kind, tokenizer, train_batches, val_batches, train_data, resume=None, extra=None):

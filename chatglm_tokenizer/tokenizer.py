@@ -13,6 +13,8 @@ from pathlib import Path
 
 import sentencepiece as spm
 
+from refusal import Refusal
+
 HUB_REPO = "THUDM/chatglm2-6b"
 ENV_VAR = "BABYLLAMA_TOKENIZER"
 DEFAULT_PATH = Path(__file__).resolve().parent / "tokenizer.model"
@@ -23,7 +25,7 @@ CHATGLM2_VOCAB_SIZE = 64793
 UINT16_LIMIT = 65535
 
 
-class TokenizerNotFound(FileNotFoundError):
+class TokenizerNotFound(Refusal, FileNotFoundError):
     """No tokenizer.model where one was looked for (scripts report it in one message)."""
 
 
@@ -84,11 +86,11 @@ class Tokenizer:
             self.name, self.vocab_size = f"sentencepiece-{self.n_pieces}", self.n_pieces
         self.bos_id, self.eos_id = self.sp.bos_id(), self.sp.eos_id()
         if self.bos_id < 0 or self.eos_id < 0:
-            raise ValueError(f"{self.path}: the tokenizer needs bos and eos pieces (bos={self.bos_id}, eos={self.eos_id})")
+            raise Refusal(f"{self.path}: the tokenizer needs bos and eos pieces (bos={self.bos_id}, eos={self.eos_id})")
         # ChatGLM2 has no pad piece and pads with unk; do the same for any model without one.
         self.pad_id = self.sp.pad_id() if self.sp.pad_id() >= 0 else self.sp.unk_id()
         if self.vocab_size > UINT16_LIMIT:
-            raise ValueError(f"{self.path}: vocab size {self.vocab_size} does not fit uint16 token files")
+            raise Refusal(f"{self.path}: vocab size {self.vocab_size} does not fit uint16 token files")
 
     def encode(self, text, bos=False, eos=False):
         ids = self.sp.encode(text)
@@ -120,7 +122,7 @@ class Tokenizer:
         """Raise if `recorded` (an identity() dict from a file's meta) names another tokenizer."""
         if not recorded or recorded.get("sha256") != self.sha256:
             got = (recorded or {}).get("name", "nothing")
-            raise ValueError(
+            raise Refusal(
                 f"{what} was made with tokenizer {got} (sha256 {(recorded or {}).get('sha256')}), "
                 f"but this run uses {self.name} ({self.path}, sha256 {self.sha256})")
 
@@ -135,7 +137,7 @@ def train_sentencepiece(texts, vocab_size, out_path, model_type="bpe", character
     unk=0, bos=1, eos=2, pad=3, byte fallback (no unknown characters), digits split, and
     no normalization, so decode(encode(text)) gives back the text exactly."""
     if not 8 < vocab_size <= UINT16_LIMIT:
-        raise ValueError(f"vocab size {vocab_size} must be in 9..{UINT16_LIMIT} so uint16 holds every id")
+        raise Refusal(f"vocab size {vocab_size} must be in 9..{UINT16_LIMIT} so uint16 holds every id")
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     tmp_prefix = out_path.with_name(out_path.stem + ".tmp")

@@ -17,6 +17,7 @@ import data_process
 from chatglm_tokenizer import Tokenizer
 from dataset import PretrainDataset
 from prompt import context_prompt
+from refusal import Refusal
 
 
 def write_jsonl(path, records):
@@ -156,7 +157,7 @@ def test_interrupted_run_leaves_nothing_complete_looking(tmp_path, tiny_tokenize
         pretrain([src], out, tiny_tokenizer_path, "--force")
     assert not (tmp_path / "out" / "c.json").exists() and not (tmp_path / "out" / "c_val.json").exists()
     assert not list((tmp_path / "out").glob("*.tmp"))
-    with pytest.raises(ValueError, match="no meta file"):
+    with pytest.raises(Refusal, match="no meta file"):
         PretrainDataset(tmp_path / "out" / "c.bin", 8)
 
     # a crash in the middle of the input (bad record after many written chunks)

@@ -6,6 +6,7 @@ import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
 from dataset import PretrainDataset, find_bin_files
+from refusal import Refusal
 
 
 def write_bin(path, tokens, identity):
@@ -48,14 +49,14 @@ def test_refuses_other_tokenizer_and_damaged_files(tmp_path, tiny_tokenizer):
     ident = tiny_tokenizer.identity()
     f = write_bin(tmp_path / "a.bin", np.arange(50), ident)
     other = {**ident, "name": "chatglm2", "sha256": "0" * 64}
-    with pytest.raises(ValueError, match="a.bin was made with tokenizer"):
+    with pytest.raises(Refusal, match="a.bin was made with tokenizer"):
         PretrainDataset(f, 8, tokenizer_identity=other)
     with open(f, "ab") as out:
         out.write(b"\0\0")  # a token more than the meta says
-    with pytest.raises(ValueError, match="damaged"):
+    with pytest.raises(Refusal, match="damaged"):
         PretrainDataset(f, 8)
     f.with_suffix(".json").unlink()
-    with pytest.raises(ValueError, match="no meta file"):
+    with pytest.raises(Refusal, match="no meta file"):
         PretrainDataset(f, 8)
 
 
@@ -66,5 +67,5 @@ def test_find_bin_files_skips_val_and_finds_siblings(tmp_path, tiny_tokenizer):
     train, val = find_bin_files(str(tmp_path / "*.bin"))
     assert [p.name for p in train] == ["a.bin", "b.bin"] and [p.name for p in val] == ["a_val.bin"]
     assert find_bin_files(tmp_path) == (train, val)
-    with pytest.raises(FileNotFoundError, match="no .bin files"):
+    with pytest.raises(Refusal, match="no .bin files"):
         find_bin_files(str(tmp_path / "missing*.bin"))

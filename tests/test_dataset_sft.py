@@ -6,8 +6,9 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from dataset_sft import SFTDataset, build_example, collate_sft, length_grouped_batches, read_sft_jsonl
+from dataset_sft import SFTDataset, build_example, collate_sft, length_grouped_batches, read_sft_examples
 from model import IGNORE_INDEX, ModelArgs, Transformer
+from refusal import Refusal
 
 BOS, EOS = 1, 2
 PROMPT, ANSWER = [10, 11, 12], [20, 21]
@@ -57,21 +58,21 @@ def test_empty_answer_rejected(tmp_path):
     with pytest.raises(ValueError, match="empty answer"):
         build_example(PROMPT, [], BOS, EOS, 16)
     path = write_jsonl(tmp_path / "sft.jsonl", [{"prompt": "问", "answer": "答"}, {"prompt": "问", "answer": " "}])
-    with pytest.raises(ValueError, match=rf"{path}:2: empty answer"):
-        read_sft_jsonl(path)
+    with pytest.raises(Refusal, match=rf"{path}:2: empty answer"):
+        read_sft_examples(path)
 
 
 @pytest.mark.parametrize("line, complaint", [
-    ("{not json", "not valid JSON"),
-    ('["prompt", "answer"]', "expected an object"),
+    ("{not json", "malformed JSON"),
+    ('["prompt", "answer"]', "expected a JSON object"),
     ('{"prompt": "问"}', "'answer' is missing"),
     ('{"prompt": 3, "answer": "答"}', "'prompt' is missing or not a string"),
 ])
 def test_malformed_row_names_file_and_line(tmp_path, line, complaint):
     path = tmp_path / "sft.jsonl"
     path.write_text('{"prompt": "", "answer": "好"}\n\n' + line + "\n", encoding="utf-8")
-    with pytest.raises(ValueError, match=rf"{path}:3: .*{complaint}"):
-        read_sft_jsonl(path)
+    with pytest.raises(Refusal, match=rf"{path}:3: .*{complaint}"):
+        read_sft_examples(path)
 
 
 def test_dataset_multi_turn_prompt_masks_context_answers(tmp_path, tiny_tokenizer):

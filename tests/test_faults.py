@@ -16,6 +16,9 @@ import zipfile
 import numpy as np
 import pytest
 import torch
+from conftest import ROOT, make_chinese_texts
+from test_dataset import write_bin
+from test_train import TINY, bins, losses  # noqa: F401  (bins: the tiny .bin fixture)
 
 import atomic
 import data_process
@@ -24,10 +27,8 @@ import generate
 import pretrain
 import sft
 from checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from conftest import ROOT, make_chinese_texts
 from dataset import PretrainDataset
-from test_dataset import write_bin
-from test_train import TINY, bins, losses  # noqa: F401  (bins: the tiny .bin fixture)
+from refusal import Refusal
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -177,7 +178,7 @@ def test_damaged_bin_is_stopped_at_the_batch_naming_file_and_offset(bins, tmp_pa
     damaged[1000] = 400
     damaged.tofile(tmp_path / "x.bin")
     dataset = PretrainDataset(tmp_path / "x.bin", 16, tiny_tokenizer.identity())  # the meta looks fine
-    with pytest.raises(ValueError, match=r"x.bin: token id 400 at token offset 1,000 \(byte 2,000\)"):
+    with pytest.raises(Refusal, match=r"x.bin: token id 400 at token offset 1,000 \(byte 2,000\)"):
         dataset[1000 // 16]
     with pytest.raises(SystemExit, match=r"x.bin: token id 400 at token offset 1,000"):
         pretrain.main(["--data", str(tmp_path / "x.bin"), *bins[2:], *TINY, "--out-dir", str(tmp_path / "o"),
@@ -320,7 +321,7 @@ def test_sigterm_during_a_step_saves_after_that_step(bins, tmp_path, monkeypatch
 
 @pytest.mark.parametrize("script, flags, message", [
     ("pretrain.py", ["--data", "no/such/*.bin"], "pretrain.py: error: --data no/such/*.bin: no .bin files match"),
-    ("sft.py", ["--init", "no/such/dir"], "sft.py: error: checkpoint no/such/dir does not exist"),
+    ("sft.py", ["--init", "no/such/dir"], "sft.py: error: checkpoint no/such/dir does not exist; pass a checkpoint file or a training out dir"),
 ])
 def test_refusals_are_one_line_without_a_traceback(tmp_path, tiny_tokenizer_path, script, flags, message):
     r = subprocess.run([sys.executable, str(ROOT / script), *flags, "--tokenizer", str(tiny_tokenizer_path),

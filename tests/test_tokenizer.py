@@ -2,6 +2,7 @@ import pytest
 
 from chatglm_tokenizer import TokenizerNotFound, find_tokenizer_model, load_tokenizer
 from chatglm_tokenizer.tokenizer import ENV_VAR
+from refusal import Refusal
 
 
 def test_round_trip_and_special_ids(tiny_tokenizer):
@@ -29,7 +30,7 @@ def test_batch_encode_equals_single(tiny_tokenizer):
 def test_identity_mismatch_is_refused(tiny_tokenizer):
     ident = tiny_tokenizer.identity()
     tiny_tokenizer.check_identity(ident, "x.bin")
-    with pytest.raises(ValueError, match="other.bin"):
+    with pytest.raises(Refusal, match="other.bin"):
         tiny_tokenizer.check_identity({**ident, "sha256": "0" * 64, "name": "chatglm2"}, "other.bin")
 
 
