@@ -26,8 +26,10 @@ import sys
 import time
 from pathlib import Path
 
+import cli
 from atomic import write_json_atomic
 from eval import headline
+from refusal import Refusal, one_line_refusals
 from report import bin_token_counts, last_val_loss, read_jsonl, unigram_entropy
 
 # -----------------------------------------------------------------------------
@@ -85,46 +87,57 @@ def download_subsets(raw_dir):
                 shutil.copy(local, raw_dir / part / Path(name).name)
     except Exception as e:  # offline, no access, missing package: all end the same way
         reason = (str(e).strip().splitlines() or [""])[0]
-        sys.exit(f"demo: downloading the demo data from the Hub dataset {HUB_REPO} failed "
+        raise Refusal(f"downloading the demo data from the Hub dataset {HUB_REPO} failed "
                  f"({type(e).__name__}: {reason})\nWithout network, run it on a local data dir: "
                  f"DATA_DIR=path/to/data bash scripts/demo.sh (pretrain/*.jsonl, sft/*.jsonl, medical_qa/*.jsonl)")
     return raw_dir
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data-dir", default=DATA_DIR, help="local data dir (default: $DATA_DIR; empty: download from the Hub)")
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=cli.HelpFormatter)
+    parser.add_argument("--data-dir", default=DATA_DIR, help="local data dir ($DATA_DIR; empty: download from the Hub)")
     parser.add_argument("--work-dir", default=WORK_DIR, help="tokenizer and processed data go here")
     parser.add_argument("--out-dir", default=OUT_DIR, help="checkpoints, metrics and the summary go here")
-    args = parser.parse_args()
+    return parser.parse_args(argv)
+
+
+def main(argv=None):
+    cfg = parse_args(argv)
+    with one_line_refusals("demo.py"):
+        run_demo(cfg)
+
+
+def run_demo(cfg):
     started = time.time()
-    work, out = Path(args.work_dir), Path(args.out_dir)
+    work, out = Path(cfg.work_dir), Path(cfg.out_dir)
     for d in (work, out):  # every run starts clean so its numbers belong to it alone
         shutil.rmtree(d, ignore_errors=True)
         d.mkdir(parents=True)
-    data = Path(args.data_dir) if args.data_dir else download_subsets(work / "raw")
+    print(cli.config_line(cfg), flush=True)
+    cli.write_config(out, cfg)
+    data = Path(cfg.data_dir) if cfg.data_dir else download_subsets(work / "raw")
     pretrain_inputs = sorted(glob.glob(str(data / "pretrain" / "*.json*")))
     sft_inputs = sorted(f for pattern in SFT_FILES for f in glob.glob(str(data / "sft" / pattern)))
     sft_inputs = sft_inputs or sorted(glob.glob(str(data / "sft" / "*.json*")))
     qa_inputs = sorted(glob.glob(str(data / "medical_qa" / "*.json*")))
     if not (pretrain_inputs and sft_inputs and qa_inputs):
-        sys.exit(f"demo: {data} needs pretrain/, sft/ and medical_qa/ with .jsonl/.json files")
-    tok = work / "tokenizer.model"
+        raise Refusal(f"{data} needs pretrain/, sft/ and medical_qa/ with .jsonl/.json files")
+    tokenizer = work / "tokenizer.model"
 
     seconds = {}  # wall-clock per stage, for the report
     seconds["tokenizer"] = run("data_process.py", "tokenizer", "--input", *pretrain_inputs, "--vocab-size", VOCAB_SIZE,
-                               "--character-coverage", CHARACTER_COVERAGE, "--out", tok)
+                               "--character-coverage", CHARACTER_COVERAGE, "--out", tokenizer)
     seconds["data: pretrain"] = run("data_process.py", "pretrain", "--input", *pretrain_inputs, "--out",
-                                    work / "pretrain" / "demo", "--tokenizer", tok, "--val-fraction", "0.01")
+                                    work / "pretrain" / "demo", "--tokenizer", tokenizer, "--val-fraction", "0.01")
     seconds["data: eval"] = run("data_process.py", "eval", "--input", *qa_inputs, "--out", work / "eval" / "medical_qa.jsonl")
     seconds["data: sft"] = run("data_process.py", "sft", "--input", *sft_inputs, "--out", work / "sft" / "demo.jsonl",
-                               "--exclude-questions", work / "eval" / "medical_qa.jsonl", "--tokenizer", tok,
+                               "--exclude-questions", work / "eval" / "medical_qa.jsonl", "--tokenizer", tokenizer,
                                "--max-tokens", "256", "--val-fraction", "0.02")
-    seconds["pretrain"] = run("pretrain.py", "--data", work / "pretrain" / "demo.bin", "--tokenizer", tok,
+    seconds["pretrain"] = run("pretrain.py", "--data", work / "pretrain" / "demo.bin", "--tokenizer", tokenizer,
                               "--out-dir", out / "pretrain", *MODEL, *PRETRAIN)
-    seconds["sft"] = run("sft.py", "--init", out / "pretrain", "--data", work / "sft" / "demo.jsonl", "--tokenizer", tok,
+    seconds["sft"] = run("sft.py", "--init", out / "pretrain", "--data", work / "sft" / "demo.jsonl", "--tokenizer", tokenizer,
                          "--out-dir", out / "sft", *SFT)
-    seconds["eval"] = run("eval.py", "--ckpt", out / "sft", "--data", work / "eval" / "medical_qa.jsonl", "--tokenizer", tok,
+    seconds["eval"] = run("eval.py", "--ckpt", out / "sft", "--data", work / "eval" / "medical_qa.jsonl", "--tokenizer", tokenizer,
                           "--out-dir", out / "eval", "--limit", EVAL_QUESTIONS, "--train-data", work / "sft" / "demo.jsonl",
                           *EVAL_ARGS)
     summarize(work, out, seconds, started)

@@ -18,20 +18,21 @@ import argparse
 import json
 import os
 import platform
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from atomic import AtomicFile, WriteError, write_text_atomic
+import cli
+from atomic import write_text_atomic
 from checkpoint import load_checkpoint, tokenizer_for_checkpoint
 from corpus import iter_records, stop_at_bad
 from dataset import find_bin_files, read_meta
 from dataset_sft import build_example, read_sft_examples
 from logbook import plot_loss_curves, read_metrics
 from model import IGNORE_INDEX, ModelArgs, Transformer
+from refusal import Refusal, one_line_refusals
 
 N_SAMPLES = 5  # sample answers shown
 TEXT_CHARS = 200  # longest question/answer text shown
@@ -79,12 +80,12 @@ def bin_token_counts(bin_paths, block=1 << 24):
     return counts
 
 
-def answer_token_counts(jsonl_path, tok, max_seq_len):
+def answer_token_counts(jsonl_path, tokenizer, max_seq_len):
     """How often each token id occurs among the SFT loss targets of a file: answer ids + eos,
     cut to the context as training cuts them."""
     ids = []
     for prompt, answer, _ in read_sft_examples(jsonl_path):
-        _, y = build_example(tok.encode(prompt), tok.encode(answer), tok.bos_id, tok.eos_id, max_seq_len)
+        _, y = build_example(tokenizer.encode(prompt), tokenizer.encode(answer), tokenizer.bos_id, tokenizer.eos_id, max_seq_len)
         ids += [i for i in y if i != IGNORE_INDEX]
     return np.bincount(np.array(ids, dtype=np.int64))
 
@@ -113,7 +114,7 @@ def bin_row(path):
     """A table row describing one pretraining .bin from its meta file."""
     try:
         meta = read_meta(path)
-    except ValueError as e:
+    except Refusal as e:
         return [path, str(e), "", "", ""]
     s = meta.get("summary", {})
     dropped = (f"{s.get('dropped_short', 0):,} short, {s.get('dropped_duplicate', 0):,} duplicate, "
@@ -172,10 +173,10 @@ def unigram_entropies(stages, pretrain_bins, tokenizer_path):
     sft = stages["sft"]
     if sft is not None and sft["config"].get("data") and val_path(sft["config"]["data"]).is_file():
         try:
-            tok = tokenizer_for_checkpoint(sft, tokenizer_path)
-            counts = answer_token_counts(val_path(sft["config"]["data"]), tok, sft["model_args"]["max_seq_len"])
+            tokenizer = tokenizer_for_checkpoint(sft, tokenizer_path)
+            counts = answer_token_counts(val_path(sft["config"]["data"]), tokenizer, sft["model_args"]["max_seq_len"])
             result["sft"] = unigram_entropy(counts)
-        except (RuntimeError, ValueError, OSError) as e:
+        except (Refusal, OSError) as e:
             note = f"SFT entropy not computed: {e}"
     return result, note
 
@@ -290,13 +291,13 @@ def write_report(out_dir, pretrain_dir=None, sft_dir=None, eval_dir=None, pretra
     """Write out_dir/report.md and out_dir/loss_curves.png; returns the report's path."""
     out_dir = Path(out_dir)
     if not out_dir.is_dir():
-        raise FileNotFoundError(f"{out_dir} is not a directory")
+        raise Refusal(f"{out_dir} is not a directory")
     stages = {"pretrain": load_stage(pretrain_dir or out_dir / "pretrain"), "sft": load_stage(sft_dir or out_dir / "sft")}
     eval_dir = Path(eval_dir or out_dir / "eval")
     evaluation = json.loads((eval_dir / "metrics.json").read_text(encoding="utf-8")) \
         if (eval_dir / "metrics.json").is_file() else None
     if all(s is None for s in stages.values()) and evaluation is None:
-        raise FileNotFoundError(f"{out_dir}: no checkpoints in pretrain/ or sft/ and no eval/metrics.json")
+        raise Refusal(f"{out_dir}: no checkpoints in pretrain/ or sft/ and no eval/metrics.json")
     pretrain_bins = find_bin_files(pretrain_data) if pretrain_data else ([], [])  # (train, val)
     summary_path = out_dir / "summary.json"
     summary = json.loads(summary_path.read_text(encoding="utf-8")) if summary_path.is_file() else None
@@ -316,19 +317,17 @@ def write_report(out_dir, pretrain_dir=None, sft_dir=None, eval_dir=None, pretra
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("out_dir", help="the run's out dir, holding pretrain/, sft/ and eval/")
-    p.add_argument("--pretrain", default=None, help="pretraining out dir (default OUT_DIR/pretrain)")
-    p.add_argument("--sft", default=None, help="SFT out dir (default OUT_DIR/sft)")
-    p.add_argument("--eval", default=None, help="eval out dir (default OUT_DIR/eval)")
-    p.add_argument("--pretrain-data", nargs="*", default=[],
-                   help="pretrain.py's --data: .bin files, globs or directories (NAME_val.bin beside each)")
-    p.add_argument("--tokenizer", default=None, help="tokenizer.model, if not where the checkpoints recorded it")
-    args = p.parse_args(argv)
-    try:
-        path = write_report(args.out_dir, args.pretrain, args.sft, args.eval, args.pretrain_data, args.tokenizer)
-    except (ValueError, FileNotFoundError, WriteError) as e:
-        sys.exit(f"report.py: error: {e}")
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=cli.HelpFormatter)
+    parser.add_argument("out_dir", help="the run's out dir, holding pretrain/, sft/ and eval/")
+    parser.add_argument("--pretrain", default=None, help="pretraining out dir (default OUT_DIR/pretrain)")
+    parser.add_argument("--sft", default=None, help="SFT out dir (default OUT_DIR/sft)")
+    parser.add_argument("--eval", default=None, help="eval out dir (default OUT_DIR/eval)")
+    parser.add_argument("--pretrain-data", nargs="*", default=[],
+                        help="pretrain.py's --data: .bin files, globs or directories (NAME_val.bin beside each)")
+    parser.add_argument("--tokenizer", default=None, help="tokenizer.model, if not where the checkpoints recorded it")
+    cfg = parser.parse_args(argv)
+    with one_line_refusals("report.py"):
+        path = write_report(cfg.out_dir, cfg.pretrain, cfg.sft, cfg.eval, cfg.pretrain_data, cfg.tokenizer)
     print(f"report: {path}")
 
 

@@ -13,9 +13,11 @@ from safetensors import safe_open  # noqa: E402
 from checkpoint import save_checkpoint  # noqa: E402
 from chatglm_tokenizer import Tokenizer  # noqa: E402
 from conftest import ROOT, make_chinese_texts  # noqa: E402
-from export import export, hf_tokenizer  # noqa: E402
+from export import export  # noqa: E402
+from hf_export import hf_tokenizer  # noqa: E402
 from model import ModelArgs, Transformer  # noqa: E402
 from prompt import chat_template, messages_prompt, sft_prompt_ids  # noqa: E402
+from refusal import Refusal  # noqa: E402
 
 TEXT = "医生你好，我头痛发热三天了，咳嗽，应该吃什么药？"
 MIXED_TEXTS = ["", " ", "  两个空格", "\n", "第一行\n\n第二行 ", "体温38.5度，血压140/90", "Hello 世界  tabs\tand\r\nCRLF",
@@ -115,7 +117,7 @@ def test_chat_template_gives_the_sft_prompt(tmp_path, tiny_tokenizer):
 
 def test_export_refuses_qk_norm_and_existing_out(tmp_path, tiny_tokenizer):
     ckpt_path, _ = save_tiny_checkpoint(tmp_path, tiny_tokenizer, qk_norm=True)
-    with pytest.raises(ValueError, match="qk_norm"):
+    with pytest.raises(Refusal, match="qk_norm"):
         export(ckpt_path, tmp_path / "hf")
     assert not (tmp_path / "hf").exists()
 
@@ -123,7 +125,7 @@ def test_export_refuses_qk_norm_and_existing_out(tmp_path, tiny_tokenizer):
     out = tmp_path / "hf"
     out.mkdir()
     (out / "stale.txt").write_text("old")
-    with pytest.raises(FileExistsError):
+    with pytest.raises(Refusal, match="already exists"):
         export(ckpt_path, out)
     export(ckpt_path, out, force=True)
     assert not (out / "stale.txt").exists() and (out / "model.safetensors").is_file()
@@ -223,7 +225,7 @@ def test_gguf_reads_back_with_our_weights_vocabulary_and_template(tmp_path, tiny
 
 
 def test_a_corrupted_gguf_is_detected(tmp_path, tiny_tokenizer):
-    from export import check_gguf, write_gguf
+    from gguf_export import check_gguf, write_gguf
 
     _, model = save_tiny_checkpoint(tmp_path, tiny_tokenizer)
     path = tmp_path / "model.gguf"
@@ -232,7 +234,7 @@ def test_a_corrupted_gguf_is_detected(tmp_path, tiny_tokenizer):
     data = bytearray(path.read_bytes())
     data[-100] ^= 0xFF  # inside the last tensor's data
     path.write_bytes(bytes(data))
-    with pytest.raises(ValueError, match="does not read back as written"):
+    with pytest.raises(Refusal, match="does not read back as written"):
         check_gguf(path, model, tiny_tokenizer, "float32")
 
 
