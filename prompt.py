@@ -20,9 +20,9 @@ def context_prompt(turns, question, system=""):
     return head + "".join(f"{QUESTION_TAG}{q}{LINE_END}{ANSWER_TAG}{a}{LINE_END}" for q, a in turns) + question
 
 
-def sft_prompt_ids(tok, prompt_text):
+def sft_prompt_ids(tokenizer, prompt_text):
     """The prompt's ids as SFT trained them: the text's ids, then bos; the answer follows."""
-    return tok.encode(prompt_text) + [tok.bos_id]
+    return tokenizer.encode(prompt_text) + [tokenizer.bos_id]
 
 
 def messages_prompt(messages):
@@ -47,12 +47,12 @@ def messages_prompt(messages):
     return context_prompt(turns, question, system)
 
 
-def fit_prompt(tok, turns, question, budget, system=""):
+def fit_prompt(tokenizer, turns, question, budget, system=""):
     """Prompt ids for `question` within `budget` tokens: the oldest turns are dropped first;
     when even the bare question is too long its start is cut (the bos stays last).
     Returns (ids, turns_dropped, question_cut)."""
     for first in range(len(turns) + 1):
-        ids = sft_prompt_ids(tok, context_prompt(turns[first:], question, system))
+        ids = sft_prompt_ids(tokenizer, context_prompt(turns[first:], question, system))
         if len(ids) <= budget:
             return ids, first, False
     return ids[-budget:], len(turns), True
