@@ -165,6 +165,7 @@ def build_parser():
 def main(argv=None):
     cfg = build_parser().parse_args(argv)
     with one_line_refusals("data_process.py"):
+        print(cli.config_line(cfg))  # the run's header: every setting, defaults included
         COMMANDS[cfg.command](cfg)
 
 
