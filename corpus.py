@@ -328,9 +328,11 @@ def iter_document_texts(files, text_field, template, bad):
     for path in files:
         for line_no, record in iter_records(path, bad):
             try:
-                yield document_text(record, text_field, template)[0]
+                text = document_text(record, text_field, template)[0]
             except DataError as e:
                 bad(path, line_no, str(e))
+                continue
+            yield text
 
 
 def sample_documents(files, n, text_field, template, bad, seed):
