@@ -9,7 +9,8 @@ Records. iter_records(path, bad) yields (line_no, record dict) for every record 
 numbered by the line it starts on (the row, in Parquet), so every message can say file:line.
 A bad record (malformed JSON, not an object, non-UTF-8 bytes, a missing field) goes to `bad`:
 a BadCounter stops the run at the first, or with --skip-bad counts them and goes on.
-document_text() makes a record into a document's text: one field, or a template of several.
+document_text() makes a record into a document's text: one field, or a template of several;
+sample_documents() draws a uniform sample of a corpus's documents (for training a vocabulary).
 
 Streaming, bounded memory. No file is read whole: line formats go line by line, Parquet in
 batches, and a JSON array, one value that may be gigabytes long, element by element
@@ -29,6 +30,7 @@ import glob
 import gzip
 import json
 import os
+import random
 import re
 import threading
 import time
@@ -36,6 +38,8 @@ import zlib
 from collections import deque
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
+
+from tqdm import tqdm
 
 from refusal import Refusal
 
@@ -312,6 +316,38 @@ def document_text(record, text_field=None, template=None):
             field = TEXT_FIELDS[0]  # named in the error
         text = string_field(record, field)
     return text, utf8(text)
+
+
+def unescape_template(template):
+    """A --template as typed on the command line: its escapes \\n and \\t become a newline and a tab."""
+    return template.replace("\\n", "\n").replace("\\t", "\t") if template else None
+
+
+def iter_document_texts(files, text_field, template, bad):
+    """The text of every document of the files, in order; bad records go to bad(path, ...)."""
+    for path in files:
+        for line_no, record in iter_records(path, bad):
+            try:
+                text = document_text(record, text_field, template)[0]
+            except DataError as e:
+                bad(path, line_no, str(e))
+                continue
+            yield text
+
+
+def sample_documents(files, n, text_field, template, bad, seed):
+    """A uniform sample of up to n document texts of the files, whatever their size (reservoir
+    sampling, seeded), and the number of documents read."""
+    rng = random.Random(seed)
+    sample, seen = [], 0
+    with tqdm(files, unit="file", desc="sampling documents") as progress:  # closed on errors too
+        for text in iter_document_texts(progress, text_field, template, bad):
+            seen += 1
+            if len(sample) < n:
+                sample.append(text)
+            elif (j := rng.randrange(seen)) < n:
+                sample[j] = text
+    return sample, seen
 
 
 def utf8(text):

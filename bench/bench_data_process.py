@@ -25,7 +25,9 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+import cli  # noqa: E402
 from chatglm_tokenizer import load_tokenizer  # noqa: E402
+from corpus import iter_records, stop_at_bad  # noqa: E402
 
 TOKENIZER = ROOT / "../shared/data/tokenizer/chatglm2/tokenizer.model"
 CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1  # taskset counts
@@ -98,12 +100,17 @@ def run_measured(cmd):
     return seconds, peak[0], peak[1], out, children_cpu() - cpu0
 
 
+def corpus_texts(files):
+    """The documents' texts, all in memory: what the bare encoders are timed on."""
+    return [record["text"] for path in files for _, record in iter_records(path, stop_at_bad)]
+
+
 def encode_limit(files, tokenizer_path):
     """Single-thread encode speed on texts already in memory (nothing else counted), as
     (plain encode() one text at a time, the faster of that and batched numpy encoding,
     the latter per CPU-second)."""
     tokenizer = load_tokenizer(tokenizer_path)
-    texts = [json.loads(line)["text"] for path in files for line in open(path, encoding="utf-8")]
+    texts = corpus_texts(files)
     speeds, cpu_speeds = [], []
     for encode in (lambda: sum(len(tokenizer.sp.encode(t)) for t in texts),
                    lambda: sum(map(len, tokenizer.encode_batch_numpy(texts, num_threads=1)))):
@@ -125,8 +132,7 @@ def _encode_share(k):
 def parallel_bare_encode(files, tokenizer_path):
     """Bare encoding on all cores at once (texts already in memory in each process): what the
     cores deliver right now, when other work shares the machine."""
-    _bare.update(tokenizer=load_tokenizer(tokenizer_path),
-                 texts=[json.loads(line)["text"] for path in files for line in open(path, encoding="utf-8")])
+    _bare.update(tokenizer=load_tokenizer(tokenizer_path), texts=corpus_texts(files))
     with ProcessPoolExecutor(CORES, mp_context=multiprocessing.get_context("fork")) as pool:
         list(pool.map(abs, range(CORES)))  # workers started before the clock
         t0 = time.time()
@@ -144,59 +150,60 @@ def ours(files, tokenizer_path, out, workers):
     return sum(m["n_tokens"] for m in metas), metas[0]["summary"]["seconds"], wall, rss, pss, cpu
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=cli.HelpFormatter)
     parser.add_argument("corpus", nargs="+", help="JSONL files with a 'text' field")
     parser.add_argument("--tokenizer", default=str(TOKENIZER), help="tokenizer model")
     parser.add_argument("--workers", type=int, default=CORES, help="data_process.py --workers")
     parser.add_argument("--repeat", type=int, default=2, help="rounds of (b), (a) and the 1x run; the best of each counts")
     parser.add_argument("--naive-child", default=None, help=argparse.SUPPRESS)  # internal: run the baseline
-    args = parser.parse_args()
-    files = [Path(f).resolve() for f in args.corpus]
-    tokenizer_path = Path(args.tokenizer).resolve()
-    if args.naive_child:
-        return naive(files, tokenizer_path, args.naive_child)
+    return parser
 
-    size = sum(f.stat().st_size for f in files)
-    print(f"corpus: {len(files)} files, {size / 1e6:.1f} MB; {CORES} cores; tokenizer {tokenizer_path.name}")
-    best = {"limit": 0, "plain_limit": 0, "parallel": 0, "naive": 0, "ours": 0, "single_cpu": 0}  # best of --repeat rounds, alike for all
-    with tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(tmp)
-        for round_ in range(args.repeat):
-            plain, single, single_cpu = encode_limit(files, tokenizer_path)
-            limit = single * CORES
-            print(f"[{round_}] (b) limit: single-thread encode {single:,.0f} tokens/s x {CORES} cores = {limit:,.0f} tokens/s "
-                  f"({single_cpu:,.0f} tokens per CPU-second; plain encode() one text at a time: {plain:,.0f} tokens/s)")
-            parallel = parallel_bare_encode(files, tokenizer_path)
-            print(f"[{round_}] (b') bare encode on {CORES} processes at once: {parallel:,.0f} tokens/s")
 
-            wall, naive_rss, _, out, _ = run_measured([sys.executable, __file__, *map(str, files), "--tokenizer",
-                                                       str(tokenizer_path), "--naive-child", str(tmp / "naive.bin")])
-            naive_tokens, seconds = json.loads(out)["tokens"], json.loads(out)["seconds"]
-            print(f"[{round_}] (a) naive: {naive_tokens:,} tokens in {seconds:.1f}s = {naive_tokens / seconds:,.0f} tokens/s "
-                  f"({naive_tokens / wall:,.0f} with interpreter start), peak RSS {naive_rss / 2**20:,.0f} MiB")
+def measure_round(round_, files, tokenizer_path, tmp, workers, best):
+    """One round of (b), (b'), (a) and data_process on the corpus; keeps the best speeds in
+    `best`; returns the naive run's peak RSS and ours (RSS, PSS)."""
+    plain, single, single_cpu = encode_limit(files, tokenizer_path)
+    limit = single * CORES
+    print(f"[{round_}] (b) limit: single-thread encode {single:,.0f} tokens/s x {CORES} cores = {limit:,.0f} tokens/s "
+          f"({single_cpu:,.0f} tokens per CPU-second; plain encode() one text at a time: {plain:,.0f} tokens/s)")
+    parallel = parallel_bare_encode(files, tokenizer_path)
+    print(f"[{round_}] (b') bare encode on {CORES} processes at once: {parallel:,.0f} tokens/s")
 
-            tokens, seconds1, wall, rss1, pss1, _ = ours(files, tokenizer_path, tmp / "x1", args.workers)
-            print(f"[{round_}] data_process 1x: {tokens:,} tokens in {seconds1:.1f}s = {tokens / seconds1:,.0f} tokens/s "
-                  f"({tokens / wall:,.0f} with interpreter start), peak RSS {rss1 / 2**20:,.0f} MiB "
-                  f"(PSS {pss1 / 2**20:,.0f} MiB, all processes)")
-            for key, value in (("limit", limit), ("plain_limit", plain * CORES), ("parallel", parallel), ("naive", naive_tokens / seconds), ("ours", tokens / seconds1),
-                               ("single_cpu", single_cpu)):
-                best[key] = max(best[key], value)
+    wall, naive_rss, _, out, _ = run_measured([sys.executable, __file__, *map(str, files), "--tokenizer",
+                                               str(tokenizer_path), "--naive-child", str(tmp / "naive.bin")])
+    naive_tokens, seconds = json.loads(out)["tokens"], json.loads(out)["seconds"]
+    print(f"[{round_}] (a) naive: {naive_tokens:,} tokens in {seconds:.1f}s = {naive_tokens / seconds:,.0f} tokens/s "
+          f"({naive_tokens / wall:,.0f} with interpreter start), peak RSS {naive_rss / 2**20:,.0f} MiB")
 
-        copies = tmp / "x4_inputs"
-        copies.mkdir()
-        for k in range(4):
-            for f in files:
-                (copies / f"{k}_{f.name}").symlink_to(f)
-        tokens4, seconds4, _, rss4, pss4, cpu4 = ours(sorted(copies.iterdir()), tokenizer_path, tmp / "x4", args.workers)
-        print(f"data_process 4x: {tokens4:,} tokens in {seconds4:.1f}s = {tokens4 / seconds4:,.0f} tokens/s, "
-              f"peak RSS {rss4 / 2**20:,.0f} MiB (PSS {pss4 / 2**20:,.0f} MiB)")
-        # CPU per token (all processes, interpreter start included) vs the bare encoder: the share
-        # of the limit reachable on otherwise idle cores, whatever else runs on the machine now
-        efficiency = tokens4 / cpu4 / best["single_cpu"]
-        print(f"CPU efficiency 4x: {tokens4 / cpu4:,.0f} tokens per CPU-second = {efficiency:.2f} of the bare encoder")
+    tokens, seconds1, wall, rss1, pss1, _ = ours(files, tokenizer_path, tmp / "x1", workers)
+    print(f"[{round_}] data_process 1x: {tokens:,} tokens in {seconds1:.1f}s = {tokens / seconds1:,.0f} tokens/s "
+          f"({tokens / wall:,.0f} with interpreter start), peak RSS {rss1 / 2**20:,.0f} MiB "
+          f"(PSS {pss1 / 2**20:,.0f} MiB, all processes)")
+    for key, value in (("limit", limit), ("plain_limit", plain * CORES), ("parallel", parallel),
+                       ("naive", naive_tokens / seconds), ("ours", tokens / seconds1), ("single_cpu", single_cpu)):
+        best[key] = max(best[key], value)
+    return naive_rss, rss1, pss1
 
+
+def measure_4x(files, tokenizer_path, tmp, workers, best):
+    """data_process on the corpus repeated 4x (symlinks): (peak RSS, peak PSS, CPU efficiency)."""
+    copies = tmp / "x4_inputs"
+    copies.mkdir()
+    for k in range(4):
+        for f in files:
+            (copies / f"{k}_{f.name}").symlink_to(f)
+    tokens4, seconds4, _, rss4, pss4, cpu4 = ours(sorted(copies.iterdir()), tokenizer_path, tmp / "x4", workers)
+    print(f"data_process 4x: {tokens4:,} tokens in {seconds4:.1f}s = {tokens4 / seconds4:,.0f} tokens/s, "
+          f"peak RSS {rss4 / 2**20:,.0f} MiB (PSS {pss4 / 2**20:,.0f} MiB)")
+    # CPU per token (all processes, interpreter start included) vs the bare encoder: the share
+    # of the limit reachable on otherwise idle cores, whatever else runs on the machine now
+    efficiency = tokens4 / cpu4 / best["single_cpu"]
+    print(f"CPU efficiency 4x: {tokens4 / cpu4:,.0f} tokens per CPU-second = {efficiency:.2f} of the bare encoder")
+    return rss4, pss4, efficiency
+
+
+def print_checks(best, rss1, rss4):
     tps, naive_tps, limit = best["ours"], best["naive"], best["limit"]
     checks = [("throughput vs naive", tps / naive_tps, ">= 1.8x", tps / naive_tps >= 1.8),
               ("throughput vs limit", tps / limit, ">= 0.80", tps / limit >= 0.8),
@@ -206,8 +213,25 @@ def main():
         print(f"  {name:22s} {value:6.2f}  target {target:8s} {'PASS' if ok else 'MISS'}")
     print(f"  (throughput vs the limit by plain encode(): {tps / best['plain_limit']:.2f}; vs bare encoding on all "
           f"{CORES} cores at the same time: {tps / best['parallel']:.2f})")
-    print(json.dumps(dict(naive_tokens_per_s=round(naive_tps), limit_tokens_per_s=round(limit), tokens_per_s=round(tps),
-                          parallel_bare_tokens_per_s=round(best["parallel"]),
+
+
+def main():
+    cfg = build_parser().parse_args()
+    files = [Path(f).resolve() for f in cfg.corpus]
+    tokenizer_path = Path(cfg.tokenizer).resolve()
+    if cfg.naive_child:
+        return naive(files, tokenizer_path, cfg.naive_child)
+
+    size = sum(f.stat().st_size for f in files)
+    print(f"corpus: {len(files)} files, {size / 1e6:.1f} MB; {CORES} cores; tokenizer {tokenizer_path.name}")
+    best = {"limit": 0, "plain_limit": 0, "parallel": 0, "naive": 0, "ours": 0, "single_cpu": 0}  # best of --repeat rounds, alike for all
+    with tempfile.TemporaryDirectory() as tmp:
+        for round_ in range(cfg.repeat):
+            naive_rss, rss1, pss1 = measure_round(round_, files, tokenizer_path, Path(tmp), cfg.workers, best)
+        rss4, pss4, efficiency = measure_4x(files, tokenizer_path, Path(tmp), cfg.workers, best)
+    print_checks(best, rss1, rss4)
+    print(json.dumps(dict(naive_tokens_per_s=round(best["naive"]), limit_tokens_per_s=round(best["limit"]),
+                          tokens_per_s=round(best["ours"]), parallel_bare_tokens_per_s=round(best["parallel"]),
                           cpu_efficiency_4x=round(efficiency, 3),
                           naive_peak_rss=naive_rss, peak_rss_1x=rss1, peak_rss_4x=rss4, peak_pss_1x=pss1, peak_pss_4x=pss4)))
 

@@ -14,6 +14,9 @@ from conftest import ROOT, make_chinese_texts
 
 import corpus
 import data_process
+import qa_examples
+import splits
+import tokenize_corpus
 from chatglm_tokenizer import Tokenizer
 from dataset import PretrainDataset
 from prompt import context_prompt
@@ -115,9 +118,9 @@ def test_output_is_identical_for_any_worker_count(tmp_path, tiny_tokenizer_path)
 
 def test_ids_outside_the_vocabulary_are_refused(tmp_path, tiny_tokenizer_path, monkeypatch):
     def small_vocab_tokenizer(path=None):
-        tok = Tokenizer(path)
-        tok.vocab_size = 100  # as if the .bin were meant for a smaller vocabulary than the ids use
-        return tok
+        tokenizer = Tokenizer(path)
+        tokenizer.vocab_size = 100  # as if the .bin were meant for a smaller vocabulary than the ids use
+        return tokenizer
     monkeypatch.setattr(data_process, "load_tokenizer", small_vocab_tokenizer)
     src = write_jsonl(tmp_path / "docs.jsonl", [{"text": t} for t in make_chinese_texts(20, seed=8)])
     with pytest.raises(SystemExit, match=r"docs.jsonl:1: token id \d+ is outside the vocabulary \(vocab size 100\)"):
@@ -152,8 +155,8 @@ def test_interrupted_run_leaves_nothing_complete_looking(tmp_path, tiny_tokenize
     # a crash after the data is written but before the meta that marks completion
     def crash(path, obj):
         raise KeyboardInterrupt
-    monkeypatch.setattr(data_process, "write_json_atomic", crash)
-    with pytest.raises(KeyboardInterrupt):
+    monkeypatch.setattr(tokenize_corpus, "write_json_atomic", crash)
+    with pytest.raises(SystemExit, match="^data_process.py: interrupted$"):
         pretrain([src], out, tiny_tokenizer_path, "--force")
     assert not (tmp_path / "out" / "c.json").exists() and not (tmp_path / "out" / "c_val.json").exists()
     assert not list((tmp_path / "out").glob("*.tmp"))
@@ -239,11 +242,11 @@ def test_conversation_prompts_are_prompt_context_prompt():
     turns = [{"role": "system", "content": "你是医生"}, {"role": "user", "content": "我头痛"},
              {"role": "assistant", "content": "多久了？"}, {"role": "user", "content": "两天"},
              {"role": "assistant", "content": "请就医。"}]
-    assert data_process.conversation_examples(turns) == [
+    assert qa_examples.conversation_examples(turns) == [
         (context_prompt([], "我头痛", "你是医生"), "多久了？"),
         (context_prompt([("我头痛", "多久了？")], "两天", "你是医生"), "请就医。")]
     blank_system = [{"from": "system", "value": " "}, {"from": "human", "value": "你好"}, {"from": "gpt", "value": "好"}]
-    assert data_process.conversation_examples(blank_system) == [("你好", "好")]  # adds no empty line
+    assert qa_examples.conversation_examples(blank_system) == [("你好", "好")]  # adds no empty line
 
 
 def test_sft_exclude_questions_dedup_and_val_split(tmp_path):
@@ -264,7 +267,7 @@ def test_sft_exclude_questions_dedup_and_val_split(tmp_path):
     run("sft", "--input", tmp_path / "many.jsonl", "--out", tmp_path / "m.jsonl", "--val-fraction", "0.1")
     train, val = read_jsonl(tmp_path / "m.jsonl"), read_jsonl(tmp_path / "m_val.jsonl")
     assert len(train) + len(val) == len(set(texts)) and 15 <= len(val) <= 70
-    assert {e["prompt"] for e in val} == {t for t in set(texts) if data_process.is_val(t.encode(), 0.1)}
+    assert {e["prompt"] for e in val} == {t for t in set(texts) if splits.is_val(t.encode(), 0.1)}
 
 
 def test_sft_bad_lines_and_length_filters(tmp_path, tiny_tokenizer_path, capsys):

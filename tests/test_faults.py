@@ -26,6 +26,7 @@ import export
 import generate
 import pretrain
 import sft
+import splits
 from checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from dataset import PretrainDataset
 from refusal import Refusal
@@ -208,7 +209,8 @@ def test_truncated_gz_and_plain_file_named_gz_name_the_file(tmp_path, tiny_token
     (tmp_path / "plain.jsonl.gz").write_text(text, encoding="utf-8")
     for name, why in (("cut.jsonl.gz", "Compressed file ended"), ("plain.jsonl.gz", "Not a gzipped file")):
         both_refuse(tmp_path / name, tmp_path, tiny_tokenizer_path, skip_bad,
-                    rf"^error: \S*{name}: damaged gzip file \({why}", rf"^error: \S*{name}: damaged gzip file \({why}")
+                    rf"^data_process.py: error: \S*{name}: damaged gzip file \({why}",
+                    rf"^data_process.py: error: \S*{name}: damaged gzip file \({why}")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cut.jsonl.gz", "plain.jsonl.gz"]
 
 
@@ -223,7 +225,7 @@ def test_empty_input_or_every_record_bad_fails_with_nothing_written(tmp_path, ti
 
 def test_small_corpus_still_gets_one_validation_document(tmp_path, tiny_tokenizer_path, tiny_tokenizer):
     texts = make_chinese_texts(5, seed=11)
-    assert not any(data_process.is_val(t.encode(), data_process.PRETRAIN_VAL_FRACTION) for t in texts)  # the hash picks none
+    assert not any(splits.is_val(t.encode(), data_process.PRETRAIN_VAL_FRACTION) for t in texts)  # the hash picks none
     src = tmp_path / "docs.jsonl"
     src.write_text("".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in texts), encoding="utf-8")
     outputs = []
@@ -246,7 +248,7 @@ def test_small_corpus_still_gets_one_validation_document(tmp_path, tiny_tokenize
     assert not (tmp_path / "one").exists() or not list((tmp_path / "one").iterdir())
 
     pairs = [{"prompt": f"问题{i}", "answer": "回答"} for i in range(3)]  # sft: the same guarantee
-    assert not any(data_process.is_val(p["prompt"].encode(), data_process.SFT_VAL_FRACTION) for p in pairs)
+    assert not any(splits.is_val(p["prompt"].encode(), data_process.SFT_VAL_FRACTION) for p in pairs)
     (tmp_path / "sft_in.jsonl").write_text("".join(json.dumps(p, ensure_ascii=False) + "\n" for p in pairs))
     run_data_process("sft", "--input", tmp_path / "sft_in.jsonl", "--out", tmp_path / "s.jsonl")
     assert [json.loads(line) for line in (tmp_path / "s_val.jsonl").read_text().splitlines()] == pairs[-1:]
@@ -276,7 +278,7 @@ def test_disk_full_while_writing_data_leaves_nothing_complete_looking(tmp_path, 
     src.write_text("".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in make_chinese_texts(300, seed=7)))
     for failing in ("c.json.tmp", "c.bin.tmp"):  # the meta that marks completion (the val meta is in by then)
         fail_writes(monkeypatch, failing)
-        with pytest.raises(SystemExit, match=rf"error: cannot write \S*{failing[:-4]}: the disk is full"):
+        with pytest.raises(SystemExit, match=rf"^data_process.py: error: cannot write \S*{failing[:-4]}: the disk is full"):
             run_data_process("pretrain", "--input", src, "--out", tmp_path / "out" / "c",
                              "--tokenizer", tiny_tokenizer_path, "--val-fraction", "0.2")
         assert list((tmp_path / "out").iterdir()) == []
@@ -295,7 +297,7 @@ def test_read_only_output_directory_is_named_as_such(bins, tmp_path, tiny_tokeni
     with pytest.raises(SystemExit, match=rf"^pretrain.py: error: cannot write \S*metrics.jsonl: {words}; "
                                          r"choose a writable output directory$"):
         train(bins, tmp_path / "out", "--max-steps", "1")
-    with pytest.raises(SystemExit, match=rf"^error: cannot write \S*c.bin: {words}"):
+    with pytest.raises(SystemExit, match=rf"^data_process.py: error: cannot write \S*c.bin: {words}"):
         run_data_process("pretrain", "--input", tmp_path / "docs.jsonl", "--out", tmp_path / "data" / "c",
                          "--tokenizer", tiny_tokenizer_path)
 
