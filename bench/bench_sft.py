@@ -65,7 +65,7 @@ def train_step(model, optimizer, x, y, device, autocast):
     return loss
 
 
-def main():
+def parse_args():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data-dir", default=str(data_dir), help="folder of Alpaca-style SFT *.jsonl files")
     p.add_argument("--tokenizer", default=str(tokenizer_path), help="tokenizer.model to encode with")
@@ -78,7 +78,32 @@ def main():
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
     p.add_argument("--seed", type=int, default=seed, help="shuffling and init seed")
     p.add_argument("--out", default=None, help="also write the results to this JSON file")
-    cfg = p.parse_args()
+    return p.parse_args()
+
+
+def real_tokens_per_s(model, optimizer, loaders, steps, device):
+    """{method: (real tokens, seconds)} over `steps` training steps of each method, interleaved
+    step by step; the first step of each is warm-up, untimed."""
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.startswith("cuda"))
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    batches = {name: iter(loader) for name, loader in loaders.items()}
+    seconds, real_tokens = dict.fromkeys(loaders, 0.0), dict.fromkeys(loaders, 0)
+    for step in range(steps + 1):
+        for name, it in batches.items():
+            sync()
+            t0 = time.perf_counter()
+            x, y = next(it)  # loading (tokenizing) counts too: it is part of every step
+            train_step(model, optimizer, x, y, device, autocast)
+            sync()
+            if step > 0:
+                seconds[name] += time.perf_counter() - t0
+                # real positions: every example's positions run up to its last target
+                real_tokens[name] += int(((y != IGNORE_INDEX).flip(1).cumsum(1) > 0).sum())
+    return {name: (real_tokens[name], seconds[name]) for name in loaders}
+
+
+def main():
+    cfg = parse_args()
     torch.manual_seed(cfg.seed)
 
     tokenizer = load_tokenizer(cfg.tokenizer)
@@ -107,30 +132,15 @@ def main():
     model_args = ModelArgs(dim=cfg.dim, n_layers=cfg.n_layers, n_heads=cfg.n_heads,
                            vocab_size=tokenizer.vocab_size, max_seq_len=cfg.max_seq_len)
     model = Transformer(model_args).to(device)
-    speed = kernels.speed_up(model, device, torch.bfloat16 if device.startswith("cuda") else torch.float32)
+    speed_up = kernels.speed_up(model, device, torch.bfloat16 if device.startswith("cuda") else torch.float32)
     optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.startswith("cuda"))
-    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     print(f"model: dim {cfg.dim}, {cfg.n_layers} layers, {cfg.n_heads} heads, "
-          f"{model.num_params() / 1e6:.1f}M params, on {device}; {speed}")
+          f"{model.num_params() / 1e6:.1f}M params, on {device}; {speed_up}")
 
-    # Interleave the two methods step by step; the first step of each is warm-up, untimed.
-    batches = {name: iter(loader) for name, loader in loaders.items()}
-    seconds, real_tokens = {"ours": 0.0, "fixed": 0.0}, {"ours": 0, "fixed": 0}
-    for step in range(cfg.steps + 1):
-        for name, it in batches.items():
-            sync()
-            t0 = time.perf_counter()
-            x, y = next(it)  # loading (tokenizing) counts too: it is part of every step
-            train_step(model, optimizer, x, y, device, autocast)
-            sync()
-            if step > 0:
-                seconds[name] += time.perf_counter() - t0
-                # real positions: every example's positions run up to its last target
-                real_tokens[name] += int(((y != IGNORE_INDEX).flip(1).cumsum(1) > 0).sum())
-    speed = {name: real_tokens[name] / seconds[name] for name in seconds}
-    for name in ("ours", "fixed"):
-        print(f"{name:>5}: {real_tokens[name]} real tokens in {seconds[name]:.2f}s -> {speed[name]:.0f} real tokens/s")
+    timed = real_tokens_per_s(model, optimizer, loaders, cfg.steps, device)
+    speed = {name: tokens / seconds for name, (tokens, seconds) in timed.items()}
+    for name, (tokens, seconds) in timed.items():
+        print(f"{name:>5}: {tokens} real tokens in {seconds:.2f}s -> {speed[name]:.0f} real tokens/s")
     ratio = speed["ours"] / speed["fixed"]
     print(f"padding {padding['ours']:.1%} (target <= 25%): {'met' if padding['ours'] <= 0.25 else 'MISSED'}; "
           f"real tokens/s {ratio:.2f}x fixed-{cfg.max_seq_len} (target >= 2x): {'met' if ratio >= 2 else 'MISSED'}")
