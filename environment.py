@@ -55,7 +55,10 @@ def setup(cfg):
     if cfg.device == "auto":
         device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
     else:
-        device = torch.device(cfg.device)
+        try:
+            device = torch.device(cfg.device)
+        except RuntimeError:
+            raise Refusal(f"--device {cfg.device}: not a device; use auto, cpu, cuda or cuda:N") from None
         if device.type == "cuda" and world_size > 1:
             device = torch.device(f"cuda:{local_rank}")
     if device.type == "cuda":
