@@ -4,7 +4,7 @@ A training script builds what differs between pretraining and fine-tuning, then 
 (pretrain.py is the worked example):
 
     def run(cfg, env):                              # env: device, precision, DDP (environment.py)
-        resume = load_resume(cfg, env, kind, tokenizer)   # --resume: newest good checkpoint, or None
+        resume = load_resume(cfg, env, kind, tokenizer)   # checkpoint.py; None without --resume
         model = Transformer(...)                    # the checkpoint's shape when resuming
         train_batches = Batches(dataset, cfg.batch_size, cfg.seed, env)         # batches.py
         val_batches = lambda: eval_batches(val_dataset, cfg.batch_size, cfg.eval_batches, env)

@@ -26,6 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import checkpoint  # noqa: E402
+import cli  # noqa: E402
 import pretrain  # noqa: E402
 from model import ModelArgs, Transformer  # noqa: E402
 from optimizers import build_optimizers  # noqa: E402
@@ -69,7 +70,7 @@ def best_of(repeats, fn):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=cli.HelpFormatter)
     parser.add_argument("--optimizer", choices=["muon", "adamw"], default="muon", help="whose states the checkpoint holds")
     parser.add_argument("--repeats", type=int, default=REPEATS, help="timings per measurement; the best is reported")
     cfg = parser.parse_args()

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import cli  # noqa: E402
 import kernels  # noqa: E402
 from model import ModelArgs, Transformer  # noqa: E402
 from muon import newton_schulz_dtype  # noqa: E402
@@ -35,7 +36,7 @@ VARIANTS = ("adamw", "muon", "muon_fp32", "muon_bf16", "torch_muon")
 
 
 def parse_args():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=cli.HelpFormatter)
     p.add_argument("--dim", type=int, default=128, help="model width")
     p.add_argument("--n-layers", type=int, default=4, help="transformer blocks")
     p.add_argument("--n-heads", type=int, default=4, help="attention heads")

@@ -31,6 +31,8 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+import cli  # noqa: E402
 
 # ----------------------------------------------------------------------------- defaults
 DATA = "../shared/data/pretrain"  # raw {"text"} JSONL, tokenized here with an own small vocabulary
@@ -60,7 +62,7 @@ TARGET_TOKENS_RATIO, TARGET_WALL_RATIO = 0.7, 1.15
 
 
 def parse_args():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=cli.HelpFormatter)
     p.add_argument("--data", default=DATA, help="raw pretraining JSONL directory (relative to the repo root)")
     p.add_argument("--bin", default=None, help="use this tokenized NAME.bin (with NAME_val.bin) instead of tokenizing --data")
     p.add_argument("--tokenizer", default=None, help="the tokenizer --bin was made with (needed with --bin)")

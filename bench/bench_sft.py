@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import cli  # noqa: E402
 import data_process  # noqa: E402
 import kernels  # noqa: E402
 from batches import epoch_batches  # noqa: E402
@@ -66,7 +67,7 @@ def train_step(model, optimizer, x, y, device, autocast):
 
 
 def parse_args():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=cli.HelpFormatter)
     p.add_argument("--data-dir", default=str(data_dir), help="folder of Alpaca-style SFT *.jsonl files")
     p.add_argument("--tokenizer", default=str(tokenizer_path), help="tokenizer.model to encode with")
     p.add_argument("--batch-size", type=int, default=batch_size, help="examples per step")

@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import cli  # noqa: E402
 import kernels  # noqa: E402
 import model as model_module  # noqa: E402
 from model import IGNORE_INDEX, ModelArgs, Transformer  # noqa: E402
@@ -40,7 +41,7 @@ VARIANTS = ("reference", "ours")
 
 
 def parse_args():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=cli.HelpFormatter)
     p.add_argument("--dim", type=int, default=512, help="model width")
     p.add_argument("--n-layers", type=int, default=8, help="transformer blocks")
     p.add_argument("--n-heads", type=int, default=8, help="attention heads")
