@@ -17,13 +17,7 @@ from pathlib import Path
 import cli
 import trainer
 from batches import Batches, eval_batches
-from checkpoint import (
-    CheckpointError,
-    load_checkpoint,
-    load_resume,
-    model_from_checkpoint,
-    tokenizer_for_checkpoint,
-)
+from checkpoint import CheckpointError, load_checkpoint, load_resume, model_from_checkpoint, tokenizer_for_checkpoint
 from dataset_sft import SFTDataset, collate_sft, length_grouped_batches
 from environment import run_script
 from model import ModelArgs, Transformer

@@ -35,13 +35,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import kernels
-from checkpoint import (
-    check_resume,
-    prune_step_checkpoints,
-    rng_state,
-    save_checkpoint,
-    set_rng_state,
-)
+from checkpoint import check_resume, prune_step_checkpoints, rng_state, save_checkpoint, set_rng_state
 from cli import config_line, write_config
 from logbook import append_metrics, plot_loss_curves, read_metrics, write_metrics
 from model import IGNORE_INDEX

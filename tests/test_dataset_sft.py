@@ -6,13 +6,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from dataset_sft import (
-    SFTDataset,
-    build_example,
-    collate_sft,
-    length_grouped_batches,
-    read_sft_examples,
-)
+from dataset_sft import SFTDataset, build_example, collate_sft, length_grouped_batches, read_sft_examples
 from model import IGNORE_INDEX, ModelArgs, Transformer
 from refusal import Refusal
 
