@@ -23,6 +23,12 @@ Layout of a checkpoint dict:
   checksums    {"values": CRC-32 of everything but the tensors, "tensors": {name: CRC-32}}
 
 In an out dir: step_XXXXXXXX.pt for periodic saves and best.pt for the best validation loss.
+
+Resuming (--resume). load_resume picks the newest checkpoint of the out dir that verifies
+(setting damaged ones aside), check_resume compares the run's settings with the ones it was
+saved with (refusing changes that would silently break the exact continuation), and
+rng_state / set_rng_state carry every process's random state across, so a resumed run
+reproduces the uninterrupted one bit for bit. prune_step_checkpoints keeps the last K.
 """
 import json
 import os
@@ -33,8 +39,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
-from atomic import AtomicFile, write_json_atomic
+from atomic import AtomicFile, naming_errors, write_json_atomic
 from model import ModelArgs, Transformer
 from refusal import Refusal
 
@@ -209,7 +216,7 @@ def tokenizer_for_checkpoint(ckpt, tokenizer_path=None):
     if tokenizer_path is None and recorded.get("path") and Path(recorded["path"]).is_file():
         tokenizer_path = recorded["path"]
     try:
-        tok = load_tokenizer(tokenizer_path, download=not own)
+        tokenizer = load_tokenizer(tokenizer_path, download=not own)
     except TokenizerNotFound:
         if tokenizer_path or not own:
             raise
@@ -217,5 +224,98 @@ def tokenizer_for_checkpoint(ckpt, tokenizer_path=None):
             f"checkpoint {ckpt.get('path')} was trained with its own tokenizer {recorded.get('name')}, recorded at "
             f"{recorded.get('path')}, which no longer exists.\nPass --tokenizer PATH to that tokenizer.model "
             f"(sha256 {recorded.get('sha256')}).") from None
-    tok.check_identity(recorded, f"checkpoint {ckpt.get('path')}")
-    return tok
+    tokenizer.check_identity(recorded, f"checkpoint {ckpt.get('path')}")
+    return tokenizer
+
+
+# ----------------------------------------------------------------------------- resuming a run
+
+def load_resume(cfg, env, kind, tokenizer):
+    """The checkpoint to continue from when --resume is given: the newest step_*.pt of
+    cfg.out_dir that loads and passes its checksums (else best.pt), or None when there is none
+    yet. The ones tried before that failed (damaged, truncated) are said so and set aside as
+    NAME.pt.damaged, so that pruning never counts them among the checkpoints it keeps.
+    Refuses a checkpoint of another kind or another tokenizer."""
+    if not cfg.resume:
+        return None
+    ckpt, damaged = load_latest_good(cfg.out_dir)
+    if ckpt is None:
+        env.print(f"--resume: no checkpoint in {cfg.out_dir} yet, starting fresh")
+        return None
+    for path, reason in damaged:
+        env.print(f"--resume: {reason}; set aside as {path.name}.damaged")
+        if env.master:
+            for p in (path, path.with_suffix(".json")):
+                with naming_errors(p):
+                    if p.exists():
+                        os.replace(p, p.with_name(p.name + ".damaged"))
+    if damaged:
+        env.print(f"--resume: falling back to {ckpt['path']} (step {ckpt['step']}), the newest checkpoint that verifies")
+    if ckpt.get("kind") != kind or "optimizers" not in ckpt:
+        raise CheckpointError(f"checkpoint {ckpt['path']} is not a resumable {kind} checkpoint (kind={ckpt.get('kind')})")
+    tokenizer.check_identity(ckpt["tokenizer"], f"checkpoint {ckpt['path']}")
+    return ckpt
+
+
+# Flags a resumed run cannot change, refused on --resume: those the saved data position depends
+# on (the training data itself is compared through the header's "train_data"), and those the
+# optimizer's saved state restores, so that a new value would be silently ignored.
+RESUME_MUST_MATCH = ("batch_size", "grad_accum", "seed", "group_by_length",
+                     "optimizer", "lr", "weight_decay", "beta1", "beta2", "muon_lr", "muon_momentum")
+# Flags that apply from the resumed step on: a change is reported, the run goes on.
+RESUME_MAY_CHANGE = ("min_lr", "warmup_steps", "max_steps", "max_tokens", "epochs", "grad_clip", "dtype")
+
+
+def check_resume(header, resume, env):
+    """Compare this run's settings with the resumed checkpoint's: refuse the changes that break
+    the resumed data position (data, batch, accumulation, seed, processes) or that the
+    optimizer state would override, report the others. Entries the checkpoint lacks (older
+    checkpoints) are not compared."""
+    old, new = dict(resume.get("config", {})), dict(header["config"])
+    old["processes"], new["processes"] = resume.get("world_size", len(resume["rng"])), header["world_size"]
+    refused = changes(old, new, RESUME_MUST_MATCH + ("processes",))
+    if resume.get("train_data", header["train_data"]) != header["train_data"]:
+        refused.append(f"--data {describe_data(resume['train_data'])} -> {describe_data(header['train_data'])}")
+    if refused:
+        raise Refusal(f"--resume: {'; '.join(refused)} since checkpoint {resume['path']}; a resumed run keeps "
+                         f"its data, batches and optimizer settings: resume with the checkpoint's, or start a new --out-dir")
+    notes = changes(old, new, RESUME_MAY_CHANGE)
+    if notes:
+        env.print(f"--resume: changed since the checkpoint: {', '.join(notes)} (they apply from here on; the run "
+                  f"will differ from an uninterrupted one)")
+
+
+def changes(old, new, keys):
+    """["--flag OLD -> NEW"] for the keys that old has and new differs in."""
+    return [f"{k if k == 'processes' else '--' + k.replace('_', '-')} {old[k]} -> {new.get(k)}"
+            for k in keys if k in old and old[k] != new.get(k)]
+
+
+def describe_data(train_data):
+    """A run's "train_data" ([file name, tokens] per training file) in words."""
+    return ", ".join(f"{name} ({size:,} tokens)" for name, size in train_data)
+
+
+def rng_state(env):
+    """Every rank's torch RNG states, gathered to all ranks as uint8 tensors (weights_only-safe)."""
+    state = {"cpu": torch.get_rng_state()}
+    if env.device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(env.device)
+    if not env.ddp:
+        return [state]
+    gathered = [None] * env.world_size
+    dist.all_gather_object(gathered, state)
+    return gathered
+
+
+def set_rng_state(states, env):
+    torch.set_rng_state(states[env.rank]["cpu"])
+    if env.device.type == "cuda" and "cuda" in states[env.rank]:
+        torch.cuda.set_rng_state(states[env.rank]["cuda"], env.device)
+
+
+def prune_step_checkpoints(out_dir, keep_last):
+    for old in step_checkpoints(out_dir)[:-keep_last] if keep_last > 0 else []:
+        old.unlink(missing_ok=True)
+        old.with_suffix(".json").unlink(missing_ok=True)
+

@@ -76,7 +76,7 @@ class PretrainDataset(Dataset):
                         per window on reading (ValueError naming the file and offset).
 
     A plain map-style dataset (__len__/__getitem__) with items in file order: the sampler
-    (trainer.Batches) decides the order. Files are opened lazily in each DataLoader worker.
+    (batches.Batches) decides the order. Files are opened lazily in each DataLoader worker.
     """
 
     def __init__(self, files, max_seq_len, tokenizer_identity=None, vocab_size=None):

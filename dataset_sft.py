@@ -93,8 +93,9 @@ class SFTDataset(Dataset):
 
     def __getitem__(self, i):
         prompt, answer, _ = self.examples[i]
-        tok = self.tokenizer
-        x, y = build_example(tok.encode(prompt), tok.encode(answer), tok.bos_id, tok.eos_id, self.max_seq_len)
+        tokenizer = self.tokenizer
+        x, y = build_example(tokenizer.encode(prompt), tokenizer.encode(answer), tokenizer.bos_id, tokenizer.eos_id,
+                             self.max_seq_len)
         return torch.tensor(x, dtype=torch.long), torch.tensor(y, dtype=torch.long)
 
 
@@ -120,7 +121,7 @@ def length_grouped_batches(lengths, batch_size, seed, epoch, rank=0, world_size=
     the order stays random. Each rank takes its slice of every global batch: it reads only
     its shard, the ranks' batches have similar lengths (no rank waits long for another),
     and N processes see what one process with N times the batch sees. As in
-    trainer.epoch_batches, the order depends only on (seed, epoch) and the items short of a
+    batches.epoch_batches, the order depends only on (seed, epoch) and the items short of a
     whole global batch are left out (different ones each epoch)."""
     lengths = np.asarray(lengths)
     rng = np.random.default_rng([seed, epoch])

@@ -4,21 +4,30 @@
     torchrun --standalone --nproc_per_node=4 pretrain.py --data 'data/pretrain/*.bin' ...
     python pretrain.py ... --resume      # continue exactly where the last checkpoint stopped
 
-Validation uses the NAME_val.bin beside each training NAME.bin. The training machinery
-(precision, DDP, schedule, checkpoints, metrics) lives in trainer.py.
+Validation uses the NAME_val.bin beside each training NAME.bin. run() below builds the model
+and the batches; the training loop itself is trainer.train (trainer.py).
 """
 import argparse
 from dataclasses import fields
 
+import cli
 import trainer
+from batches import Batches, eval_batches
 from chatglm_tokenizer import load_tokenizer
+from checkpoint import load_resume
+from corpus import DataError
 from dataset import PretrainDataset, find_bin_files
+from environment import run_script
 from model import ModelArgs, Transformer
+from refusal import Refusal
+from train_flags import add_train_args
 
-# Upstream's model (ModelArgs' defaults) with cosine decay, trained by Muon on the hidden
-# matrices and AdamW on embeddings, norms and head; --optimizer adamw is upstream's recipe.
-# Only what differs from trainer.TRAIN_DEFAULTS:
-TRAIN_DEFAULTS = dict(optimizer="muon", grad_accum=4, epochs=1.0, out_dir="out/pretrain")
+# Every default of pretrain.py, but the model's (ModelArgs' defaults in model.py) and the shared
+# training ones this does not change (train_flags.TRAIN_DEFAULTS). Upstream's model with cosine
+# decay, trained by Muon on the hidden matrices and AdamW on embeddings, norms and head;
+# --optimizer adamw is upstream's recipe.
+DEFAULTS = dict(data=["data/pretrain/*.bin"], tokenizer=None,
+                optimizer="muon", grad_accum=4, epochs=1.0, out_dir="out/pretrain")
 
 # The ModelArgs fields that are flags, with their help. A field's flag is its name with dashes
 # (n_kv_heads: --n-kv-heads), with the field's default and the default's type; a bool field,
@@ -49,42 +58,47 @@ def add_model_args(parser):
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", nargs="+", default=["data/pretrain/*.bin"],
-                        help="training .bin files, globs or directories (NAME_val.bin files are held out)")
-    parser.add_argument("--tokenizer", default=None, help="tokenizer.model the .bin files were made with (default: ChatGLM2)")
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=cli.HelpFormatter)
+    parser.add_argument("--data", nargs="+", help="training .bin files, globs or directories (NAME_val.bin files are held out)")
+    parser.add_argument("--tokenizer", help="tokenizer.model the .bin files were made with (None: ChatGLM2)")
     add_model_args(parser)
-    trainer.add_train_args(parser, TRAIN_DEFAULTS)
+    add_train_args(parser)
+    parser.set_defaults(**DEFAULTS)
     return parser.parse_args(argv)
 
 
 def model_args_from_flags(cfg, vocab_size):
-    args = {name: getattr(cfg, name) for name in MODEL_FLAGS}
-    args["n_kv_heads"] = args["n_kv_heads"] or None  # 0 means None too: as many as n_heads
-    return ModelArgs(**args, vocab_size=vocab_size, tie_embeddings=not cfg.untie_head)
+    """The ModelArgs the model flags ask for; refused (one line) when they do not fit together."""
+    model_args = {name: getattr(cfg, name) for name in MODEL_FLAGS}
+    model_args["n_kv_heads"] = model_args["n_kv_heads"] or None  # 0 means None too: as many as n_heads
+    try:
+        return ModelArgs(**model_args, vocab_size=vocab_size, tie_embeddings=not cfg.untie_head)
+    except ValueError as e:  # ModelArgs checks its shape (dim divisible by n_heads, ...)
+        raise Refusal(f"model flags: {e}") from None
 
 
 def main(argv=None):
-    return trainer.run_script("pretrain.py", run, parse_args(argv))
+    return run_script("pretrain.py", run, parse_args(argv))
 
 
 def run(cfg, env):
     tokenizer = load_tokenizer(cfg.tokenizer)
-    resume = trainer.load_resume(cfg, env, "pretrain", tokenizer)
-    args = ModelArgs.from_dict(resume["model_args"]) if resume else model_args_from_flags(cfg, tokenizer.vocab_size)
-    model = Transformer(args)
+    resume = load_resume(cfg, env, "pretrain", tokenizer)
+    model_args = (ModelArgs.from_dict(resume["model_args"]) if resume
+                  else model_args_from_flags(cfg, tokenizer.vocab_size))
+    model = Transformer(model_args)
 
     train_files, val_files = find_bin_files(cfg.data)
     if not val_files:
-        raise FileNotFoundError(f"--data {' '.join(cfg.data)}: no NAME_val.bin beside the training files to "
-                                f"validate on (data_process.py pretrain writes one unless --val-fraction 0)")
+        raise DataError(f"--data {' '.join(cfg.data)}: no NAME_val.bin beside the training files to "
+                        f"validate on (data_process.py pretrain writes one unless --val-fraction 0)")
     identity = tokenizer.identity()
-    train_set = PretrainDataset(train_files, args.max_seq_len, identity, args.vocab_size)
-    val_set = PretrainDataset(val_files, args.max_seq_len, identity, args.vocab_size)
+    train_set = PretrainDataset(train_files, model_args.max_seq_len, identity, model_args.vocab_size)
+    val_set = PretrainDataset(val_files, model_args.max_seq_len, identity, model_args.vocab_size)
     env.print(f"data: {len(train_files)} training file(s), {train_set.n_tokens:,} tokens, {len(train_set):,} "
               f"windows; validation {val_set.n_tokens:,} tokens")
-    train_batches = trainer.Batches(train_set, cfg.batch_size, cfg.seed, env)
-    val_batches = lambda: trainer.eval_batches(val_set, cfg.batch_size, cfg.eval_batches, env)  # noqa: E731
+    train_batches = Batches(train_set, cfg.batch_size, cfg.seed, env)
+    val_batches = lambda: eval_batches(val_set, cfg.batch_size, cfg.eval_batches, env)  # noqa: E731
     train_data = [(f.name, meta["n_tokens"]) for f, meta in zip(train_set.files, train_set.metas)]
     return trainer.train(cfg, env, model, "pretrain", tokenizer, train_batches, val_batches, train_data, resume)
 

@@ -7,37 +7,45 @@ the answers only (normalized JSONL made by data_process.py sft).
 
 Validation uses NAME_val.jsonl beside the training file when it exists. The model's shape and
 context length come from the --init checkpoint, whose tokenizer must be the one used here.
-The training machinery (precision, DDP, schedule, checkpoints, metrics) lives in trainer.py.
+run() below builds the model and the batches; the training loop itself is trainer.train
+(trainer.py).
 """
 import argparse
 from functools import partial
 from pathlib import Path
 
+import cli
 import trainer
-from checkpoint import load_checkpoint, model_from_checkpoint, tokenizer_for_checkpoint
+from batches import Batches, eval_batches
+from checkpoint import CheckpointError, load_checkpoint, load_resume, model_from_checkpoint, tokenizer_for_checkpoint
 from dataset_sft import SFTDataset, collate_sft, length_grouped_batches
+from environment import run_script
 from model import ModelArgs, Transformer
+from refusal import Refusal
+from train_flags import add_train_args
 
-# Fine-tuning, not learning from scratch: a smaller learning rate than pretraining's, a few
-# passes over a small set, no weight decay. Only what differs from trainer.TRAIN_DEFAULTS:
-TRAIN_DEFAULTS = dict(batch_size=32, lr=5e-5, min_lr=5e-6, warmup_steps=100, weight_decay=0.0, epochs=3.0,
-                      eval_every=500, save_every=500, keep_last=2, out_dir="out/sft")
+# Every default of sft.py, but the shared training ones it does not change
+# (train_flags.TRAIN_DEFAULTS). Fine-tuning, not learning from scratch: a smaller learning rate
+# than pretraining's, a few passes over a small set, no weight decay.
+DEFAULTS = dict(init="out/pretrain", data="data/sft/sft.jsonl", tokenizer=None, max_seq_len=0, dropout=None,
+                group_by_length=True, num_workers=2,
+                batch_size=32, lr=5e-5, min_lr=5e-6, warmup_steps=100, weight_decay=0.0, epochs=3.0,
+                eval_every=500, save_every=500, keep_last=2, out_dir="out/sft")
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--init", default="out/pretrain",
-                        help="pretraining checkpoint to start from: a .pt file or an out dir (its best.pt, else latest)")
-    parser.add_argument("--data", default="data/sft/sft.jsonl",
-                        help="normalized SFT JSONL ({prompt, answer} per line); NAME_val.jsonl beside it validates")
-    parser.add_argument("--tokenizer", default=None, help="tokenizer.model (default: the one the checkpoint records)")
-    parser.add_argument("--max-seq-len", type=int, default=0,
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=cli.HelpFormatter)
+    parser.add_argument("--init", help="pretraining checkpoint to start from: a .pt file or an out dir (its best.pt, else latest)")
+    parser.add_argument("--data", help="normalized SFT JSONL ({prompt, answer} per line); NAME_val.jsonl beside it validates")
+    parser.add_argument("--tokenizer", help="tokenizer.model (None: the one the checkpoint records)")
+    parser.add_argument("--max-seq-len", type=int,
                         help="positions per example, longer ones are cut (0: the checkpoint's context length)")
-    parser.add_argument("--dropout", type=float, default=None, help="dropout while fine-tuning (default: the checkpoint's)")
-    parser.add_argument("--group-by-length", action=argparse.BooleanOptionalAction, default=True,
+    parser.add_argument("--dropout", type=float, help="dropout while fine-tuning (None: the checkpoint's)")
+    parser.add_argument("--group-by-length", action=argparse.BooleanOptionalAction,
                         help="batch examples of similar length together (less padding); --no-group-by-length: random batches")
-    parser.add_argument("--num-workers", type=int, default=2, help="DataLoader worker processes that tokenize the examples")
-    trainer.add_train_args(parser, TRAIN_DEFAULTS)
+    parser.add_argument("--num-workers", type=int, help="DataLoader worker processes that tokenize the examples")
+    add_train_args(parser)
+    parser.set_defaults(**DEFAULTS)
     return parser.parse_args(argv)
 
 
@@ -49,25 +57,27 @@ def init_model(cfg):
     if cfg.dropout is not None:
         model_args["dropout"] = cfg.dropout
     if model_args["vocab_size"] < tokenizer.vocab_size:
-        raise ValueError(f"checkpoint {init['path']}: its model has {model_args['vocab_size']} token rows, "
-                         f"but tokenizer {tokenizer.name} has {tokenizer.vocab_size} ids")
+        raise CheckpointError(f"checkpoint {init['path']}: its model has {model_args['vocab_size']} token rows, "
+                              f"but tokenizer {tokenizer.name} has {tokenizer.vocab_size} ids")
     model = model_from_checkpoint({**init, "model_args": model_args})  # raises when the weights' shapes differ
     return model, tokenizer, init
 
 
 def main(argv=None):
-    return trainer.run_script("sft.py", run, parse_args(argv))
+    return run_script("sft.py", run, parse_args(argv))
 
 
 def run(cfg, env):
     model, tokenizer, init = init_model(cfg)
     env.print(f"init: {init['path']} ({init.get('kind')} checkpoint, step {init.get('step')})")
-    resume = trainer.load_resume(cfg, env, "sft", tokenizer)
+    resume = load_resume(cfg, env, "sft", tokenizer)
     if resume:  # trainer.train loads the resumed weights into a model of the resumed shape
         model = Transformer(ModelArgs.from_dict(resume["model_args"]))
     max_seq_len = cfg.max_seq_len or model.args.max_seq_len
     if max_seq_len > model.args.max_seq_len:
-        raise ValueError(f"--max-seq-len {max_seq_len} exceeds the model's context length {model.args.max_seq_len}")
+        raise Refusal(f"--max-seq-len {max_seq_len} exceeds the model's context length {model.args.max_seq_len}")
+    if max_seq_len < 0:
+        raise Refusal(f"--max-seq-len {max_seq_len}: give a positive length, or 0 for the checkpoint's")
 
     data = Path(cfg.data)
     val_path = data.with_name(data.stem + "_val.jsonl")
@@ -78,9 +88,9 @@ def run(cfg, env):
     collate = partial(collate_sft, pad_id=tokenizer.pad_id)
     grouped = partial(length_grouped_batches, train_set.lengths, cfg.batch_size, cfg.seed,
                       rank=env.rank, world_size=env.world_size)
-    train_batches = trainer.Batches(train_set, cfg.batch_size, cfg.seed, env, collate_fn=collate,
-                                    num_workers=cfg.num_workers, make_epoch=grouped if cfg.group_by_length else None)
-    val_batches = (lambda: trainer.eval_batches(val_set, cfg.batch_size, cfg.eval_batches, env, collate)) if val_set else None
+    train_batches = Batches(train_set, cfg.batch_size, cfg.seed, env, collate_fn=collate,
+                            num_workers=cfg.num_workers, make_epoch=grouped if cfg.group_by_length else None)
+    val_batches = (lambda: eval_batches(val_set, cfg.batch_size, cfg.eval_batches, env, collate)) if val_set else None
     train_data = [(data.name, int(train_set.lengths.sum()))]  # positions: changes with the data and with --max-seq-len
     return trainer.train(cfg, env, model, "sft", tokenizer, train_batches, val_batches, train_data, resume,
                          extra={"init": init["path"]})

@@ -26,9 +26,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import checkpoint  # noqa: E402
+import cli  # noqa: E402
 import pretrain  # noqa: E402
-import trainer  # noqa: E402
 from model import ModelArgs, Transformer  # noqa: E402
+from optimizers import build_optimizers  # noqa: E402
 
 REPEATS = 3
 
@@ -38,7 +39,7 @@ def resumable_checkpoint(optimizer):
     cfg = pretrain.parse_args(["--optimizer", optimizer])
     torch.manual_seed(0)
     model = Transformer(ModelArgs())
-    optimizers = trainer.build_optimizers(cfg, model, torch.device("cpu"))
+    optimizers = build_optimizers(cfg, model, torch.device("cpu"))
     x = torch.randint(0, model.args.vocab_size, (1, 16))
     model(x, x).backward()
     for opt in optimizers:
@@ -69,23 +70,23 @@ def best_of(repeats, fn):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=cli.HelpFormatter)
     parser.add_argument("--optimizer", choices=["muon", "adamw"], default="muon", help="whose states the checkpoint holds")
     parser.add_argument("--repeats", type=int, default=REPEATS, help="timings per measurement; the best is reported")
-    args = parser.parse_args()
-    ckpt, n_params = resumable_checkpoint(args.optimizer)
+    cfg = parser.parse_args()
+    ckpt, n_params = resumable_checkpoint(cfg.optimizer)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "step_00000001.pt"
         save_s, _ = best_of(1, lambda: checkpoint.save_checkpoint(path, ckpt))
-        hash_on_save_s, _ = best_of(args.repeats, lambda: checkpoint.checksums(ckpt))
+        hash_on_save_s, _ = best_of(cfg.repeats, lambda: checkpoint.checksums(ckpt))
         # the file was just written, so both loads read it from the page cache alike
-        torch_load_s, loaded = best_of(args.repeats, lambda: torch.load(path, map_location="cpu", weights_only=True))
-        verify_s, _ = best_of(args.repeats, lambda: checkpoint.verify(loaded, path))
-        sha256_s, _ = best_of(args.repeats, lambda: sha256_all(loaded))
-        load_checkpoint_s, _ = best_of(args.repeats, lambda: checkpoint.load_checkpoint(path))
+        torch_load_s, loaded = best_of(cfg.repeats, lambda: torch.load(path, map_location="cpu", weights_only=True))
+        verify_s, _ = best_of(cfg.repeats, lambda: checkpoint.verify(loaded, path))
+        sha256_s, _ = best_of(cfg.repeats, lambda: sha256_all(loaded))
+        load_checkpoint_s, _ = best_of(cfg.repeats, lambda: checkpoint.load_checkpoint(path))
         size = path.stat().st_size
     result = {
-        "parameters_M": round(n_params / 1e6, 2), "optimizer": args.optimizer, "file_MB": round(size / 2**20, 1),
+        "parameters_M": round(n_params / 1e6, 2), "optimizer": cfg.optimizer, "file_MB": round(size / 2**20, 1),
         "checksum_threads": checkpoint.CHECKSUM_THREADS, "torch_load_s": round(torch_load_s, 3),
         "verify_s": round(verify_s, 3), "load_checkpoint_s": round(load_checkpoint_s, 3),
         "verify_x_torch_load": round(verify_s / torch_load_s, 2), "verify_MB_per_s": round(size / 2**20 / verify_s),

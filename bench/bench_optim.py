@@ -25,16 +25,18 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import cli  # noqa: E402
 import kernels  # noqa: E402
 from model import ModelArgs, Transformer  # noqa: E402
 from muon import newton_schulz_dtype  # noqa: E402
-from trainer import TRAIN_DEFAULTS, build_optimizers  # noqa: E402
+from optimizers import build_optimizers  # noqa: E402
+from train_flags import TRAIN_DEFAULTS  # noqa: E402
 
 VARIANTS = ("adamw", "muon", "muon_fp32", "muon_bf16", "torch_muon")
 
 
 def parse_args():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=cli.HelpFormatter)
     p.add_argument("--dim", type=int, default=128, help="model width")
     p.add_argument("--n-layers", type=int, default=4, help="transformer blocks")
     p.add_argument("--n-heads", type=int, default=4, help="attention heads")
@@ -50,7 +52,7 @@ def parse_args():
 
 
 def optimizers_for(variant, model, device):
-    """The variant's optimizers, built by trainer.build_optimizers as pretrain.py builds them;
+    """The variant's optimizers, built by optimizers.build_optimizers as pretrain.py builds them;
     for torch_muon, its Muon is swapped for torch.optim.Muon on the same matrices."""
     muon_dtype = {"muon_fp32": "float32", "muon_bf16": "bfloat16"}.get(variant, "auto")
     cfg = argparse.Namespace(**{**TRAIN_DEFAULTS, "optimizer": "adamw" if variant == "adamw" else "muon",
@@ -67,11 +69,11 @@ class Variant:
 
     def __init__(self, name, cfg, device):
         torch.manual_seed(0)
-        args = ModelArgs(dim=cfg.dim, n_layers=cfg.n_layers, n_heads=cfg.n_heads, vocab_size=cfg.vocab_size,
-                         max_seq_len=cfg.seq_len)
+        model_args = ModelArgs(dim=cfg.dim, n_layers=cfg.n_layers, n_heads=cfg.n_heads, vocab_size=cfg.vocab_size,
+                               max_seq_len=cfg.seq_len)
         self.name, self.device = name, device
         self.dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-        self.model = Transformer(args).to(device)
+        self.model = Transformer(model_args).to(device)
         self.speed = kernels.speed_up(self.model, device, self.dtype)
         self.step_model = torch.compile(self.model) if cfg.compile else self.model
         self.optimizers = optimizers_for(name, self.model, device)

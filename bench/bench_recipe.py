@@ -31,6 +31,8 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+import cli  # noqa: E402
 
 # ----------------------------------------------------------------------------- defaults
 DATA = "../shared/data/pretrain"  # raw {"text"} JSONL, tokenized here with an own small vocabulary
@@ -60,7 +62,7 @@ TARGET_TOKENS_RATIO, TARGET_WALL_RATIO = 0.7, 1.15
 
 
 def parse_args():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=cli.HelpFormatter)
     p.add_argument("--data", default=DATA, help="raw pretraining JSONL directory (relative to the repo root)")
     p.add_argument("--bin", default=None, help="use this tokenized NAME.bin (with NAME_val.bin) instead of tokenizing --data")
     p.add_argument("--tokenizer", default=None, help="the tokenizer --bin was made with (needed with --bin)")
@@ -83,34 +85,34 @@ def run(cmd, **kw):
     subprocess.run([str(c) for c in cmd], cwd=REPO, check=True, **kw)
 
 
-def prepare_data(args, out):
+def prepare_data(cfg, out):
     """Tokenize --data with an own vocabulary (both steps skip outputs that already exist)."""
-    if args.bin:
-        if not args.tokenizer:
+    if cfg.bin:
+        if not cfg.tokenizer:
             raise SystemExit("--bin needs --tokenizer (the model the .bin was made with)")
-        return Path(args.bin), Path(args.tokenizer)
-    inputs = sorted(str(p) for p in (REPO / args.data).glob("*.jsonl"))
+        return Path(cfg.bin), Path(cfg.tokenizer)
+    inputs = sorted(str(p) for p in (REPO / cfg.data).glob("*.jsonl"))
     if not inputs:
-        raise SystemExit(f"--data {args.data}: no *.jsonl files")
-    tokenizer = out / "data" / f"sp{args.vocab_size}.model"
+        raise SystemExit(f"--data {cfg.data}: no *.jsonl files")
+    tokenizer = out / "data" / f"sp{cfg.vocab_size}.model"
     name = out / "data" / "pretrain"
     run([sys.executable, "data_process.py", "tokenizer", "--input", *inputs,
-         "--vocab-size", args.vocab_size, "--out", tokenizer])
+         "--vocab-size", cfg.vocab_size, "--out", tokenizer])
     run([sys.executable, "data_process.py", "pretrain", "--input", *inputs,
          "--out", name, "--tokenizer", tokenizer])
     return name.with_suffix(".bin"), tokenizer
 
 
-def train_command(args, name, bin_path, tokenizer, out):
-    steps = int(args.max_tokens // (BATCH_SIZE * MODEL["max_seq_len"]))
-    shape = {**MODEL, "dim": args.dim, "n_layers": args.n_layers, "n_heads": args.n_heads}
+def train_command(cfg, name, bin_path, tokenizer, out):
+    steps = int(cfg.max_tokens // (BATCH_SIZE * MODEL["max_seq_len"]))
+    shape = {**MODEL, "dim": cfg.dim, "n_layers": cfg.n_layers, "n_heads": cfg.n_heads}
     model = [f"--{k.replace('_', '-')}={v}" for k, v in shape.items()]
     return [sys.executable, "pretrain.py", "--data", bin_path, "--tokenizer", tokenizer,
             "--out-dir", out / "runs" / name, *model, "--batch-size", BATCH_SIZE, "--grad-accum", 1,
-            "--max-tokens", int(args.max_tokens), "--warmup-steps", max(1, int(WARMUP_FRACTION * steps)),
-            "--eval-every", args.eval_every, "--eval-batches", EVAL_BATCHES, "--log-every", 10,
+            "--max-tokens", int(cfg.max_tokens), "--warmup-steps", max(1, int(WARMUP_FRACTION * steps)),
+            "--eval-every", cfg.eval_every, "--eval-batches", EVAL_BATCHES, "--log-every", 10,
             "--save-every", 10 ** 9, "--keep-last", 1, "--device", "cpu", "--dtype", "float32",
-            "--no-compile", "--seed", args.seed, *RECIPES[name], "--min-lr", f"{min_lr(RECIPES[name])}"]
+            "--no-compile", "--seed", cfg.seed, *RECIPES[name], "--min-lr", f"{min_lr(RECIPES[name])}"]
 
 
 def min_lr(flags):
@@ -118,16 +120,16 @@ def min_lr(flags):
     return float(flags[flags.index("--lr") + 1]) / 10
 
 
-def train_all(args, bin_path, tokenizer, out):
+def train_all(cfg, bin_path, tokenizer, out):
     """Start the runs (at most --jobs at once), each logging to runs/NAME.log."""
     (out / "runs").mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
-    pending, running = list(args.recipes), []
-    jobs = args.jobs or len(pending)
+    env = {**os.environ, "OMP_NUM_THREADS": str(cfg.threads), "MKL_NUM_THREADS": str(cfg.threads)}
+    pending, running = list(cfg.recipes), []
+    jobs = cfg.jobs or len(pending)
     while pending or running:
         while pending and len(running) < jobs:
             name = pending.pop(0)
-            cmd = [str(c) for c in train_command(args, name, bin_path, tokenizer, out)]
+            cmd = [str(c) for c in train_command(cfg, name, bin_path, tokenizer, out)]
             print("$", " ".join(cmd), flush=True)
             log = open(out / "runs" / f"{name}.log", "w")
             running.append((name, subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT), log))
@@ -216,14 +218,14 @@ def write_atomic(path, write):
 
 
 def main():
-    args = parse_args()
-    out = (REPO / args.out_dir).resolve()
-    if not any(n.startswith("upstream") for n in args.recipes):
+    cfg = parse_args()
+    out = (REPO / cfg.out_dir).resolve()
+    if not any(n.startswith("upstream") for n in cfg.recipes):
         raise SystemExit("--recipes must include an upstream_lr* recipe: the best one sets the target")
-    if not args.only_report:
-        bin_path, tokenizer = prepare_data(args, out)
-        train_all(args, bin_path, tokenizer, out)
-    runs = {name: read_run(out / "runs" / name / "metrics.jsonl") for name in args.recipes}
+    if not cfg.only_report:
+        bin_path, tokenizer = prepare_data(cfg, out)
+        train_all(cfg, bin_path, tokenizer, out)
+    runs = {name: read_run(out / "runs" / name / "metrics.jsonl") for name in cfg.recipes}
     report(runs, out)
 
 

@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import cli  # noqa: E402
 import kernels  # noqa: E402
 import model as model_module  # noqa: E402
 from model import IGNORE_INDEX, ModelArgs, Transformer  # noqa: E402
@@ -40,7 +41,7 @@ VARIANTS = ("reference", "ours")
 
 
 def parse_args():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=cli.HelpFormatter)
     p.add_argument("--dim", type=int, default=512, help="model width")
     p.add_argument("--n-layers", type=int, default=8, help="transformer blocks")
     p.add_argument("--n-heads", type=int, default=8, help="attention heads")
@@ -58,10 +59,10 @@ def parse_args():
     p.add_argument("--no-onednn", action="store_true", help="CPU matmuls of both variants through MKL, not oneDNN")
     p.add_argument("--peak-flops", type=float, default=0.0, help="device peak FLOP/s for MFU (0: guess from the GPU name)")
     p.add_argument("--variant", choices=VARIANTS, default=None, help="(internal) run one variant and print JSON")
-    args = p.parse_args()
-    if args.compile_loss and not args.compile:
+    cfg = p.parse_args()
+    if cfg.compile_loss and not cfg.compile:
         p.error("--compile-loss needs --compile")
-    return args
+    return cfg
 
 
 def manual_attention_forward(self, x, cos, sin, cache=None, attn_mask=None):
@@ -92,16 +93,16 @@ def run_variant(cfg):
     dtype = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if device.type == "cuda" else "float32")
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
-    args = ModelArgs(dim=cfg.dim, n_layers=cfg.n_layers, n_heads=cfg.n_heads, vocab_size=cfg.vocab_size,
-                     max_seq_len=cfg.seq_len)
+    model_args = ModelArgs(dim=cfg.dim, n_layers=cfg.n_layers, n_heads=cfg.n_heads, vocab_size=cfg.vocab_size,
+                           max_seq_len=cfg.seq_len)
     torch.manual_seed(0)
     if cfg.variant == "reference":
         model_module.Attention.forward = manual_attention_forward
-        model = ReferenceTransformer(args).to(device)
+        model = ReferenceTransformer(model_args).to(device)
         if device.type == "cpu" and dtype == "float32" and not cfg.no_onednn:
             kernels.use_onednn_linears(model)
     else:
-        model = Transformer(args).to(device)
+        model = Transformer(model_args).to(device)
         kernels.speed_up(model, device, getattr(torch, dtype), onednn=not cfg.no_onednn)
         model.loss_fn.traced = cfg.compile_loss
         print(f"ours: {model.loss_fn.describe()}", file=sys.stderr)

@@ -76,18 +76,18 @@ def test_malformed_row_names_file_and_line(tmp_path, line, complaint):
 
 
 def test_dataset_multi_turn_prompt_masks_context_answers(tmp_path, tiny_tokenizer):
-    tok = tiny_tokenizer
+    tokenizer = tiny_tokenizer
     prompt = "问：头痛发热怎么办\n答：建议休息\n问：咳嗽呢\n答：多喝水\n感冒了吃什么药"
     answer = "建议检查后用药"
     path = write_jsonl(tmp_path / "sft.jsonl", [{"prompt": prompt, "answer": answer}, {"prompt": "", "answer": "休息"}])
-    ds = SFTDataset(path, tok, max_seq_len=256)
+    ds = SFTDataset(path, tokenizer, max_seq_len=256)
     x, y = ds[0]
-    prompt_ids, answer_ids = tok.encode(prompt), tok.encode(answer)
-    assert x.tolist() == prompt_ids + [tok.bos_id] + answer_ids
+    prompt_ids, answer_ids = tokenizer.encode(prompt), tokenizer.encode(answer)
+    assert x.tolist() == prompt_ids + [tokenizer.bos_id] + answer_ids
     # only the current answer and eos are targets; earlier turns' answers stay context
-    assert y.tolist() == [I] * len(prompt_ids) + answer_ids + [tok.eos_id]
+    assert y.tolist() == [I] * len(prompt_ids) + answer_ids + [tokenizer.eos_id]
     x, y = ds[1]
-    assert x.tolist() == [tok.bos_id] + tok.encode("休息")
+    assert x.tolist() == [tokenizer.bos_id] + tokenizer.encode("休息")
     assert ds.lengths.tolist() == [len(ds[i][0]) for i in range(len(ds))]
 
 

@@ -323,6 +323,7 @@ def test_sigterm_during_a_step_saves_after_that_step(bins, tmp_path, monkeypatch
 
 @pytest.mark.parametrize("script, flags, message", [
     ("pretrain.py", ["--data", "no/such/*.bin"], "pretrain.py: error: --data no/such/*.bin: no .bin files match"),
+    ("pretrain.py", ["--dim", "30"], "pretrain.py: error: model flags: dim 30 must divide by n_heads 8, and n_heads by n_kv_heads 8"),
     ("sft.py", ["--init", "no/such/dir"], "sft.py: error: checkpoint no/such/dir does not exist; pass a checkpoint file or a training out dir"),
 ])
 def test_refusals_are_one_line_without_a_traceback(tmp_path, tiny_tokenizer_path, script, flags, message):

@@ -2,9 +2,9 @@
 import torch
 
 import pretrain
-import trainer
 from model import Transformer
 from muon import Muon
+from optimizers import build_optimizers
 
 LAYER_MATRICES = ("attention.wq", "attention.wk", "attention.wv", "attention.wo",
                   "feed_forward.w1", "feed_forward.w2", "feed_forward.w3")
@@ -13,7 +13,7 @@ LAYER_MATRICES = ("attention.wq", "attention.wk", "attention.wv", "attention.wo"
 def build(*flags):
     cfg = pretrain.parse_args(["--dim", "32", "--n-layers", "2", "--n-heads", "4", *flags])
     model = Transformer(pretrain.model_args_from_flags(cfg, vocab_size=101))
-    return model, trainer.build_optimizers(cfg, model, torch.device("cpu"))
+    return model, build_optimizers(cfg, model, torch.device("cpu"))
 
 
 def names_of(model, params):

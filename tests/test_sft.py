@@ -5,9 +5,9 @@ import sys
 
 import pytest
 import torch
+from conftest import ROOT
 
 import sft
-from conftest import ROOT
 from checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 from model import ModelArgs, Transformer
 
@@ -22,12 +22,12 @@ def write_jsonl(path, pairs):
     return path
 
 
-def save_init(path, tok, **ckpt_overrides):
+def save_init(path, tokenizer, /, **ckpt_overrides):  # /: ckpt_overrides may hold a "tokenizer"
     """A pretraining checkpoint of a tiny random model (the same one every call)."""
     torch.manual_seed(0)
-    args = ModelArgs(dim=64, n_layers=2, n_heads=4, vocab_size=tok.vocab_size, max_seq_len=64)
-    ckpt = {"kind": "pretrain", "model_args": args.to_dict(), "tokenizer": tok.identity(),
-            "model": Transformer(args).state_dict(), "step": 0, **ckpt_overrides}
+    model_args = ModelArgs(dim=64, n_layers=2, n_heads=4, vocab_size=tokenizer.vocab_size, max_seq_len=64)
+    ckpt = {"kind": "pretrain", "model_args": model_args.to_dict(), "tokenizer": tokenizer.identity(),
+            "model": Transformer(model_args).state_dict(), "step": 0, **ckpt_overrides}
     save_checkpoint(path, ckpt)
     return path
 
@@ -59,8 +59,8 @@ def greedy_answer(model, prompt_ids, bos_id, eos_id):
 
 
 def test_fine_tuned_model_reproduces_answers(tmp_path, tiny_tokenizer, tiny_tokenizer_path):
-    tok = tiny_tokenizer
-    save_init(tmp_path / "pre" / "best.pt", tok)
+    tokenizer = tiny_tokenizer
+    save_init(tmp_path / "pre" / "best.pt", tokenizer)
     write_jsonl(tmp_path / "sft.jsonl", QA)
     write_jsonl(tmp_path / "sft_val.jsonl", QA[:2])
     out = tmp_path / "sft"
@@ -74,7 +74,7 @@ def test_fine_tuned_model_reproduces_answers(tmp_path, tiny_tokenizer, tiny_toke
     assert ckpt["kind"] == "sft" and ckpt["step"] == 40 and ckpt["init"].endswith("best.pt")
     model = model_from_checkpoint(ckpt).eval()
     for prompt, answer in QA:
-        assert tok.decode(greedy_answer(model, tok.encode(prompt), tok.bos_id, tok.eos_id)) == answer
+        assert tokenizer.decode(greedy_answer(model, tokenizer.encode(prompt), tokenizer.bos_id, tokenizer.eos_id)) == answer
 
 
 def test_resume_continues_exactly(tmp_path, tiny_tokenizer, tiny_tokenizer_path):

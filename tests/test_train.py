@@ -1,5 +1,5 @@
 """pretrain.py + trainer.py on tiny models and tiny .bin files: exact resume, DDP over gloo
-matching one process, signals, refusals, and the optional recipe flags."""
+matching one process, signals, refusals, the optional recipe flags, config.json and --help."""
 import json
 import os
 import signal
@@ -148,3 +148,30 @@ def test_checkpoint_of_another_tokenizer_is_refused_on_resume(bins, tmp_path):
     save_checkpoint(path, ckpt)
     with pytest.raises(SystemExit, match="was made with tokenizer"):
         run(bins, tmp_path, "--max-steps", "2", "--resume")
+
+
+def test_config_json_beside_the_checkpoints_holds_the_flags_and_what_was_resolved(bins, tmp_path, capsys):
+    run(bins, tmp_path, "--max-steps", "3", "--eval-every", "100")
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["max_steps"] == 3 and config["batch_size"] == 4 and config["lr"] == 3e-3  # flags given
+    assert config["optimizer"] == "muon" and config["seed"] == 1337  # pretrain.py's and the shared defaults
+    assert config["out_dir"] == str(tmp_path) and config["dim"] == 32
+    assert config["device"] == "cpu" and config["dtype"] == "float32"  # resolved from "auto"
+    assert config["world_size"] == 1 and config["total_steps"] == 3 and config["warmup_steps"] == 1
+    assert config["resumed_from"] is None
+    header = capsys.readouterr().out
+    assert "config: " in header and "max_steps=3" in header and "total_steps=3" in header
+    run(bins, tmp_path, "--max-steps", "4", "--eval-every", "100", "--resume")
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["max_steps"] == 4 and config["resumed_from"].endswith("step_00000003.pt")
+
+
+@pytest.mark.parametrize("script, shown", [("pretrain.py", ["--optimizer", "(default: muon)"]),
+                                           ("sft.py", ["--batch-size", "(default: 32)"])])
+def test_help_shows_the_defaults(script, shown):
+    r = subprocess.run([sys.executable, str(ROOT / script), "--help"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0
+    flag, default = shown
+    text = " ".join(r.stdout.split())  # argparse wraps lines
+    entry = text[text.index(f" {flag} ") + 1:].split(" --")[0]  # the flag's help (usage writes [--flag)
+    assert entry.endswith(default), entry
