@@ -1,12 +1,14 @@
 """Evaluate an SFT checkpoint on a QA set: generate an answer to every question (greedy by
-default, batched, with the KV cache), score the answers against the references, and put
-the scores beside two baselines and their 95% bootstrap confidence intervals.
+default, through engine.py, the engine that serves, --batch-size questions at once), score
+the answers against the references, and put the scores beside two baselines and their 95%
+bootstrap confidence intervals.
 
     python eval.py --ckpt out/sft --data data/eval/medical_qa.jsonl --out-dir out/eval \
         [--limit N] [--train-data data/sft/NAME.jsonl] [--compare out/old_eval/predictions.jsonl]
 
-Writes OUT_DIR/predictions.jsonl (one object per question, in input order) as soon as the
-answers exist, then OUT_DIR/metrics.json with (scores on 0-100; metrics.py explains each):
+Writes OUT_DIR/config.json (every setting, the resolved max_new_tokens and checkpoint
+included) before generating, OUT_DIR/predictions.jsonl (one object per question, in input
+order) as soon as the answers exist, then OUT_DIR/metrics.json with (scores on 0-100; metrics.py explains each):
   bleu4_char_corpus  the headline: sacreBLEU corpus BLEU-4 with tokenize="zh" (each Chinese
                      character one token), its signature in sacrebleu_signature and its 95%
                      bootstrap interval in bleu4_char_corpus_ci95,

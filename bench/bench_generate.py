@@ -66,6 +66,26 @@ def timed(fn):
     return result, time.perf_counter() - t0
 
 
+def eval_speed(model, cfg):
+    """eval.py's generation (the engine, driven to the end) at each of BATCH_SIZES ->
+    ({batch size: questions/s}, the gain of the largest over the smallest)."""
+    tokenizer = load_tokenizer(cfg.tokenizer)
+    rows = read_qa(cfg.data, limit=cfg.n_questions)
+    prompts = [sft_prompt_ids(tokenizer, r["question"])[-(model.args.max_seq_len - cfg.eval_new_tokens):] for r in rows]
+    q_per_s, answers = {}, {}
+    for batch_size in BATCH_SIZES:
+        engine = BatchEngine(model, tokenizer.eos_id, tokenizer.pad_id, max_batch=batch_size)
+        answers[batch_size], seconds = timed(lambda: answer_all(engine, prompts, cfg.eval_new_tokens))
+        q_per_s[batch_size] = len(prompts) / seconds
+        print(f"eval batch {batch_size:>2}: {q_per_s[batch_size]:.2f} questions/s "
+              f"({len(prompts)} questions, up to {cfg.eval_new_tokens} new tokens)")
+    small, large = BATCH_SIZES
+    batch_gain = q_per_s[large] / q_per_s[small]
+    print(f"eval batch {large} / batch {small}: {batch_gain:.1f}x (target >= 3x); "
+          f"same answers: {answers[small] == answers[large]}")
+    return q_per_s, batch_gain
+
+
 def main():
     p = argparse.ArgumentParser(description="Decode speed with and without the KV cache; eval speed by batch size.")
     p.add_argument("--prompt-len", type=int, default=PROMPT_LEN, help="prompt tokens before decoding")
@@ -97,21 +117,7 @@ def main():
     print(f"  a cached step reads {n_bytes / 1e6:.0f} MB of weights: at {n_bytes / floor / 1e9:.0f} GB/s "
           f"(this machine's read bandwidth) at least {1e3 * floor:.1f} ms, so the cache can be at most "
           f"{t_full / cfg.new_tokens / floor:.1f}x recompute here ({1e3 * t_cache / cfg.new_tokens:.1f} ms measured)")
-
-    tokenizer = load_tokenizer(cfg.tokenizer)
-    rows = read_qa(cfg.data, limit=cfg.n_questions)
-    prompts = [sft_prompt_ids(tokenizer, r["question"])[-(model.args.max_seq_len - cfg.eval_new_tokens):] for r in rows]
-    q_per_s, answers = {}, {}
-    for batch_size in BATCH_SIZES:
-        engine = BatchEngine(model, tokenizer.eos_id, tokenizer.pad_id, max_batch=batch_size)
-        answers[batch_size], seconds = timed(lambda: answer_all(engine, prompts, cfg.eval_new_tokens))
-        q_per_s[batch_size] = len(prompts) / seconds
-        print(f"eval batch {batch_size:>2}: {q_per_s[batch_size]:.2f} questions/s "
-              f"({len(prompts)} questions, up to {cfg.eval_new_tokens} new tokens)")
-    small, large = BATCH_SIZES
-    batch_gain = q_per_s[large] / q_per_s[small]
-    print(f"eval batch {large} / batch {small}: {batch_gain:.1f}x (target >= 3x); "
-          f"same answers: {answers[small] == answers[large]}")
+    q_per_s, batch_gain = eval_speed(model, cfg)
     if cfg.out:
         Path(cfg.out).write_text(json.dumps({
             "threads": torch.get_num_threads(), "device": cfg.device,
