@@ -17,11 +17,15 @@ prompt, Ctrl-D or /quit ends the session. Where the platform has `readline`, the
 line editing and the arrow keys recall earlier lines.
 """
 import argparse
+import random
 import sys
+from dataclasses import replace
 
-from generate import (TextStream, add_generation_args, check_sampling, default_max_new_tokens, generate_stream,
-                      load_for_inference, sampling_settings)
+import cli
+from engine import BatchEngine
+from generate import TextStream, add_generation_args, default_max_new_tokens, load_for_inference, sampling_from
 from prompt import fit_prompt
+from refusal import Refusal, one_line_refusals
 
 # -----------------------------------------------------------------------------
 # defaults (flags override); a mild repetition penalty breaks most of a small model's loops
@@ -42,8 +46,8 @@ def answer_length(requested, max_seq_len):
     gets the rest of the context and needs at least 2 tokens (a text token and bos)."""
     n = default_max_new_tokens(max_seq_len, MAX_NEW_TOKENS) if requested is None else requested
     if not 1 <= n <= max_seq_len - 2:
-        sys.exit(f"chat.py: error: --max-new-tokens {n} must be in 1..{max_seq_len - 2} "
-                 f"to leave room for a prompt within the model's context of {max_seq_len} tokens")
+        raise Refusal(f"--max-new-tokens {n} must be in 1..{max_seq_len - 2} "
+                      f"to leave room for a prompt within the model's context of {max_seq_len} tokens")
     if requested is None:
         note(f"answers get up to {n} new tokens of the model's {max_seq_len}-token context "
              f"(--max-new-tokens changes it)")
@@ -60,41 +64,48 @@ def not_encodable(text):
         return True
 
 
-def stream_reply(model, tok, prompt_ids, max_new_tokens, sampling):
-    """Generate one reply, printing its text as it grows. Ctrl-C stops it early.
-    Returns (the whole reply, whether Ctrl-C stopped it)."""
-    out, text, stopped = sys.stdout, TextStream(tok), False
+def stream_reply(engine, tokenizer, prompt_ids, max_new_tokens, sampling):
+    """Generate one reply through the engine, printing its text as it grows. Ctrl-C cancels
+    it (its row leaves the engine). Returns (the text shown, whether Ctrl-C stopped it)."""
+    out, text, stopped = sys.stdout, TextStream(tokenizer), False
+    arrived = []  # the tokens of the last step (None: the answer ended)
+    engine.submit(prompt_ids, max_new_tokens, sampling, lambda token, finish_reason: arrived.append(token))
     try:
-        for step in generate_stream(model, [prompt_ids], max_new_tokens, **sampling):
-            if step[0] is None:  # eos
-                break
-            out.write(text.push(step[0]))
+        while engine.step():
+            for token in arrived:
+                if token is not None:
+                    out.write(text.push(token))
+            arrived.clear()
             out.flush()
     except KeyboardInterrupt:
         stopped = True
+        engine.end_all()
     out.write(text.flush() + ("  [stopped]" if stopped else "") + "\n")
     out.flush()
-    return tok.decode(text.ids), stopped
+    return tokenizer.decode(text.ids), stopped
 
 
 class Session:
-    """One conversation with a loaded model: the prompt for each input, the reply, the history."""
+    """One conversation with a loaded model: the prompt for each input, the reply, the history.
+    Each reply samples with a seed drawn from the session's own generator, so a session
+    started with the same --seed says the same things."""
 
-    def __init__(self, model, tok, is_sft, max_new_tokens, sampling):
-        self.model, self.tok, self.is_sft, self.sampling = model, tok, is_sft, sampling
+    def __init__(self, engine, tokenizer, is_sft, max_new_tokens, sampling):
+        self.engine, self.tokenizer, self.is_sft, self.sampling = engine, tokenizer, is_sft, sampling
+        self.seeds = random.Random(sampling.seed)
         self.max_new_tokens = max_new_tokens
-        self.context = model.args.max_seq_len
+        self.context = engine.args.max_seq_len
         self.budget = self.context - max_new_tokens  # prompt tokens
         self.history = []  # (question, answer) turns of an SFT conversation
 
     def prompt_ids(self, text):
         """The prompt for `text`, cut to the budget; says what was cut."""
         if not self.is_sft:
-            ids = self.tok.encode(text)
+            ids = self.tokenizer.encode(text)
             if len(ids) > self.budget - 1:
                 note(f"the text was cut to its last {self.budget - 1} tokens to fit the {self.context}-token context")
-            return [self.tok.eos_id] + ids[-(self.budget - 1):]  # eos first: a new document
-        ids, dropped, cut = fit_prompt(self.tok, self.history, text, self.budget)
+            return [self.tokenizer.eos_id] + ids[-(self.budget - 1):]  # eos first: a new document
+        ids, dropped, cut = fit_prompt(self.tokenizer, self.history, text, self.budget)
         if dropped:
             turns = "the oldest turn" if dropped == 1 else f"the {dropped} oldest turns"
             note(f"left out {turns} of the conversation: it no longer fits the {self.context}-token context "
@@ -109,7 +120,8 @@ class Session:
         ids = self.prompt_ids(text)
         if not self.is_sft:
             sys.stdout.write(text)
-        answer, stopped = stream_reply(self.model, self.tok, ids, self.max_new_tokens, self.sampling)
+        sampling = replace(self.sampling, seed=self.seeds.randrange(2 ** 63))
+        answer, stopped = stream_reply(self.engine, self.tokenizer, ids, self.max_new_tokens, sampling)
         if self.is_sft:
             self.history.append((text, answer))
         return stopped
@@ -150,35 +162,35 @@ def setup_terminal():
             pass
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description="Chat with a pretrained or SFT checkpoint in the terminal.")
-    p.add_argument("--prompt", default=None, help="answer this one prompt and exit")
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=cli.HelpFormatter)
+    p.add_argument("--prompt", default=None, help="answer this one prompt and exit (None: a conversation)")
     add_generation_args(p, GENERATION)
-    args = p.parse_args(argv)
-    if args.prompt is not None and not_encodable(args.prompt):
-        sys.exit("chat.py: error: --prompt is not valid UTF-8 text")
-    try:
-        check_sampling(args.temperature, args.top_k, args.top_p, args.repetition_penalty)
-    except ValueError as e:
-        sys.exit(f"chat.py: error: {e}")
+    return p.parse_args(argv)
+
+
+def chat(cfg):
+    if cfg.prompt is not None and not_encodable(cfg.prompt):
+        raise Refusal("--prompt is not valid UTF-8 text")
+    sampling = sampling_from(cfg)
     setup_terminal()
-    try:
-        ckpt, model, tok = load_for_inference(args.ckpt, args.tokenizer, args.device)
-    except (ValueError, FileNotFoundError) as e:
-        sys.exit(f"chat.py: error: {e}")
-    except KeyboardInterrupt:
-        print(file=sys.stderr)
-        sys.exit(130)
+    ckpt, model, tokenizer = load_for_inference(cfg.ckpt, cfg.tokenizer, cfg.device)
     is_sft = ckpt.get("kind") == "sft"
-    sampling = sampling_settings(args, tok, str(model.tok_embeddings.weight.device))
-    session = Session(model, tok, is_sft, answer_length(args.max_new_tokens, model.args.max_seq_len), sampling)
-    if args.prompt is not None:
-        if session.reply(args.prompt):
+    engine = BatchEngine(model, tokenizer.eos_id, tokenizer.pad_id, max_batch=1)
+    session = Session(engine, tokenizer, is_sft, answer_length(cfg.max_new_tokens, model.args.max_seq_len), sampling)
+    if cfg.prompt is not None:
+        if session.reply(cfg.prompt):
             sys.exit(130)  # a one-shot answer stopped by Ctrl-C is not a whole answer
         return
     interact(session, f"{ckpt['path']} ({ckpt.get('kind')}, step {ckpt.get('step')}): "
                       f"{'ask a question' if is_sft else 'type the start of a text'}; Ctrl-C stops an answer, "
                       f"/reset forgets the conversation, /quit or Ctrl-D ends")
+
+
+def main(argv=None):
+    cfg = parse_args(argv)
+    with one_line_refusals("chat.py"):
+        chat(cfg)
 
 
 if __name__ == "__main__":

@@ -1,12 +1,14 @@
 """Evaluate an SFT checkpoint on a QA set: generate an answer to every question (greedy by
-default, batched, with the KV cache), score the answers against the references, and put
-the scores beside two baselines and their 95% bootstrap confidence intervals.
+default, through engine.py, the engine that serves, --batch-size questions at once), score
+the answers against the references, and put the scores beside two baselines and their 95%
+bootstrap confidence intervals.
 
     python eval.py --ckpt out/sft --data data/eval/medical_qa.jsonl --out-dir out/eval \
         [--limit N] [--train-data data/sft/NAME.jsonl] [--compare out/old_eval/predictions.jsonl]
 
-Writes OUT_DIR/predictions.jsonl (one object per question, in input order) as soon as the
-answers exist, then OUT_DIR/metrics.json with (scores on 0-100; metrics.py explains each):
+Writes OUT_DIR/config.json (every setting, the resolved max_new_tokens and checkpoint
+included) before generating, OUT_DIR/predictions.jsonl (one object per question, in input
+order) as soon as the answers exist, then OUT_DIR/metrics.json with (scores on 0-100; metrics.py explains each):
   bleu4_char_corpus  the headline: sacreBLEU corpus BLEU-4 with tokenize="zh" (each Chinese
                      character one token), its signature in sacrebleu_signature and its 95%
                      bootstrap interval in bleu4_char_corpus_ci95,
@@ -35,13 +37,15 @@ import torch
 from nltk.translate.bleu_score import SmoothingFunction, sentence_bleu
 from tqdm import tqdm
 
-import metrics as scores
+import cli
+import metrics
 from atomic import write_json_atomic, write_text_atomic
-from corpus import DataError, iter_records, utf8
-from generate import (add_generation_args, default_max_new_tokens, generate_answers, load_for_inference,
-                      sampling_settings)
+from corpus import DataError, iter_records, stop_at_bad, utf8
+from engine import BatchEngine, answer_all
+from generate import add_generation_args, default_max_new_tokens, load_for_inference, sampling_from
 from model import IGNORE_INDEX
 from prompt import fit_prompt
+from refusal import Refusal, one_line_refusals
 
 # -----------------------------------------------------------------------------
 # defaults (flags override)
@@ -60,17 +64,13 @@ def bleu_sentence_avg(hypotheses, references):
     if len(hypotheses) != len(references) or not hypotheses:
         raise ValueError(f"need as many hypotheses ({len(hypotheses)}) as references ({len(references)}), at least one")
     smooth = SmoothingFunction().method1
-    values = [sentence_bleu([scores.char_tokens(r)], scores.char_tokens(h), smoothing_function=smooth)
+    values = [sentence_bleu([metrics.char_tokens(r)], metrics.char_tokens(h), smoothing_function=smooth)
               for h, r in zip(hypotheses, references)]
     return 100 * sum(values) / len(values)
 
 
 # -----------------------------------------------------------------------------
 # reading the QA set, the training answers and another run's predictions
-
-def stop_at_bad(path, line_no, message):
-    raise ValueError(f"{path}:{line_no}: {message}")
-
 
 def records(path):
     """(where, record) for every record of a .jsonl, .json or .csv file, read by corpus.py;
@@ -83,11 +83,11 @@ def text_field(where, record, field):
     """record[field], which must be non-empty UTF-8 text."""
     value = record.get(field)
     if not isinstance(value, str) or not value.strip():
-        raise ValueError(f"{where}: field '{field}' is missing, empty or not text")
+        raise DataError(f"{where}: field '{field}' is missing, empty or not text")
     try:
         utf8(value)
     except DataError:
-        raise ValueError(f"{where}: field '{field}' holds bytes that are not UTF-8; re-save the file as UTF-8") from None
+        raise DataError(f"{where}: field '{field}' holds bytes that are not UTF-8; re-save the file as UTF-8") from None
     return value
 
 
@@ -100,7 +100,7 @@ def read_qa(path, question_field=QUESTION_FIELD, answer_field=ANSWER_FIELD, limi
         rows.append({"where": where, "question": text_field(where, record, question_field),
                      "answer": text_field(where, record, answer_field)})
     if not rows:
-        raise ValueError(f"{path}: no QA rows")
+        raise DataError(f"{path}: no QA rows")
     return rows
 
 
@@ -109,7 +109,7 @@ def most_common_answer(path):
     line, as data_process.py sft writes it) -> (answer, times it occurs, examples read)."""
     counts = Counter(text_field(where, record, "answer") for where, record in records(path))
     if not counts:
-        raise ValueError(f"{path}: no training examples")
+        raise DataError(f"{path}: no training examples")
     answer, count = counts.most_common(1)[0]
     return answer, count, sum(counts.values())
 
@@ -118,13 +118,13 @@ def read_predictions(path, rows):
     """Another run's predictions.jsonl, checked to hold the same questions in the same order."""
     other = [(where, record) for where, record in records(path)]
     if len(other) != len(rows):
-        raise ValueError(f"{path}: {len(other)} predictions but this run scored {len(rows)} questions; "
+        raise DataError(f"{path}: {len(other)} predictions but this run scored {len(rows)} questions; "
                          f"--compare needs a run on the same questions (same --data and --limit)")
     for (where, record), row in zip(other, rows):
         if not isinstance(record.get("prediction"), str):
-            raise ValueError(f"{where}: no 'prediction' text; --compare takes a predictions.jsonl written by eval.py")
+            raise DataError(f"{where}: no 'prediction' text; --compare takes a predictions.jsonl written by eval.py")
         if record.get("reference") != row["answer"]:
-            raise ValueError(f"{where}: its reference differs from {row['where']}; --compare needs the same questions")
+            raise DataError(f"{where}: its reference differs from {row['where']}; --compare needs the same questions")
     return [record["prediction"] for _, record in other]
 
 
@@ -132,7 +132,7 @@ def read_predictions(path, rows):
 # scoring
 
 @torch.inference_mode()
-def answer_nll(model, tok, prompts, answers, batch_size):
+def answer_nll(model, tokenizer, prompts, answers, batch_size):
     """Mean SFT loss (nats per token) over every reference answer token and its eos (teacher forcing)."""
     max_len = model.args.max_seq_len
     device = model.tok_embeddings.weight.device
@@ -140,12 +140,12 @@ def answer_nll(model, tok, prompts, answers, batch_size):
     for start in tqdm(range(0, len(prompts), batch_size), desc="answer ppl", unit="batch"):
         xs, ys = [], []
         for prompt, answer in zip(prompts[start:start + batch_size], answers[start:start + batch_size]):
-            seq = prompt + tok.encode(answer) + [tok.eos_id]
+            seq = prompt + tokenizer.encode(answer) + [tokenizer.eos_id]
             targets = [IGNORE_INDEX] * (len(prompt) - 1) + seq[len(prompt):]
             xs.append(seq[:-1][:max_len])
             ys.append(targets[:max_len])
         width = max(len(x) for x in xs)
-        x = torch.tensor([x + [tok.pad_id] * (width - len(x)) for x in xs], device=device)
+        x = torch.tensor([x + [tokenizer.pad_id] * (width - len(x)) for x in xs], device=device)
         y = torch.tensor([y + [IGNORE_INDEX] * (width - len(y)) for y in ys], device=device)
         n_tokens = int((y != IGNORE_INDEX).sum())
         total_nll += float(model(x, y)) * n_tokens
@@ -162,12 +162,12 @@ def score_baselines(rows, train_data, samples, seed):
     """The scores of answers that need no model, on the same questions: the question itself,
     and the most common answer of the SFT training data (skipped without --train-data)."""
     references = [r["answer"] for r in rows]
-    result = {"copy_question": scores.score([r["question"] for r in rows], references, samples, seed)[0]}
+    result = {"copy_question": metrics.score([r["question"] for r in rows], references, samples, seed)[0]}
     if train_data is None:
         result["most_common_train_answer"] = {"skipped": "no --train-data given"}
         return result
     answer, count, n_train = most_common_answer(train_data)
-    result["most_common_train_answer"] = {**scores.score([answer] * len(rows), references, samples, seed)[0],
+    result["most_common_train_answer"] = {**metrics.score([answer] * len(rows), references, samples, seed)[0],
                                           "answer": answer, "count": count, "n_train": n_train,
                                           "train_data": str(train_data)}
     return result
@@ -176,51 +176,54 @@ def score_baselines(rows, train_data, samples, seed):
 def compare_runs(per_question, rows, other_path, samples, seed):
     """Paired bootstrap of this run against the predictions in other_path."""
     other = read_predictions(other_path, rows)
-    _, other_per_question = scores.score(other, [r["answer"] for r in rows], samples=0)
+    _, other_per_question = metrics.score(other, [r["answer"] for r in rows], samples=0)
     return {"other": str(other_path), "samples": samples,
-            **scores.paired_bootstrap(per_question, other_per_question, samples, seed)}
+            **metrics.paired_bootstrap(per_question, other_per_question, samples, seed)}
 
 
 # -----------------------------------------------------------------------------
 # the run
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Generate answers for a QA set with an SFT checkpoint and score them.")
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=cli.HelpFormatter)
     p.add_argument("--data", default=DATA, help="QA set: .jsonl, .json (list of objects) or .csv with a header")
-    p.add_argument("--out-dir", default=OUT_DIR, help="where predictions.jsonl and metrics.json go")
+    p.add_argument("--out-dir", default=OUT_DIR, help="where predictions.jsonl, metrics.json and config.json go")
     p.add_argument("--question-field", default=QUESTION_FIELD, help="field holding the question")
     p.add_argument("--answer-field", default=ANSWER_FIELD, help="field holding the reference answer")
-    p.add_argument("--limit", type=int, default=None, help="score only the first N rows")
+    p.add_argument("--limit", type=int, default=None, help="score only the first N rows (None: all)")
     p.add_argument("--batch-size", type=int, default=BATCH_SIZE, help="questions generated together")
     p.add_argument("--train-data", default=None, help="the SFT training JSONL, for the 'most common training answer' baseline")
     p.add_argument("--compare", default=None, metavar="OTHER_PREDICTIONS.jsonl",
                    help="another run's predictions on the same questions: paired bootstrap of this run against it")
-    p.add_argument("--bootstrap", type=int, default=scores.BOOTSTRAP_SAMPLES,
+    p.add_argument("--bootstrap", type=int, default=metrics.BOOTSTRAP_SAMPLES,
                    help="bootstrap resamples for the confidence intervals (0: none); seeded by --seed")
     add_generation_args(p, GENERATION)
-    args = p.parse_args(argv)
-    if args.bootstrap < 0 or args.bootstrap == 1 or (args.compare and not args.bootstrap):
+    cfg = p.parse_args(argv)
+    if cfg.bootstrap < 0 or cfg.bootstrap == 1 or (cfg.compare and not cfg.bootstrap):
         p.error("--bootstrap must be 0 (off) or at least 2, and at least 2 with --compare")
-    return args
+    if cfg.batch_size < 1:
+        p.error("--batch-size must be >= 1")
+    return cfg
 
 
-def fit_answer_length(args, max_seq_len):
-    """Resolve --max-new-tokens (None: what fits this model) -> the prompt's token budget."""
-    if args.max_new_tokens is None:
-        args.max_new_tokens = default_max_new_tokens(max_seq_len)
-        print(f"max_new_tokens {args.max_new_tokens}: at most half the model's context of {max_seq_len} "
+def fit_answer_length(cfg, max_seq_len):
+    """The answer's token limit (--max-new-tokens, None: what fits this model) and the prompt's
+    token budget beside it."""
+    max_new_tokens = cfg.max_new_tokens
+    if max_new_tokens is None:
+        max_new_tokens = default_max_new_tokens(max_seq_len)
+        print(f"max_new_tokens {max_new_tokens}: at most half the model's context of {max_seq_len} "
               f"(--max-new-tokens sets it)", flush=True)
-    prompt_budget = max_seq_len - args.max_new_tokens
-    if prompt_budget < 2:
-        raise ValueError(f"--max-new-tokens {args.max_new_tokens} leaves no room for a prompt "
-                         f"within max_seq_len {max_seq_len}; pass a smaller one or leave it out")
-    return prompt_budget
+    prompt_budget = max_seq_len - max_new_tokens
+    if max_new_tokens < 1 or prompt_budget < 2:
+        raise Refusal(f"--max-new-tokens {max_new_tokens} leaves no room for a prompt "
+                      f"within max_seq_len {max_seq_len}; pass a smaller one or leave it out")
+    return max_new_tokens, prompt_budget
 
 
 def write_predictions(out_dir, rows, predictions, generated):
     """predictions.jsonl, written before any scoring so that answers survive a failure there;
     an older metrics.json goes first, so that it never sits beside answers it does not describe."""
-    out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "metrics.json").unlink(missing_ok=True)
     write_text_atomic(out_dir / "predictions.jsonl", "".join(
         json.dumps({"index": i, "question": r["question"], "reference": r["answer"],
@@ -228,58 +231,74 @@ def write_predictions(out_dir, rows, predictions, generated):
         for i, (r, pred, ids) in enumerate(zip(rows, predictions, generated))))
 
 
-def generate_predictions(args, rows):
-    """Load the model and answer every question -> (checkpoint, model, tok, prompts, generated ids, info)."""
-    ckpt, model, tok = load_for_inference(args.ckpt, args.tokenizer, args.device)
+def generate_predictions(cfg, rows):
+    """Load the model and answer every question through the engine (at most --batch-size at
+    once), writing config.json first -> (checkpoint, model, tokenizer, prompts, generated ids, info)."""
+    sampling = sampling_from(cfg)
+    ckpt, model, tokenizer = load_for_inference(cfg.ckpt, cfg.tokenizer, cfg.device)
     device = str(model.tok_embeddings.weight.device)
     if ckpt.get("kind") != "sft":
         print(f"warning: {ckpt['path']} is a '{ckpt.get('kind')}' checkpoint; eval.py prompts it like an SFT model")
-    prompt_budget = fit_answer_length(args, model.args.max_seq_len)
+    max_new_tokens, prompt_budget = fit_answer_length(cfg, model.args.max_seq_len)
+    resolved = dict(max_new_tokens=max_new_tokens, checkpoint=ckpt["path"], kind=ckpt.get("kind"),
+                    step=ckpt.get("step"), tokenizer_name=tokenizer.name, device=device)
+    print(cli.config_line(cfg, **resolved), flush=True)
+    out_dir = Path(cfg.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cli.write_config(out_dir, cfg, **resolved)
     # A question too long for the context keeps its end (usually the actual question) and the bos.
-    fitted = [fit_prompt(tok, [], r["question"], prompt_budget) for r in rows]
+    fitted = [fit_prompt(tokenizer, [], r["question"], prompt_budget) for r in rows]
     prompts = [ids for ids, _, _ in fitted]
+    engine = BatchEngine(model, tokenizer.eos_id, tokenizer.pad_id, max_batch=cfg.batch_size)
     t0 = time.time()
-    generated = generate_answers(model, prompts, args.batch_size, args.max_new_tokens,
-                                 **sampling_settings(args, tok, device))
+    with tqdm(total=len(prompts), unit="q", desc="generate") as bar:
+        generated = answer_all(engine, prompts, max_new_tokens, sampling, on_answer=lambda: bar.update(1))
     info = {"n_prompts_truncated": sum(cut for _, _, cut in fitted), "generate_seconds": time.time() - t0,
-            "device": device, "mean_new_tokens": sum(map(len, generated)) / len(generated)}
-    return ckpt, model, tok, prompts, generated, info
+            "device": device, "mean_new_tokens": sum(map(len, generated)) / len(generated),
+            "generation": {"max_new_tokens": max_new_tokens, **{k: getattr(cfg, k) for k in (
+                "temperature", "top_k", "top_p", "repetition_penalty", "seed", "batch_size")}}}
+    return ckpt, model, tokenizer, prompts, generated, info
 
 
-def evaluate(args):
-    started = time.time()
-    for flag, path in (("--train-data", args.train_data), ("--compare", args.compare)):
-        if path is not None and not Path(path).is_file():  # found out now, not after generating
-            raise FileNotFoundError(f"{flag} {path}: no such file")
-    rows = read_qa(args.data, args.question_field, args.answer_field, args.limit)
-    ckpt, model, tok, prompts, generated, info = generate_predictions(args, rows)
-    predictions = [tok.decode(ids) for ids in generated]
+def score_run(cfg, rows, predictions, nll):
+    """The model's scores beside the baselines (and, with --compare, against another run)."""
     references = [r["answer"] for r in rows]
-    out_dir = Path(args.out_dir)
-    write_predictions(out_dir, rows, predictions, generated)
-
-    nll = answer_nll(model, tok, prompts, references, args.batch_size)
-    t0 = time.time()
-    model_scores, per_question = scores.score(predictions, references, args.bootstrap, args.seed)
-    metrics = {
+    model_scores, per_question = metrics.score(predictions, references, cfg.bootstrap, cfg.seed)
+    result = {
         "bleu4_char_corpus": model_scores["bleu4"], "bleu_sentence_avg": bleu_sentence_avg(predictions, references),
         "answer_ppl": perplexity(nll), "n": len(rows),
-        "bleu4_char_corpus_ci95": model_scores.get("bleu4_ci95"), "sacrebleu_signature": scores.sacrebleu_signature(),
+        "bleu4_char_corpus_ci95": model_scores.get("bleu4_ci95"), "sacrebleu_signature": metrics.sacrebleu_signature(),
         "answer_nll": nll, **model_scores,
-        "baselines": score_baselines(rows, args.train_data, args.bootstrap, args.seed),
+        "baselines": score_baselines(rows, cfg.train_data, cfg.bootstrap, cfg.seed),
         "bleu_scale": "0-100", "bleu_tokens": "sacreBLEU zh: each Chinese character one token",
-        "bleu_sentence_smoothing": "nltk method1", "bootstrap": {"samples": args.bootstrap, "seed": args.seed},
+        "bleu_sentence_smoothing": "nltk method1", "bootstrap": {"samples": cfg.bootstrap, "seed": cfg.seed},
     }
-    if args.compare:
-        metrics["compare"] = compare_runs(per_question, rows, args.compare, args.bootstrap, args.seed)
-    metrics.update(info, score_seconds=time.time() - t0, seconds=time.time() - started,
-                   questions_per_s=len(rows) / info["generate_seconds"],
-                   checkpoint=ckpt["path"], kind=ckpt.get("kind"), step=ckpt.get("step"), tokenizer=tok.name,
-                   data=str(args.data), generation={k: getattr(args, k) for k in (
-                       "max_new_tokens", "temperature", "top_k", "top_p", "repetition_penalty", "seed", "batch_size")})
-    write_json_atomic(out_dir / "metrics.json", metrics)
-    print_summary(metrics, out_dir)
-    return metrics
+    if cfg.compare:
+        result["compare"] = compare_runs(per_question, rows, cfg.compare, cfg.bootstrap, cfg.seed)
+    return result
+
+
+def evaluate(cfg):
+    started = time.time()
+    for flag, path in (("--data", cfg.data), ("--train-data", cfg.train_data), ("--compare", cfg.compare)):
+        if path is not None and not Path(path).is_file():  # found out now, not after generating
+            raise Refusal(f"{flag} {path}: no such file")
+    rows = read_qa(cfg.data, cfg.question_field, cfg.answer_field, cfg.limit)
+    ckpt, model, tokenizer, prompts, generated, info = generate_predictions(cfg, rows)
+    predictions = [tokenizer.decode(ids) for ids in generated]
+    out_dir = Path(cfg.out_dir)
+    write_predictions(out_dir, rows, predictions, generated)
+
+    nll = answer_nll(model, tokenizer, prompts, [r["answer"] for r in rows], cfg.batch_size)
+    t0 = time.time()
+    result = score_run(cfg, rows, predictions, nll)
+    result.update(info, score_seconds=time.time() - t0, seconds=time.time() - started,
+                  questions_per_s=len(rows) / info["generate_seconds"],
+                  checkpoint=ckpt["path"], kind=ckpt.get("kind"), step=ckpt.get("step"), tokenizer=tokenizer.name,
+                  data=str(cfg.data))
+    write_json_atomic(out_dir / "metrics.json", result)
+    print_summary(result, out_dir)
+    return result
 
 
 # -----------------------------------------------------------------------------
@@ -326,10 +345,8 @@ def print_summary(m, out_dir):
 
 
 def main(argv=None):
-    try:
+    with one_line_refusals("eval.py"):
         evaluate(parse_args(argv))
-    except (ValueError, FileNotFoundError, DataError) as e:
-        sys.exit(f"eval.py: error: {e}")
 
 
 if __name__ == "__main__":

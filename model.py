@@ -7,7 +7,7 @@ Dh = D / H per head, V vocabulary.
 Weight names follow llama2.c; rotary embeddings use the rotate-half layout of Hugging Face's
 Llama, so export.py copies the weights without permuting them. Hardware-specific speed-ups
 (a loss that never holds the full logits, oneDNN matmuls on CPU) live in kernels.py and are
-switched on by the scripts; generation (KV cache, sampling) lives in generate.py.
+switched on by the scripts; generation (KV cache, sampling) lives in engine.py, batch.py and sampling.py.
 """
 import math
 from dataclasses import asdict, dataclass

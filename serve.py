@@ -16,6 +16,8 @@ requests that arrive together, or while others are decoding, share the model's d
 and a client that disconnects stops its row. Bad requests get OpenAI's error object
 ({"error": {"message", "type", "param", "code"}}) with a 4xx status; the server goes on.
 The request's "model" is only a label: no request names a file to read or write.
+--max-new-tokens and the sampling flags are the defaults for requests that leave a field out
+(no --seed: a fresh random seed per request). chat_request.py holds the request's schema.
 """
 import argparse
 import asyncio
@@ -34,19 +36,19 @@ import urllib.request
 import uuid
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Annotated, Literal, Optional, Union
 
 import torch
 import uvicorn
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from fastapi.responses import HTMLResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 
-from engine import BatchEngine, Sampling
-from generate import TextStream, add_generation_args, check_sampling, load_for_inference
-from prompt import messages_prompt, sft_prompt_ids
+import cli
+from chat_request import ApiError, generation_settings, parse_chat_request, prompt_ids, read_body
+from engine import BatchEngine
+from generate import TextStream, add_generation_args, load_for_inference, sampling_from
+from refusal import Refusal, one_line_refusals
 
 # -----------------------------------------------------------------------------
 # defaults (flags override); the sampling ones apply to requests that leave a field out.
@@ -64,133 +66,7 @@ DISCONNECT_POLL_S = 0.25  # how often a non-streaming request checks that its cl
 # -----------------------------------------------------------------------------
 
 
-class ApiError(Exception):
-    """An error answered as OpenAI's error object with an HTTP status."""
-
-    def __init__(self, status, message, param=None, code=None, kind="invalid_request_error"):
-        super().__init__(message)
-        self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
-
-    def body(self):
-        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
-
-    def response(self):
-        return JSONResponse(self.body(), status_code=self.status)
-
-
-# ----------------------------------------------------------------------------- the request body
-
-class TextPart(BaseModel):
-    model_config = ConfigDict(extra="ignore", strict=True)
-    type: Literal["text"]
-    text: str
-
-
-class Message(BaseModel):
-    # extra fields ("name", or "refusal" echoed back from an earlier answer) are ignored
-    model_config = ConfigDict(extra="ignore", strict=True)
-    role: Literal["system", "user", "assistant"]
-    content: Union[str, list[TextPart]]
-
-    def text(self):
-        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
-
-
-class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
-    include_usage: bool = False
-
-
-class ChatRequest(BaseModel):
-    """POST /v1/chat/completions: the OpenAI fields this server honours, plus top_k and
-    repetition_penalty (named as vLLM names them). Types are strict ("5" is not 5), numbers
-    finite, and an unknown field is an error rather than silently ignored."""
-    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
-    messages: list[Message] = Field(min_length=1)
-    model: Optional[str] = None  # a label: there is one model, and it never names a file
-    max_tokens: Optional[int] = Field(None, ge=1)
-    max_completion_tokens: Optional[int] = Field(None, ge=1)  # OpenAI's newer name for max_tokens
-    temperature: Optional[float] = Field(None, ge=0, le=2)
-    top_p: Optional[float] = Field(None, gt=0, le=1)
-    top_k: Optional[int] = Field(None, ge=1)
-    repetition_penalty: Optional[float] = Field(None, gt=0, le=10)
-    seed: Optional[int] = Field(None, ge=0, lt=2 ** 63)
-    stream: bool = False
-    stream_options: Optional[StreamOptions] = None
-    stop: Union[str, Annotated[list[str], Field(max_length=4)], None] = None  # up to 4 strings, each any length
-    n: int = Field(1, ge=1, le=1)  # one answer per request
-    user: Optional[str] = None
-
-
-async def read_body(request, limit):
-    """The raw body, refused with 413 past `limit` bytes (declared or actually sent)."""
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise ApiError(413, f"request body of {declared} bytes is over the limit of {limit} bytes", code="body_too_large")
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise ApiError(413, f"request body is over the limit of {limit} bytes", code="body_too_large")
-    return bytes(body)
-
-
-def parse_chat_request(raw):
-    try:
-        data = json.loads(raw)
-    except ValueError as e:  # JSONDecodeError and bad UTF-8 both
-        raise ApiError(400, f"request body is not valid JSON: {e}", code="invalid_json") from None
-    if not isinstance(data, dict):
-        raise ApiError(400, "request body must be a JSON object", code="invalid_json")
-    try:
-        return ChatRequest.model_validate(data)
-    except ValidationError as e:
-        errors = e.errors()
-        message = "; ".join(f"{'.'.join(map(str, err['loc'])) or 'body'}: {err['msg']}" for err in errors[:3])
-        raise ApiError(400, message, param=str(errors[0]["loc"][0]) if errors[0]["loc"] else None,
-                       code="invalid_value") from None
-
-
 # ----------------------------------------------------------------------------- request -> engine
-
-def prompt_ids(server, body):
-    """Messages -> the SFT prompt's ids; a prompt the context cannot hold is refused."""
-    try:
-        text = messages_prompt([{"role": m.role, "content": m.text()} for m in body.messages])
-    except ValueError as e:
-        raise ApiError(400, str(e), param="messages", code="invalid_messages") from None
-    ids = sft_prompt_ids(server.tok, text)
-    context = server.context_length
-    if len(ids) >= context:
-        raise ApiError(400, f"the prompt is {len(ids)} tokens, but this model's context is {context} tokens and must "
-                            f"hold the prompt and at least 1 new token: shorten the messages or drop earlier turns",
-                       param="messages", code="context_length_exceeded")
-    return ids
-
-
-def generation_settings(server, body, prompt_len):
-    """-> (max_new_tokens, Sampling, warnings). A token limit beyond what the context leaves
-    after the prompt is clamped, and a warning says so."""
-    if body.max_tokens is not None and body.max_completion_tokens is not None \
-            and body.max_tokens != body.max_completion_tokens:
-        raise ApiError(400, "max_tokens and max_completion_tokens differ; give one", param="max_tokens")
-    asked = body.max_completion_tokens or body.max_tokens
-    room = server.context_length - prompt_len
-    warnings = []
-    if asked is not None and asked > room:
-        warnings.append(f"max_tokens {asked} clamped to {room}: the prompt's {prompt_len} tokens and the answer "
-                        f"must fit the model's context of {server.context_length} tokens")
-    max_new = min(asked or server.defaults["max_new_tokens"], room)
-    d = server.defaults
-
-    def pick(name):
-        value = getattr(body, name)
-        return d[name] if value is None else value
-
-    sampling = Sampling(temperature=pick("temperature"), top_k=pick("top_k"), top_p=pick("top_p"),
-                        repetition_penalty=pick("repetition_penalty"), seed=pick("seed"))
-    return max_new, sampling, warnings
-
 
 class Mailbox:
     """Carries events from the engine's thread to asyncio queues on the event loop. Waking
@@ -200,9 +76,9 @@ class Mailbox:
     def __init__(self, loop):
         self.loop, self.lock, self.pending, self.scheduled = loop, threading.Lock(), [], False
 
-    def post(self, queue, event):  # on the engine's thread
+    def post(self, inbox, event):  # on the engine's thread
         with self.lock:
-            self.pending.append((queue, event))
+            self.pending.append((inbox, event))
             if self.scheduled:
                 return
             self.scheduled = True
@@ -211,8 +87,8 @@ class Mailbox:
     def _hand_over(self):  # on the event loop
         with self.lock:
             pending, self.pending, self.scheduled = self.pending, [], False
-        for queue, event in pending:
-            queue.put_nowait(event)
+        for inbox, event in pending:
+            inbox.put_nowait(event)
 
 
 class Completion:
@@ -221,7 +97,7 @@ class Completion:
 
     def __init__(self, server, prompt, max_new_tokens, sampling, stops):
         self.mailbox, self.events = server.mailbox, asyncio.Queue()
-        self.prompt_tokens, self.text = len(prompt), TextStream(server.tok, stops)
+        self.prompt_tokens, self.text = len(prompt), TextStream(server.tokenizer, stops)
         self.request = server.engine.submit(prompt, max_new_tokens, sampling, self._deliver)
 
     def _deliver(self, token, finish_reason):  # on the engine's thread
@@ -315,9 +191,9 @@ async def whole_answer(completion, http_request):
 class Server:
     """What the endpoints share: the engine, the tokenizer and the settings."""
 
-    def __init__(self, engine, tok, defaults, model_name=MODEL_NAME, api_key=None,
+    def __init__(self, engine, tokenizer, defaults, model_name=MODEL_NAME, api_key=None,
                  max_waiting=MAX_WAITING, max_body_bytes=MAX_BODY_BYTES):
-        self.engine, self.tok, self.defaults, self.model_name = engine, tok, defaults, model_name
+        self.engine, self.tokenizer, self.defaults, self.model_name = engine, tokenizer, defaults, model_name
         self.api_key, self.max_waiting, self.max_body_bytes = api_key, max_waiting, max_body_bytes
         self.context_length = engine.args.max_seq_len
         self.created = int(time.time())
@@ -327,8 +203,8 @@ class Server:
 
 async def chat_completions(server, http_request):
     body = parse_chat_request(await read_body(http_request, server.max_body_bytes))
-    prompt = prompt_ids(server, body)
-    max_new, sampling, warnings = generation_settings(server, body, len(prompt))
+    prompt = prompt_ids(body, server.tokenizer, server.context_length)
+    max_new, sampling, warnings = generation_settings(body, server.defaults, server.context_length, len(prompt))
     if server.engine.load()[1] >= server.max_waiting:
         raise ApiError(503, f"the server is busy ({server.max_waiting} requests waiting); try again shortly",
                        code="server_busy", kind="server_error")
@@ -425,29 +301,28 @@ def create_app(server):
 # ----------------------------------------------------------------------------- command line
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Serve a checkpoint: an OpenAI-compatible chat API and a chat page. "
-                                "--max-new-tokens and the sampling flags are the defaults for requests that leave "
-                                "the field out (no --seed: a fresh random seed per request).")
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=cli.HelpFormatter)
     add_generation_args(p, GENERATION)  # the sampling flags: defaults for requests that leave a field out
     p.add_argument("--host", default=HOST, help="address to listen on (127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=PORT, help="port to listen on (0: any free one, printed at start)")
-    p.add_argument("--api-key", default=os.environ.get(API_KEY_ENV),
-                   help=f"require 'Authorization: Bearer KEY' on /v1/* (default: ${API_KEY_ENV} when set)")
+    p.add_argument("--api-key", default=None,
+                   help=f"require 'Authorization: Bearer KEY' on /v1/* (None: ${API_KEY_ENV} when set)")
     p.add_argument("--model-name", default=MODEL_NAME, help="the model id that /v1/models and answers show")
     p.add_argument("--max-batch", type=int, default=MAX_BATCH, help="most requests decoded together")
     p.add_argument("--max-waiting", type=int, default=MAX_WAITING, help="requests queued beyond that before 503")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads for the model (default: torch's choice)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads for the model (None: torch's choice)")
     p.add_argument("--max-body-bytes", type=int, default=MAX_BODY_BYTES, help="largest request body (413 beyond)")
-    args = p.parse_args(argv)
-    if args.max_batch < 1 or args.max_waiting < 0 or args.max_body_bytes < 1 or (args.threads or 1) < 1:
+    cfg = p.parse_args(argv)
+    if cfg.max_batch < 1 or cfg.max_waiting < 0 or cfg.max_body_bytes < 1 or (cfg.threads or 1) < 1:
         p.error("--max-batch, --max-body-bytes and --threads must be >= 1, --max-waiting >= 0")
-    if args.max_new_tokens < 1:
+    if cfg.max_new_tokens < 1:
         p.error("--max-new-tokens must be >= 1")
     try:
-        check_sampling(args.temperature, args.top_k, args.top_p, args.repetition_penalty)
-    except ValueError as e:
+        sampling_from(cfg)
+    except Refusal as e:
         p.error(str(e))
-    return args
+    cfg.api_key = cfg.api_key or os.environ.get(API_KEY_ENV)  # read here: --help never shows a key
+    return cfg
 
 
 def listen_socket(host, port):
@@ -502,27 +377,23 @@ def start_subprocess(flags, timeout=120):
     raise RuntimeError(f"serve.py {' '.join(flags)} did not start within {timeout} s (its stderr is above)")
 
 
-def main(argv=None):
-    args = parse_args(argv)
+def serve(cfg):
     try:
-        sock = listen_socket(args.host, args.port)
+        sock = listen_socket(cfg.host, cfg.port)
     except OSError as e:
-        sys.exit(f"serve.py: error: cannot listen on --host {args.host} --port {args.port}: {e}")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    try:
-        ckpt, model, tok = load_for_inference(args.ckpt, args.tokenizer, args.device)
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
-        sys.exit(f"serve.py: error: {e}")
+        raise Refusal(f"cannot listen on --host {cfg.host} --port {cfg.port}: {e}") from None
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    ckpt, model, tokenizer = load_for_inference(cfg.ckpt, cfg.tokenizer, cfg.device)
     if ckpt.get("kind") != "sft":
         print(f"warning: {ckpt['path']} is a '{ckpt.get('kind')}' checkpoint; serve.py prompts it like an SFT model",
               file=sys.stderr)
     host, port = sock.getsockname()[:2]
-    if not ipaddress.ip_address(host).is_loopback and not args.api_key:
+    if not ipaddress.ip_address(host).is_loopback and not cfg.api_key:
         print(f"warning: listening on {host} without --api-key: anyone who reaches this port can use the model",
               file=sys.stderr)
-    engine = BatchEngine(model, tok.eos_id, tok.pad_id, args.max_batch)
-    server = Server(engine, tok, vars(args), args.model_name, args.api_key, args.max_waiting, args.max_body_bytes)
+    engine = BatchEngine(model, tokenizer.eos_id, tokenizer.pad_id, cfg.max_batch)
+    server = Server(engine, tokenizer, vars(cfg), cfg.model_name, cfg.api_key, cfg.max_waiting, cfg.max_body_bytes)
     url = f"http://{f'[{host}]' if ':' in host else host}:{port}"
     print(f"serve.py: {ckpt['path']} ({ckpt.get('kind')}, step {ckpt.get('step')}, context {server.context_length}) "
           f"listening on {url} (chat page {url}/, API {url}/v1)", file=sys.stderr, flush=True)
@@ -531,6 +402,12 @@ def main(argv=None):
         Uvicorn(config, engine).run(sockets=[sock])
     except KeyboardInterrupt:  # uvicorn raises Ctrl-C again once it has shut down gracefully
         pass
+
+
+def main(argv=None):
+    cfg = parse_args(argv)
+    with one_line_refusals("serve.py"):
+        serve(cfg)
 
 
 if __name__ == "__main__":

@@ -57,13 +57,13 @@ def demo_sized_checkpoint(out_dir):
         with open(TEXT, encoding="utf-8") as f:
             texts = [json.loads(line)["text"] for _, line in zip(range(N_TEXTS), f)]
         train_sentencepiece(texts, VOCAB_SIZE, tok_path, character_coverage=0.99)
-    tok = Tokenizer(tok_path)
+    tokenizer = Tokenizer(tok_path)
     torch.manual_seed(0)
-    args = ModelArgs(vocab_size=tok.vocab_size, **MODEL)
+    model_args = ModelArgs(vocab_size=tokenizer.vocab_size, **MODEL)
     path = out_dir / "model.pt"
-    save_checkpoint(path, {"kind": "sft", "model_args": args.to_dict(), "tokenizer": tok.identity(),
-                           "model": Transformer(args).state_dict(), "step": 0})
-    return path, tok
+    save_checkpoint(path, {"kind": "sft", "model_args": model_args.to_dict(), "tokenizer": tokenizer.identity(),
+                           "model": Transformer(model_args).state_dict(), "step": 0})
+    return path, tokenizer
 
 
 async def one_stream(http, url, question, new_tokens):
@@ -118,22 +118,22 @@ def main():
     p.add_argument("--rounds", type=int, default=ROUNDS, help="times each phase runs (the median counts)")
     p.add_argument("--threads", type=int, default=None, help="the server's torch CPU threads (default: torch's choice)")
     p.add_argument("--out-dir", default=str(OUT_DIR), help="tokenizer, checkpoint and summary.json go here")
-    args = p.parse_args()
+    cfg = p.parse_args()
     for path in (TEXT, QA_DATA):
         if not path.is_file():
             sys.exit(f"bench_serve.py: error: {path} is missing (the repository's ../shared/data)")
-    out_dir = Path(args.out_dir)
+    out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    ckpt, tok = demo_sized_checkpoint(out_dir)
-    room = MODEL["max_seq_len"] - args.new_tokens  # questions whose whole answer fits the context
-    questions = [r["question"] for r in read_qa(QA_DATA, limit=10 * args.clients)
-                 if len(sft_prompt_ids(tok, r["question"])) <= room][:args.clients]
-    flags = ["--ckpt", str(ckpt), "--device", "cpu", "--max-batch", str(args.clients)]
-    process, url = serve.start_subprocess(flags + (["--threads", str(args.threads)] if args.threads else []))
+    ckpt, tokenizer = demo_sized_checkpoint(out_dir)
+    room = MODEL["max_seq_len"] - cfg.new_tokens  # questions whose whole answer fits the context
+    questions = [r["question"] for r in read_qa(QA_DATA, limit=10 * cfg.clients)
+                 if len(sft_prompt_ids(tokenizer, r["question"])) <= room][:cfg.clients]
+    flags = ["--ckpt", str(ckpt), "--device", "cpu", "--max-batch", str(cfg.clients)]
+    process, url = serve.start_subprocess(flags + (["--threads", str(cfg.threads)] if cfg.threads else []))
     try:
-        asyncio.run(phase(url, questions[:2], args.new_tokens, together=False))  # warm-up
-        single = [asyncio.run(phase(url, questions[:1], args.new_tokens, False)) for _ in range(args.rounds)]
-        many = [asyncio.run(phase(url, questions, args.new_tokens, True)) for _ in range(args.rounds)]
+        asyncio.run(phase(url, questions[:2], cfg.new_tokens, together=False))  # warm-up
+        single = [asyncio.run(phase(url, questions[:1], cfg.new_tokens, False)) for _ in range(cfg.rounds)]
+        many = [asyncio.run(phase(url, questions, cfg.new_tokens, True)) for _ in range(cfg.rounds)]
         peak_batch = httpx.get(url + "/health").json()["peak_batch"]
     finally:
         process.terminate()
@@ -141,16 +141,16 @@ def main():
     one, together = median_round(single), median_round(many)
     ratio = together["tokens_per_s"] / one["tokens_per_s"]
     failed = sum(r["failed"] for r in single + many)
-    summary = {"model": {**MODEL, "vocab_size": VOCAB_SIZE}, "clients": args.clients, "new_tokens": args.new_tokens,
-               "threads": args.threads or torch.get_num_threads(), "one_client": one, "many_clients": together,
+    summary = {"model": {**MODEL, "vocab_size": VOCAB_SIZE}, "clients": cfg.clients, "new_tokens": cfg.new_tokens,
+               "threads": cfg.threads or torch.get_num_threads(), "one_client": one, "many_clients": together,
                "speedup": ratio, "failed_requests": failed, "peak_batch": peak_batch,
                "rounds": {"one_client": single, "many_clients": many}}
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     print(f"one client:  {one['tokens_per_s']:7.1f} tokens/s  (time to first token {one['ttft_p50_s'] * 1000:.0f} ms)")
-    print(f"{args.clients} clients: {together['tokens_per_s']:7.1f} tokens/s in all, {ratio:.2f}x one client "
+    print(f"{cfg.clients} clients: {together['tokens_per_s']:7.1f} tokens/s in all, {ratio:.2f}x one client "
           f"(target >= 5x); time to first token p50 {together['ttft_p50_s'] * 1000:.0f} ms, "
           f"p95 {together['ttft_p95_s'] * 1000:.0f} ms; peak batch {peak_batch}")
-    print(f"failed requests: {failed}; answers that ended at eos before {args.new_tokens} tokens: "
+    print(f"failed requests: {failed}; answers that ended at eos before {cfg.new_tokens} tokens: "
           f"{sum(r['short_answers'] for r in single + many)}  -> {out_dir / 'summary.json'}")
     if failed or ratio < 5:
         sys.exit(1)

@@ -9,6 +9,8 @@ import torch
 
 import chat
 import generate
+from engine import BatchEngine
+from sampling import Sampling
 from checkpoint import save_checkpoint
 from chatglm_tokenizer import Tokenizer, TokenizerNotFound
 from model import ModelArgs, Transformer
@@ -36,17 +38,24 @@ def type_lines(monkeypatch, data: bytes):
 
 
 def record_prompts(monkeypatch, stop_after=None):
-    """Wrap generate_stream: note each prompt; with stop_after, the user presses Ctrl-C
-    after that many tokens of every answer."""
+    """Note each prompt submitted to the engine; with stop_after, the user presses Ctrl-C
+    after that many tokens of every answer (one token per engine step)."""
     prompts = []
+    submit, step = BatchEngine.submit, BatchEngine.step
 
-    def stream(model, batch, *a, **kw):
-        prompts.append(batch[0])
-        for i, step in enumerate(generate.generate_stream(model, batch, *a, **kw)):
-            if i == stop_after:
-                raise KeyboardInterrupt
-            yield step
-    monkeypatch.setattr(chat, "generate_stream", stream)
+    def recording_submit(engine, prompt_ids, *a, **kw):
+        prompts.append(list(prompt_ids))
+        engine.steps_left = stop_after
+        return submit(engine, prompt_ids, *a, **kw)
+
+    def interruptible_step(engine):
+        if engine.steps_left == 0:
+            raise KeyboardInterrupt
+        if engine.steps_left is not None:
+            engine.steps_left -= 1
+        return step(engine)
+    monkeypatch.setattr(BatchEngine, "submit", recording_submit)
+    monkeypatch.setattr(BatchEngine, "step", interruptible_step)
     return prompts
 
 
@@ -98,19 +107,20 @@ def test_undecodable_line_is_refused_and_the_session_goes_on(monkeypatch, capsys
 
 
 def test_cut_prompts_are_announced(sft_ckpt, tiny_tokenizer, capsys):
-    ckpt, model, tok = generate.load_for_inference(str(sft_ckpt), device="cpu")
-    session = chat.Session(model, tok, True, max_new_tokens=32, sampling={})
+    ckpt, model, tokenizer = generate.load_for_inference(str(sft_ckpt), device="cpu")
+    engine = BatchEngine(model, tokenizer.eos_id, tokenizer.pad_id, max_batch=1)
+    session = chat.Session(engine, tokenizer, True, max_new_tokens=32, sampling=Sampling())
     session.history = [("头痛发热怎么办" * 2, "多休息多喝水" * 2)] * 3
     ids = session.prompt_ids("咳嗽呢")
-    assert len(ids) <= 32 and ids[-1] == tok.bos_id
+    assert len(ids) <= 32 and ids[-1] == tokenizer.bos_id
     err = capsys.readouterr().err
     assert "of the conversation: it no longer fits the 64-token context beside a 32-token answer" in err
     assert len(session.history) < 3  # the dropped turns are forgotten, so the note comes once
     session.prompt_ids("头痛发热怎么办" * 20)
     assert "the question was cut to its last 31 tokens" in capsys.readouterr().err
-    pretrain = chat.Session(model, tok, False, max_new_tokens=32, sampling={})
+    pretrain = chat.Session(engine, tokenizer, False, max_new_tokens=32, sampling=Sampling())
     ids = pretrain.prompt_ids("医生建议" * 30)
-    assert len(ids) == 32 and ids[0] == tok.eos_id and ids[1:] == tok.encode("医生建议" * 30)[-31:]
+    assert len(ids) == 32 and ids[0] == tokenizer.eos_id and ids[1:] == tokenizer.encode("医生建议" * 30)[-31:]
     assert "the text was cut to its last 31 tokens" in capsys.readouterr().err
 
 

@@ -1,10 +1,10 @@
 import queue
 
 import pytest
-import torch
 
-from engine import BatchEngine, Request, Sampling, prefill_groups
-from generate import generate
+from batch import Request, prefill_groups
+from engine import BatchEngine, generate
+from sampling import Sampling
 from test_generate import MAX_SEQ_LEN, model  # noqa: F401 (model: a fixture, float64 with varied greedy output)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -92,8 +92,7 @@ def test_each_row_samples_with_its_own_settings_and_seed(model):
 
     alone = sampled([])
     assert alone == sampled(PROMPTS[1:3]) == sampled(PROMPTS[3:])
-    reference = generate(model, [PROMPTS[0]], 14, temperature=1.0, top_p=0.9, repetition_penalty=1.3,
-                         generator=torch.Generator().manual_seed(123))[0]
+    reference = generate(model, [PROMPTS[0]], 14, sampling=sampling)[0]
     assert alone == reference
     assert alone != generate(model, [PROMPTS[0]], 14)[0]  # it really sampled
 
@@ -174,13 +173,13 @@ def test_an_error_inside_a_step_ends_its_rows_and_the_engine_goes_on(model, caps
     def broken(*args, **kwargs):
         raise RuntimeError("out of memory")
 
-    engine.model = broken
+    engine.batch.model = broken
     engine.start()
     try:
         failed = queue.Queue()
         engine.submit(PROMPTS[0], 5, Sampling(), lambda t, r: failed.put(r))
         assert failed.get(timeout=30) == "error"
-        engine.model = model
+        engine.batch.model = model
         served = queue.Queue()
         engine.submit(PROMPTS[0], 5, Sampling(), lambda t, r: served.put(t))
         assert [served.get(timeout=30) for _ in range(6)] == generate(model, [PROMPTS[0]], 5)[0] + [None]

@@ -7,10 +7,11 @@ import torch
 
 import chat
 import eval as qa_eval
-import metrics as scores
+import metrics
 from checkpoint import load_checkpoint, save_checkpoint
 from conftest import make_chinese_texts
 from model import ModelArgs, Transformer
+from refusal import Refusal
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -68,10 +69,10 @@ SCORES = ("bleu1", "bleu2", "bleu3", "bleu4", "rouge1", "rouge2", "rougeL", "dis
 def test_eval_end_to_end_writes_predictions_and_metrics(tmp_path, sft_ckpt):
     data = write_jsonl(tmp_path / "qa.jsonl", qa_rows(5))
     train = write_jsonl(tmp_path / "train.jsonl", [{"prompt": "头痛", "answer": a} for a in ("多休息", "多喝水", "多休息")])
-    metrics = run_eval(sft_ckpt, data, tmp_path / "out", "--batch-size", "3", "--train-data", str(train))
+    result = run_eval(sft_ckpt, data, tmp_path / "out", "--batch-size", "3", "--train-data", str(train))
     written = json.loads((tmp_path / "out" / "metrics.json").read_text(encoding="utf-8"))
     for key in ("bleu4_char_corpus", "bleu_sentence_avg", "answer_ppl", "n", *SCORES):
-        assert written[key] == pytest.approx(metrics[key]), key
+        assert written[key] == pytest.approx(result[key]), key
     assert written["n"] == 5 and math.isfinite(written["answer_ppl"]) and written["answer_ppl"] > 1
     assert written["answer_ppl"] == pytest.approx(math.exp(written["answer_nll"]))
     assert written["bleu4_char_corpus"] == written["bleu4"]
@@ -84,7 +85,7 @@ def test_eval_end_to_end_writes_predictions_and_metrics(tmp_path, sft_ckpt):
     copy = written["baselines"]["copy_question"]
     references = [r["answer"] for r in qa_rows(5)]
     assert copy["rougeL"] == pytest.approx(
-        float(scores.rouge_scores([r["question"] for r in qa_rows(5)], references)[:, 2].mean()))
+        float(metrics.rouge_scores([r["question"] for r in qa_rows(5)], references)[:, 2].mean()))
     assert set(SCORES) <= set(copy) and set(SCORES) <= set(common)
     predictions = read_jsonl(tmp_path / "out" / "predictions.jsonl")
     assert [p["question"] for p in predictions] == [r["question"] for r in qa_rows(5)]
@@ -103,8 +104,8 @@ def test_compare_runs_a_paired_bootstrap_on_the_same_questions(tmp_path, sft_ckp
     # another "run": the same questions answered with their references, which must win
     other = [{**p, "prediction": p["reference"]} for p in read_jsonl(tmp_path / "a" / "predictions.jsonl")]
     write_jsonl(tmp_path / "b.jsonl", other)
-    metrics = run_eval(sft_ckpt, data, tmp_path / "c", "--compare", str(tmp_path / "b.jsonl"), "--bootstrap", "200")
-    compare = metrics["compare"]
+    result = run_eval(sft_ckpt, data, tmp_path / "c", "--compare", str(tmp_path / "b.jsonl"), "--bootstrap", "200")
+    compare = result["compare"]
     assert compare["bleu4"]["b"] == pytest.approx(100) and compare["bleu4"]["delta"] < 0
     assert compare["rougeL"]["ci95"][1] < 0 and 0 < compare["rougeL"]["p"] <= 1
     assert "this run trails" in capsys.readouterr().out
@@ -113,19 +114,19 @@ def test_compare_runs_a_paired_bootstrap_on_the_same_questions(tmp_path, sft_ckp
     with pytest.raises(SystemExit, match="--compare .*missing.jsonl: no such file"):
         qa_eval.main(["--ckpt", str(sft_ckpt), "--data", str(data), "--compare", str(tmp_path / "missing.jsonl")])
     write_jsonl(tmp_path / "short.jsonl", other[:4])
-    with pytest.raises(ValueError, match="short.jsonl: 4 predictions but this run scored 6"):
+    with pytest.raises(Refusal, match="short.jsonl: 4 predictions but this run scored 6"):
         run_eval(sft_ckpt, data, tmp_path / "e", "--compare", str(tmp_path / "short.jsonl"))
     write_jsonl(tmp_path / "moved.jsonl", other[1:] + other[:1])
-    with pytest.raises(ValueError, match="moved.jsonl:1: its reference differs"):
+    with pytest.raises(Refusal, match="moved.jsonl:1: its reference differs"):
         run_eval(sft_ckpt, data, tmp_path / "f", "--compare", str(tmp_path / "moved.jsonl"))
 
 
 def test_default_answer_length_fits_a_small_context(tmp_path, sft_ckpt, capsys):
     # the tiny model's context is 64: the old fixed default of 256 new tokens left no room
-    metrics = run_eval(sft_ckpt, write_jsonl(tmp_path / "qa.jsonl", qa_rows(2)), tmp_path / "out", max_new_tokens=None)
-    assert metrics["generation"]["max_new_tokens"] == 32
+    result = run_eval(sft_ckpt, write_jsonl(tmp_path / "qa.jsonl", qa_rows(2)), tmp_path / "out", max_new_tokens=None)
+    assert result["generation"]["max_new_tokens"] == 32
     assert "max_new_tokens 32: at most half the model's context of 64" in capsys.readouterr().out
-    with pytest.raises(ValueError, match="--max-new-tokens 63 leaves no room"):
+    with pytest.raises(Refusal, match="--max-new-tokens 63 leaves no room"):
         run_eval(sft_ckpt, tmp_path / "qa.jsonl", tmp_path / "out", max_new_tokens="63")
 
 
@@ -134,9 +135,9 @@ def test_overflowing_perplexity_keeps_the_answers(tmp_path, tiny_tokenizer):
     ckpt = load_checkpoint(save_tiny_checkpoint(tmp_path / "ckpt" / "best.pt", tiny_tokenizer, "sft"))
     ckpt["model"]["norm.weight"] *= 1e4
     save_checkpoint(tmp_path / "huge" / "best.pt", {k: v for k, v in ckpt.items() if k not in ("path", "format")})
-    metrics = run_eval(tmp_path / "huge", write_jsonl(tmp_path / "qa.jsonl", qa_rows(3)), tmp_path / "out")
+    result = run_eval(tmp_path / "huge", write_jsonl(tmp_path / "qa.jsonl", qa_rows(3)), tmp_path / "out")
     written = json.loads((tmp_path / "out" / "metrics.json").read_text(encoding="utf-8"))
-    assert metrics["answer_nll"] > 709 and written["answer_ppl"] is None and written["answer_nll"] > 709
+    assert result["answer_nll"] > 709 and written["answer_ppl"] is None and written["answer_nll"] > 709
     assert len(read_jsonl(tmp_path / "out" / "predictions.jsonl")) == 3
 
 
@@ -146,11 +147,23 @@ def test_answers_are_written_before_scoring_can_fail(tmp_path, sft_ckpt, monkeyp
 
     def broken(*args, **kwargs):
         raise RuntimeError("scoring failed")
-    monkeypatch.setattr(scores, "score", broken)
+    monkeypatch.setattr(metrics, "score", broken)
     with pytest.raises(RuntimeError, match="scoring failed"):
         run_eval(sft_ckpt, data, tmp_path / "out")
     assert len(read_jsonl(tmp_path / "out" / "predictions.jsonl")) == 3
     assert not (tmp_path / "out" / "metrics.json").exists()  # the old one described other answers
+
+
+def test_config_json_and_the_header_name_what_ran(tmp_path, sft_ckpt, capsys):
+    run_eval(sft_ckpt, write_jsonl(tmp_path / "qa.jsonl", qa_rows(2)), tmp_path / "out", max_new_tokens=None)
+    config = json.loads((tmp_path / "out" / "config.json").read_text(encoding="utf-8"))
+    assert config["max_new_tokens"] == 32 and config["batch_size"] == 16 and config["temperature"] == 0.0
+    assert config["checkpoint"].endswith("best.pt") and config["kind"] == "sft" and config["step"] == 7
+    assert "config: data=" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        qa_eval.parse_args(["--help"])
+    shown = capsys.readouterr().out
+    assert "(default: 16)" in shown and "(default: out/eval)" in shown
 
 
 def test_qa_set_reads_the_same_from_jsonl_json_and_csv_with_custom_fields(tmp_path):
@@ -175,7 +188,7 @@ def test_qa_set_reads_the_same_from_jsonl_json_and_csv_with_custom_fields(tmp_pa
 def test_empty_or_malformed_row_stops_with_its_line(tmp_path, bad_line, where):
     good = [json.dumps(r, ensure_ascii=False) for r in qa_rows(3)]
     (tmp_path / "qa.jsonl").write_text("\n".join(good[:2] + [bad_line] + good[2:]) + "\n", encoding="utf-8")
-    with pytest.raises(ValueError, match=where):
+    with pytest.raises(Refusal, match=where):
         qa_eval.read_qa(tmp_path / "qa.jsonl")
 
 
@@ -191,7 +204,7 @@ def test_non_utf8_bytes_stop_with_file_and_line(tmp_path, name, where):
         if name == "qa.json":
             lines = [b"["] + [line + b"," for line in lines[:-1]] + [lines[-1], b"]"]
     (tmp_path / name).write_bytes(b"\n".join(lines) + b"\n")
-    with pytest.raises(ValueError, match=f"{where}: .*UTF-8"):
+    with pytest.raises(Refusal, match=f"{where}: .*UTF-8"):
         qa_eval.read_qa(tmp_path / name)
     with pytest.raises(SystemExit, match=f"{where}: .*UTF-8"):
         qa_eval.main(["--data", str(tmp_path / name)])
@@ -199,7 +212,7 @@ def test_non_utf8_bytes_stop_with_file_and_line(tmp_path, name, where):
 
 def test_csv_row_without_answer_names_its_line(tmp_path):
     (tmp_path / "qa.csv").write_text("question,answer\n头痛怎么办,多休息\n发热怎么办,\n", encoding="utf-8")
-    with pytest.raises(ValueError, match="qa.csv:3: field 'answer'"):
+    with pytest.raises(Refusal, match="qa.csv:3: field 'answer'"):
         qa_eval.read_qa(tmp_path / "qa.csv")
     with pytest.raises(SystemExit, match="qa.csv:3"):
         qa_eval.main(["--data", str(tmp_path / "qa.csv")])

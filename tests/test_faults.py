@@ -22,6 +22,7 @@ from test_train import TINY, bins, losses  # noqa: F401  (bins: the tiny .bin fi
 
 import atomic
 import data_process
+import eval as qa_eval
 import export
 import generate
 import pretrain
@@ -287,6 +288,17 @@ def test_disk_full_while_writing_data_leaves_nothing_complete_looking(tmp_path, 
         run_data_process("sft", "--input", tmp_path / "docs.jsonl", "--out", tmp_path / "out" / "s.jsonl",
                          "--prompt-field", "text", "--answer-field", "text")
     assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_disk_full_while_eval_writes_its_answers_is_one_line(tmp_path, tiny_tokenizer, monkeypatch):
+    from test_eval import qa_rows, save_tiny_checkpoint, write_jsonl
+    ckpt = save_tiny_checkpoint(tmp_path / "sft" / "best.pt", tiny_tokenizer, "sft")
+    data = write_jsonl(tmp_path / "qa.jsonl", qa_rows(2))
+    fail_writes(monkeypatch, "predictions.jsonl.tmp")
+    with pytest.raises(SystemExit, match=r"^eval.py: error: cannot write \S*predictions.jsonl: the disk is full"):
+        qa_eval.main(["--ckpt", str(ckpt), "--data", str(data), "--out-dir", str(tmp_path / "out"),
+                      "--max-new-tokens", "4", "--bootstrap", "0"])
+    assert not list((tmp_path / "out").glob("*.tmp"))
 
 
 @pytest.mark.parametrize("error, words", [(errno.EROFS, "the file system is read-only"),

@@ -1,8 +1,10 @@
 import pytest
 import torch
 
-from generate import TextStream, apply_repetition_penalty, generate, generate_stream, sample_next_token
+from engine import generate
+from generate import TextStream
 from model import ModelArgs, Transformer
+from sampling import Sampling, apply_repetition_penalty, sample_next_token
 
 MAX_SEQ_LEN = 40
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -58,26 +60,22 @@ def test_each_row_stops_at_eos_and_the_others_go_on(model):
         expected = row_free[:row_free.index(eos)] if eos in row_free else row_free
         assert row_stopped == expected
     assert stopped[0] == free[0][:free[0].index(eos)]
-    # the stream reports an ended row as None from its eos on
-    steps = list(generate_stream(model, PROMPTS, 15, eos_id=eos))
-    end = free[0].index(eos)
-    assert all(step[0] is None for step in steps[end:]) and steps[end - 1][0] is not None
     assert stopped == generate(model, PROMPTS, 15, eos_id=eos) == [
         greedy_without_cache(model, p, 15, eos_id=eos) for p in PROMPTS]
 
 
 def test_generation_respects_max_seq_len(model):
     out = generate(model, [list(range(1, 36)), [7, 8]], 20)
-    assert len(out[0]) == len(out[1]) == MAX_SEQ_LEN - 35  # the longest prompt bounds the batch
+    assert len(out[0]) == MAX_SEQ_LEN - 35 and len(out[1]) == 20  # each row's own context bounds it
     with pytest.raises(ValueError, match="max_seq_len"):
         generate(model, [list(range(1, MAX_SEQ_LEN + 1))], 5)
-    with pytest.raises(ValueError, match="empty prompt"):
+    with pytest.raises(ValueError, match="prompt of 0 tokens"):
         generate(model, [[3], []], 5)
 
 
-def test_sampling_is_reproducible_with_a_seeded_generator(model):
+def test_sampling_is_reproducible_with_a_seed(model):
     def sample(seed, **kw):
-        return generate(model, PROMPTS, 12, temperature=1.0, generator=torch.Generator().manual_seed(seed), **kw)
+        return generate(model, PROMPTS, 12, sampling=Sampling(temperature=1.0, seed=seed, **kw))
     assert sample(1) == sample(1)
     assert sample(1) != sample(2)
     assert sample(3, top_k=1) == generate(model, PROMPTS, 12)  # top-1 sampling is greedy
@@ -96,11 +94,6 @@ def test_top_k_top_p_and_repetition_penalty_filter_the_right_tokens():
     penalized = apply_repetition_penalty(torch.tensor([[2.0, 1.0, -1.0]]), seen, 4.0)
     assert penalized.tolist() == [[0.5, 1.0, -4.0]]
     assert int(sample_next_token(penalized)) == 1
-
-
-def test_stream_yields_the_same_tokens_as_generate(model):
-    steps = list(generate_stream(model, PROMPTS[:2], 10))
-    assert [list(col) for col in zip(*steps)] == generate(model, PROMPTS[:2], 10)
 
 
 class ByteTokenizer:

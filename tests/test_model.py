@@ -2,7 +2,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from generate import KVCache
+from batch import KVCache
 from model import IGNORE_INDEX, ModelArgs, Transformer, apply_rope
 
 
@@ -30,10 +30,14 @@ def test_kv_cache_logits_equal_full_forward():
     model = tiny_model(n_kv_heads=2).eval()
     x = torch.randint(0, 101, (2, 12))
     full = model.logits(x)
-    cache = KVCache(model.args, 2, 24, "cpu", torch.float32)
+    cache, positions = KVCache(model.args, 2, "cpu", torch.float32), torch.arange(12).repeat(2, 1)
     with torch.no_grad():
-        first = model(x[:, :7], cache=cache)
-        steps = [model(x[:, t:t + 1], cache=cache) for t in range(7, 12)]
+        cache.prefill([0, 1], [0, 0])
+        first = model(x[:, :7], positions=positions[:, :7], cache=cache)
+        steps = []
+        for t in range(7, 12):
+            cache.decode(positions[:, t])
+            steps.append(model(x[:, t:t + 1], positions=positions[:, t:t + 1], cache=cache))
     torch.testing.assert_close(first, full[:, 6], atol=1e-5, rtol=1e-4)
     for t, logits in zip(range(7, 12), steps):
         torch.testing.assert_close(logits, full[:, t], atol=1e-5, rtol=1e-4)

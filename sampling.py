@@ -1,0 +1,58 @@
+"""How a request picks its next token from the model's logits: greedy, or sampled with a
+temperature, top-k and top-p, after a repetition penalty. The engine (engine.py) calls these
+for every row of its batch, each row with its own settings and its own seeded generator.
+"""
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+
+@dataclass
+class Sampling:
+    """One request's settings. temperature 0 is greedy; seed None: a fresh random seed."""
+    temperature: float = 0.0
+    top_k: Optional[int] = None
+    top_p: Optional[float] = None
+    repetition_penalty: float = 1.0
+    seed: Optional[int] = None
+
+    def check(self):
+        """ValueError unless every setting is in its range (a script refuses bad flags first)."""
+        t, k, p, penalty = self.temperature, self.top_k, self.top_p, self.repetition_penalty
+        if t < 0 or (k is not None and k < 1) or not (p is None or 0 < p <= 1) or penalty <= 0:
+            raise ValueError(f"bad sampling settings: temperature={t} (>= 0), top_k={k} (>= 1), "
+                             f"top_p={p} (in (0, 1]), repetition_penalty={penalty} (> 0)")
+
+    def is_plain_greedy(self):
+        """True when the row's token is just the argmax of its logits."""
+        return self.temperature <= 0 and self.repetition_penalty == 1.0
+
+
+def apply_repetition_penalty(logits, seen, penalty):
+    """CTRL-style penalty on every token already in a row's context (prompt or generated):
+    positive logits are divided by it, negative ones multiplied, so a seen token always loses."""
+    if penalty == 1.0:
+        return logits
+    penalized = torch.where(logits > 0, logits / penalty, logits * penalty)
+    return torch.where(seen, penalized, logits)
+
+
+def sample_next_token(logits, temperature=0.0, top_k=None, top_p=None, generator=None):
+    """(B, V) fp32 logits -> (B,) token ids. temperature 0 is greedy (argmax); otherwise
+    sample from the temperature-scaled distribution cut to the top_k tokens and to the
+    smallest set whose probability reaches top_p."""
+    if temperature <= 0:
+        return logits.argmax(dim=-1)
+    logits = logits / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(dim=-1)
+        outside = probs.cumsum(dim=-1) - probs >= top_p  # mass before this token already reaches top_p
+        outside[:, 0] = False  # the most likely token always stays
+        sorted_logits = sorted_logits.masked_fill(outside, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(-1)
