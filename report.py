@@ -48,13 +48,20 @@ def read_jsonl(path):
 
 def load_stage(out_dir):
     """A training stage's latest checkpoint (without weights) and its metrics rows, or None
-    when out_dir holds no checkpoint."""
+    when out_dir holds no checkpoint. The settings are the run's config.json where it wrote
+    one: every flag and the values resolved at run time (device, dtype, steps)."""
     if not any(Path(out_dir).glob("*.pt")):
         return None
     ckpt = load_checkpoint(out_dir, prefer="latest")
     for heavy in ("model", "optimizers", "scaler", "rng", "data"):
         ckpt.pop(heavy, None)
     ckpt["rows"] = read_metrics(Path(out_dir) / "metrics.jsonl", up_to_step=ckpt["step"])
+    config_path = Path(out_dir) / "config.json"
+    if config_path.is_file():
+        try:
+            ckpt["config"] = {**ckpt.get("config", {}), **json.loads(config_path.read_text(encoding="utf-8"))}
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise Refusal(f"{config_path} is damaged ({e}); remove it to report from the checkpoint's settings") from None
     return ckpt
 
 
