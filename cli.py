@@ -16,7 +16,11 @@ from atomic import write_json_atomic
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """--help keeps the description's line breaks and shows every flag's default."""
+    """--help keeps the description's line breaks and shows every flag's default. A default of
+    None (unset) is left to the flag's own help, which says what happens then."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
 
 
 def plain_config(cfg, **extra):
