@@ -7,13 +7,13 @@ built from the SentencePiece model file itself (its protobuf read directly), as 
 merges are ranked by piece score, so that it gives exactly our ids. check_hf_dir loads the
 written directory with transformers and compares token ids and fp32 logits with ours.
 """
-import json
 import shutil
 import struct
 from pathlib import Path
 
 import torch
 
+from atomic import write_json_atomic
 from prompt import chat_template
 from refusal import Refusal
 
@@ -232,23 +232,19 @@ def write_tokenizer(out_dir, tokenizer, max_seq_len, vocab_size):
     config = {"tokenizer_class": "PreTrainedTokenizerFast", **special,
               "add_bos_token": False, "add_eos_token": False, "clean_up_tokenization_spaces": False,
               "model_max_length": max_seq_len, "chat_template": chat_template()}
-    _write_json(out_dir / "tokenizer_config.json", config)
-    _write_json(out_dir / "special_tokens_map.json", special)
+    write_json_atomic(out_dir / "tokenizer_config.json", config)
+    write_json_atomic(out_dir / "special_tokens_map.json", special)
 
 
 # -----------------------------------------------------------------------------
 # writing the directory and checking it against ours
 
-def _write_json(path, obj):
-    path.write_text(json.dumps(obj, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
-
-
 def write_hf_dir(out_dir, model, tokenizer, dtype_name):
     from safetensors.torch import save
 
     model_args = model.args
-    _write_json(out_dir / "config.json", hf_config(model_args, tokenizer, dtype_name))
-    _write_json(out_dir / "generation_config.json", generation_config(tokenizer))
+    write_json_atomic(out_dir / "config.json", hf_config(model_args, tokenizer, dtype_name))
+    write_json_atomic(out_dir / "generation_config.json", generation_config(tokenizer))
     weights = hf_state_dict(model, DTYPES[dtype_name])
     (out_dir / "model.safetensors").write_bytes(save(weights, metadata={"format": "pt"}))
     write_tokenizer(out_dir, tokenizer, model_args.max_seq_len, model_args.vocab_size)
