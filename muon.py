@@ -42,8 +42,12 @@ EPS = 1e-7
 
 
 def cpu_has_native_bf16():
-    """Whether this CPU computes bf16 matmuls in hardware (AVX512-BF16 or AMX), from the
-    Linux CPU flags; False where they cannot be read."""
+    """Whether the CPU kernels torch will run compute bf16 matmuls in hardware: the CPU has
+    AVX512-BF16 or AMX (Linux CPU flags), and torch dispatches to its AVX-512 kernels.
+    torch.backends.cpu.get_cpu_capability() honours ATEN_CPU_CAPABILITY, so a machine told
+    `ATEN_CPU_CAPABILITY=avx2` is treated as the AVX2-only CPU it stands in for."""
+    if not torch.backends.cpu.get_cpu_capability().startswith("AVX512"):
+        return False
     try:
         flags = Path("/proc/cpuinfo").read_text().split()
     except OSError:

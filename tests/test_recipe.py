@@ -1,4 +1,9 @@
 """The training recipes behind pretrain.py's flags: which optimizer gets which parameters."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import torch
 
 import pretrain
@@ -6,6 +11,7 @@ from model import Transformer
 from muon import Muon
 from optimizers import build_optimizers
 
+ROOT = Path(__file__).resolve().parent.parent
 LAYER_MATRICES = ("attention.wq", "attention.wk", "attention.wv", "attention.wo",
                   "feed_forward.w1", "feed_forward.w2", "feed_forward.w3")
 
@@ -53,3 +59,21 @@ def test_muon_recipe_takes_hidden_matrices_and_adamw_the_rest():
 def test_muon_dtype_flag_sets_the_newton_schulz_dtype():
     assert build("--optimizer", "muon", "--muon-dtype", "float32")[1][1].ns_dtype == torch.float32
     assert build("--optimizer", "muon", "--muon-dtype", "bfloat16")[1][1].ns_dtype == torch.bfloat16
+
+
+def test_muon_auto_dtype_follows_the_kernels_torch_dispatches_to():
+    # ATEN_CPU_CAPABILITY=avx2 stands in for an AVX2-only CPU: fp32, whatever /proc/cpuinfo says
+    code = "import muon; print(muon.newton_schulz_dtype('cpu'))"
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": "avx2"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "torch.float32"
+
+
+def test_muon_auto_dtype_is_bf16_only_with_avx512_kernels_and_bf16_flags(monkeypatch):
+    import muon
+    flags = {"avx512": "flags : avx2 avx512f avx512_bf16\n", "plain": "flags : avx2 avx512f\n"}
+    for capability, cpu, want in [("AVX512", "avx512", torch.bfloat16), ("AVX2", "avx512", torch.float32),
+                                  ("AVX512", "plain", torch.float32)]:
+        monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda c=capability: c)
+        monkeypatch.setattr(muon.Path, "read_text", lambda self, text=flags[cpu]: text)
+        assert muon.newton_schulz_dtype("cpu") == want, (capability, cpu)
