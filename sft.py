@@ -78,6 +78,7 @@ def run(cfg, env):
         raise Refusal(f"--max-seq-len {max_seq_len} exceeds the model's context length {model.args.max_seq_len}")
     if max_seq_len < 0:
         raise Refusal(f"--max-seq-len {max_seq_len}: give a positive length, or 0 for the checkpoint's")
+    cfg.max_seq_len = max_seq_len  # resolved, so the trainer's plan, FLOP count and config.json use it
 
     data = Path(cfg.data)
     val_path = data.with_name(data.stem + "_val.jsonl")

@@ -58,7 +58,7 @@ def train(cfg, env, model, kind, tokenizer, train_batches, val_batches, train_da
     # how long the run is; the whole configuration goes into the header and config.json
     total_steps, warmup = plan(cfg, env, model, train_batches)
     record_config(cfg, env, total_steps, warmup, resume, extra)
-    flops_per_token = model.flops_per_token(model.args.max_seq_len)
+    flops_per_token = model.flops_per_token(window_length(cfg, model))
     peak_flops = cfg.peak_flops or (guess_peak_flops(env.device) if env.device.type == "cuda" else 0.0)
 
     with StopFlag() as stop:
@@ -156,10 +156,16 @@ def wrap_model(cfg, env, model):
     return model, eval_model
 
 
+def window_length(cfg, model):
+    """Positions per training example: --max-seq-len where the script has one (SFT may cut its
+    examples shorter than the model's context), else the model's context length."""
+    return min(getattr(cfg, "max_seq_len", 0) or model.args.max_seq_len, model.args.max_seq_len)
+
+
 def plan(cfg, env, model, train_batches):
     """(total optimizer steps, warmup steps) of the run, printed with what a step holds. The run
     takes the smallest of the budgets that are set; warmup is at most a tenth of it."""
-    seq_len = model.args.max_seq_len
+    seq_len = window_length(cfg, model)
     tokens_per_step = cfg.batch_size * seq_len * cfg.grad_accum * env.world_size  # at most: SFT pads shorter
     candidates = []
     if cfg.max_steps:

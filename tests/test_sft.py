@@ -128,3 +128,12 @@ def test_refuses_init_whose_shapes_do_not_match(tmp_path, tiny_tokenizer, tiny_t
     save_init(tmp_path / "pre" / "best.pt", tiny_tokenizer, model_args=small_vocab)
     with pytest.raises(SystemExit, match="100 token rows"):
         run_sft(tmp_path, tiny_tokenizer_path, tmp_path / "sft", "--max-steps", "1")
+
+
+def test_max_seq_len_reaches_the_plan_and_the_recorded_config(tmp_path, tiny_tokenizer, tiny_tokenizer_path, capsys):
+    save_init(tmp_path / "pre" / "best.pt", tiny_tokenizer)  # context 64
+    write_jsonl(tmp_path / "sft.jsonl", QA)
+    out = tmp_path / "sft"
+    run_sft(tmp_path, tiny_tokenizer_path, out, "--max-steps", "2", "--max-seq-len", "16")
+    assert "= 4 batch x 16 seq x 1 accum" in capsys.readouterr().out
+    assert json.loads((out / "config.json").read_text())["max_seq_len"] == 16
