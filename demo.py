@@ -145,11 +145,12 @@ def run_demo(cfg):
 
 def summarize(work, out, seconds, started):
     """Write summary.json and the run's report, then print the headline numbers."""
-    val_loss = last_val_loss(read_jsonl(out / "pretrain" / "metrics.jsonl"))
+    pretrain_rows = read_jsonl(out / "pretrain" / "metrics.jsonl")
+    val_loss, val_bpc = last_val_loss(pretrain_rows), last_val_loss(pretrain_rows, "val_bpc")
     entropy = unigram_entropy(bin_token_counts([work / "pretrain" / "demo_val.bin"]))
     metrics = json.loads((out / "eval" / "metrics.json").read_text(encoding="utf-8"))
     samples = read_jsonl(out / "eval" / "predictions.jsonl")[:3]
-    summary = {"pretrain_val_loss": val_loss, "val_unigram_entropy": entropy,
+    summary = {"pretrain_val_loss": val_loss, "pretrain_val_bpc": val_bpc, "val_unigram_entropy": entropy,
                "below_unigram": 1 - val_loss / entropy, "eval": metrics,
                "stage_seconds": {k: round(v, 1) for k, v in seconds.items()}, "seconds": round(time.time() - started)}
     write_json_atomic(out / "summary.json", summary)
@@ -157,7 +158,7 @@ def summarize(work, out, seconds, started):
 
     baselines = metrics["baselines"]
     print("\n" + "=" * 72)
-    print(f"pretraining val loss   {val_loss:.3f} nats/token")
+    print(f"pretraining val loss   {val_loss:.3f} nats/token, {val_bpc:.3f} bits/character")
     print(f"unigram entropy of val {entropy:.3f} nats/token  (val loss is {summary['below_unigram']:.1%} below it)")
     print(f"eval on {metrics['n']} held-out medical questions, [95% bootstrap intervals]:")
     print(f"  model                          {headline(metrics)}")
@@ -166,6 +167,8 @@ def summarize(work, out, seconds, started):
     ppl = f"{metrics['answer_ppl']:.1f}" if metrics["answer_ppl"] is not None else "inf"
     print(f"  sentence BLEU avg {metrics['bleu_sentence_avg']:.2f}, answer perplexity {ppl}; "
           f"sacreBLEU signature {metrics['sacrebleu_signature']}")
+    print(f"  answers that loop (repeat_rate) {metrics['repeat_rate']:.2f}, length ratio {metrics['length_ratio']:.2f}, "
+          f"reference answers at {metrics['answer_bpc']:.3f} bits/character")
     for i, s in enumerate(samples, 1):
         print(f"\n[{i}] Q: {s['question'][:120]}\n    A: {s['prediction'][:200]}\n    reference: {s['reference'][:120]}")
     print(f"\ndemo finished in {summary['seconds'] / 60:.1f} min; summary in {out / 'summary.json'}; "

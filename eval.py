@@ -17,6 +17,9 @@ order) as soon as the answers exist, then OUT_DIR/metrics.json with (scores on 0
   answer_ppl         perplexity of the reference answers under the model with teacher forcing
                      (the SFT loss over answer ids + eos, prompt masked); null if it overflows,
   answer_nll         the same loss in nats per token, which never overflows,
+  answer_bpc         the same loss in bits per character of the reference answers, which
+                     compares across vocabularies,
+  repeat_rate        the share of answers (0-1) that repeat a 10-character run: loops,
   n                  number of questions scored,
   bleu1..bleu4, rouge1, rouge2, rougeL (+ rougeL_ci95), distinct1, distinct2, length_ratio,
   baselines          the same scores for "copy the question" and, given --train-data, "the
@@ -133,24 +136,29 @@ def read_predictions(path, rows):
 
 @torch.inference_mode()
 def answer_nll(model, tokenizer, prompts, answers, batch_size):
-    """Mean SFT loss (nats per token) over every reference answer token and its eos (teacher forcing)."""
+    """The SFT loss of the reference answers under teacher forcing -> (nats per token over every
+    scored answer token and its eos, tokens scored, characters of the answer text scored).
+    An answer that runs past the context is scored up to it, its characters counted as far."""
     max_len = model.args.max_seq_len
     device = model.tok_embeddings.weight.device
-    total_nll, total_tokens = 0.0, 0
+    total_nll, total_tokens, total_chars = 0.0, 0, 0
     for start in tqdm(range(0, len(prompts), batch_size), desc="answer ppl", unit="batch"):
         xs, ys = [], []
         for prompt, answer in zip(prompts[start:start + batch_size], answers[start:start + batch_size]):
-            seq = prompt + tokenizer.encode(answer) + [tokenizer.eos_id]
+            answer_ids = tokenizer.encode(answer)
+            seq = prompt + answer_ids + [tokenizer.eos_id]
             targets = [IGNORE_INDEX] * (len(prompt) - 1) + seq[len(prompt):]
             xs.append(seq[:-1][:max_len])
             ys.append(targets[:max_len])
+            n_scored = max(0, min(len(seq) - 1, max_len) - (len(prompt) - 1))
+            total_chars += len(answer) if n_scored >= len(answer_ids) else len(tokenizer.decode(answer_ids[:n_scored]))
         width = max(len(x) for x in xs)
         x = torch.tensor([x + [tokenizer.pad_id] * (width - len(x)) for x in xs], device=device)
         y = torch.tensor([y + [IGNORE_INDEX] * (width - len(y)) for y in ys], device=device)
         n_tokens = int((y != IGNORE_INDEX).sum())
         total_nll += float(model(x, y)) * n_tokens
         total_tokens += n_tokens
-    return total_nll / total_tokens
+    return total_nll / total_tokens, total_tokens, total_chars
 
 
 def perplexity(nll):
@@ -289,9 +297,10 @@ def evaluate(cfg):
     out_dir = Path(cfg.out_dir)
     write_predictions(out_dir, rows, predictions, generated)
 
-    nll = answer_nll(model, tokenizer, prompts, [r["answer"] for r in rows], cfg.batch_size)
+    nll, n_tokens, n_chars = answer_nll(model, tokenizer, prompts, [r["answer"] for r in rows], cfg.batch_size)
     t0 = time.time()
     result = score_run(cfg, rows, predictions, nll)
+    result["answer_bpc"] = metrics.bits_per_char(nll, n_tokens, n_chars) if n_chars else None
     result.update(info, score_seconds=time.time() - t0, seconds=time.time() - started,
                   questions_per_s=len(rows) / info["generate_seconds"],
                   checkpoint=ckpt["path"], kind=ckpt.get("kind"), step=ckpt.get("step"), tokenizer=tokenizer.name,
@@ -337,6 +346,8 @@ def print_summary(m, out_dir):
     lines.append(f"  BLEU-1..4 {bleu_n}  ROUGE-1/2 {m['rouge1']:.2f} / "
                  f"{m['rouge2']:.2f}  Distinct-1/2 {m['distinct1']:.2f} / {m['distinct2']:.2f}  "
                  f"length ratio {m['length_ratio']:.2f}")
+    bpc = f"{m['answer_bpc']:.3f}" if m.get("answer_bpc") is not None else "n/a"
+    lines.append(f"  repeat rate {m['repeat_rate']:.2f}  answer bits per character {bpc}")
     lines.append(f"  sentence BLEU avg {m['bleu_sentence_avg']:.2f}  answer ppl {ppl} (nll {m['answer_nll']:.3f})  "
                  f"sacreBLEU signature {m['sacrebleu_signature']}")
     if "compare" in m:

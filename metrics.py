@@ -21,6 +21,16 @@ spaces, so "characters" is the usual unit for Chinese QA scores. All scores are 
              a model that says the same thing to everyone scores near 0.
   length     the mean of len(answer) / len(reference), in tokens: BLEU's brevity penalty
              and ROUGE's recall both depend on it, so it explains many score changes.
+  repeat     repeat_rate: the share of answers (0-1) in which some run of 10 characters occurs
+             twice, the mark of a decoder caught in a loop ("你的描述，你的描述，…"); looping
+             answers grow long, which lifts BLEU through its brevity penalty alone.
+
+Bits per character (bpc) is the model's loss over a text in bits, divided by the text's
+characters: nats per token / ln 2 x tokens / characters. Loss per token and perplexity
+depend on the vocabulary (a 4096-piece token holds fewer characters than a 64793-id one), so
+they cannot compare models with different tokenizers; bits per character can, over the same
+text. val_bpc is it over the pretraining validation text, answer_bpc over the reference
+answers under teacher forcing.
 
 Noise. A set of a few hundred answers is a sample; another sample would score differently.
 The bootstrap (Efron 1979; Koehn 2004 for MT) estimates how much: draw as many questions
@@ -35,10 +45,13 @@ drops every Chinese character unless replaced, and its LCS fills the len(a) x le
 in pure Python, many times slower than lcs_length below (README: "Evaluation and chat"); with
 the model and two baselines to score, that would be a noticeable share of an eval's time.
 """
+import math
+
 import numpy as np
 from sacrebleu.metrics import BLEU
 
 MAX_ORDER = 4  # BLEU-1 .. BLEU-4
+REPEAT_SPAN = 10  # characters: a run this long met twice in one answer marks a loop
 BOOTSTRAP_SAMPLES = 1000
 SACREBLEU = BLEU(tokenize="zh")  # sacreBLEU's defaults otherwise: exp smoothing, mixed case
 
@@ -151,6 +164,30 @@ def length_ratio(hypotheses, references):
     return float(np.mean([len(char_tokens(h)) / max(len(char_tokens(r)), 1) for h, r in zip(hypotheses, references)]))
 
 
+def repeats_itself(text, span=REPEAT_SPAN):
+    """Whether some run of `span` characters occurs at least twice in text (overlaps count)."""
+    seen = set()
+    for i in range(len(text) - span + 1):
+        run = text[i:i + span]
+        if run in seen:
+            return True
+        seen.add(run)
+    return False
+
+
+def repeat_rate(hypotheses, span=REPEAT_SPAN):
+    """The share of answers (0-1) that repeat some run of `span` characters."""
+    return sum(map(repeats_itself, hypotheses, [span] * len(hypotheses))) / len(hypotheses) if hypotheses else 0.0
+
+
+def bits_per_char(nats_per_token, n_tokens, n_chars):
+    """A loss of nats_per_token over a text of n_tokens tokens and n_chars characters, in bits
+    per character: the total loss in bits shared out over the characters."""
+    if n_tokens < 1 or n_chars < 1:
+        raise ValueError(f"bits per character needs a non-empty text: {n_tokens} tokens, {n_chars} characters")
+    return nats_per_token / math.log(2) * n_tokens / n_chars
+
+
 # -----------------------------------------------------------------------------
 # the bootstrap
 
@@ -213,7 +250,7 @@ def score(hypotheses, references, samples=BOOTSTRAP_SAMPLES, seed=0):
               "rouge1": float(rouge[:, 0].mean()), "rouge2": float(rouge[:, 1].mean()),
               "rougeL": float(rouge[:, 2].mean()),
               "distinct1": distinct_n(hypotheses, 1), "distinct2": distinct_n(hypotheses, 2),
-              "length_ratio": length_ratio(hypotheses, references)}
+              "length_ratio": length_ratio(hypotheses, references), "repeat_rate": repeat_rate(hypotheses)}
     if samples:
         ci = confidence_intervals(stats, rouge[:, 2], samples, seed)
         scores.update(bleu4_ci95=ci["bleu4"], rougeL_ci95=ci["rougeL"])

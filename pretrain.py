@@ -10,6 +10,8 @@ and the batches; the training loop itself is trainer.train (trainer.py).
 import argparse
 from dataclasses import fields
 
+import numpy as np
+
 import cli
 import trainer
 from batches import Batches, eval_batches
@@ -28,6 +30,7 @@ from train_flags import add_train_args
 # --optimizer adamw is upstream's recipe.
 DEFAULTS = dict(data=["data/pretrain/*.bin"], tokenizer=None,
                 optimizer="muon", grad_accum=4, epochs=1.0, out_dir="out/pretrain")
+VAL_TEXT_TOKENS = 1_000_000  # validation tokens decoded to count their characters (val_bpc)
 
 # The ModelArgs fields that are flags, with their help. A field's flag is its name with dashes
 # (n_kv_heads: --n-kv-heads), with the field's default and the default's type; a bool field,
@@ -99,8 +102,25 @@ def run(cfg, env):
               f"windows; validation {val_set.n_tokens:,} tokens")
     train_batches = Batches(train_set, cfg.batch_size, cfg.seed, env)
     val_batches = lambda: eval_batches(val_set, cfg.batch_size, cfg.eval_batches, env)  # noqa: E731
+    val_text = text_size(val_files, tokenizer)
+    env.print(f"validation text: {val_text[1] / val_text[0]:.2f} characters per token "
+              f"(over its first {val_text[0]:,} tokens), which turns val_loss into val_bpc")
     train_data = [(f.name, meta["n_tokens"]) for f, meta in zip(train_set.files, train_set.metas)]
-    return trainer.train(cfg, env, model, "pretrain", tokenizer, train_batches, val_batches, train_data, resume)
+    return trainer.train(cfg, env, model, "pretrain", tokenizer, train_batches, val_batches, train_data, resume,
+                         val_text=val_text)
+
+
+def text_size(bin_files, tokenizer, max_tokens=VAL_TEXT_TOKENS):
+    """(tokens, characters) of the text in uint16 .bin files, decoded up to max_tokens tokens:
+    the ratio that turns a loss per token into bits per character (metrics.bits_per_char)."""
+    tokens = chars = 0
+    for f in bin_files:
+        ids = np.memmap(f, dtype="<u2", mode="r")[:max_tokens - tokens]
+        tokens += len(ids)
+        chars += len(tokenizer.decode(ids.tolist()))
+        if tokens >= max_tokens:
+            break
+    return tokens, chars
 
 
 if __name__ == "__main__":

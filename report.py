@@ -65,8 +65,9 @@ def load_stage(out_dir):
     return ckpt
 
 
-def last_val_loss(rows):
-    vals = [r["val_loss"] for r in rows if r.get("val_loss") is not None]
+def last_val_loss(rows, key="val_loss"):
+    """The last logged validation value (val_loss, or key="val_bpc"), None where none was logged."""
+    vals = [r[key] for r in rows if r.get(key) is not None]
     return vals[-1] if vals else None
 
 
@@ -192,14 +193,17 @@ def section_losses(stages, entropies, note):
     rows = []
     for name, label in (("pretrain", "pretrain (validation tokens)"), ("sft", "SFT (validation answer tokens + eos)")):
         loss = last_val_loss(stages[name]["rows"]) if stages[name] is not None else None
+        bpc = last_val_loss(stages[name]["rows"], "val_bpc") if stages[name] is not None else None
         entropy = entropies[name]
-        rows.append([label, "n/a" if loss is None else f"{loss:.3f}", "n/a" if entropy is None else f"{entropy:.3f}",
+        rows.append([label, "n/a" if loss is None else f"{loss:.3f}", "" if bpc is None else f"{bpc:.3f}",
+                     "n/a" if entropy is None else f"{entropy:.3f}",
                      "" if loss is None or entropy is None else f"{1 - loss / entropy:.1%}"])
     return ["## Loss curves", "", "![loss curves: pretraining and SFT](loss_curves.png)", "",
             "## Final validation loss vs unigram entropy", "",
             "Both in nats per token. The unigram entropy of the same tokens is the loss of a model that "
-            "knows only how often each token occurs; 'below' is how far under it the model got.", ""] + \
-        table(["stage", "final val loss", "unigram entropy", "below"], rows) + ([""] + [note] if note else []) + [""]
+            "knows only how often each token occurs; 'below' is how far under it the model got. "
+            "Bits per character (val_bpc, pretraining) compare across vocabularies.", ""] + \
+        table(["stage", "final val loss", "val bits per character", "unigram entropy", "below"], rows) + ([""] + [note] if note else []) + [""]
 
 
 def score_cell(scores, key):

@@ -11,7 +11,8 @@ A training script builds what differs between pretraining and fine-tuning, then 
         return trainer.train(cfg, env, model, kind, tokenizer, train_batches, val_batches, train_data, resume)
 
 train_data ([file name, tokens] per training file) and the tokenizer's identity go into every
-checkpoint, and --resume compares them; so does any `extra` dict given to train().
+checkpoint, and --resume compares them; so does any `extra` dict given to train(). val_text,
+(tokens, characters) of the validation text, adds val_bpc (bits per character) beside val_loss.
 
 What train() does, step by step: the optimizers (optimizers.py) and the warmup + cosine
 schedule over the run's real number of steps; gradient accumulation (DDP syncs the gradients
@@ -38,13 +39,15 @@ import kernels
 from checkpoint import check_resume, prune_step_checkpoints, rng_state, save_checkpoint, set_rng_state
 from cli import config_line, write_config
 from logbook import append_metrics, plot_loss_curves, read_metrics, write_metrics
+from metrics import bits_per_char
 from model import IGNORE_INDEX
 from optimizers import build_optimizers, describe_optimizers, lr_multiplier
 from refusal import Refusal
 from train_flags import PEAK_FLOPS
 
 
-def train(cfg, env, model, kind, tokenizer, train_batches, val_batches, train_data, resume=None, extra=None):
+def train(cfg, env, model, kind, tokenizer, train_batches, val_batches, train_data, resume=None, extra=None,
+          val_text=None):
     """Train model to the planned step; returns the last metrics row. See the module docstring."""
     # what every checkpoint says it is; a resumed run must match its checkpoint's settings
     header = checkpoint_header(cfg, env, kind, model, tokenizer, train_data, extra)
@@ -86,6 +89,8 @@ def train(cfg, env, model, kind, tokenizer, train_batches, val_batches, train_da
                 row = metrics_row(step_loss, progress, optimizers, clock, env, flops_per_token, peak_flops)
                 if do_eval:
                     row["val_loss"] = round(evaluate(eval_model, val_batches(), env), 6)
+                    if val_text:  # (tokens, characters) of the validation text
+                        row["val_bpc"] = round(bits_per_char(row["val_loss"], *val_text), 6)
                     best = row["val_loss"] < progress.best_val
                     progress.best_val = min(progress.best_val, row["val_loss"])
                 log(row, progress, clock, total_steps, env, cfg.out_dir)

@@ -8,9 +8,10 @@ import torch
 import chat
 import eval as qa_eval
 import metrics
-from checkpoint import load_checkpoint, save_checkpoint
+from checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 from conftest import make_chinese_texts
 from model import ModelArgs, Transformer
+from prompt import fit_prompt
 from refusal import Refusal
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -75,6 +76,7 @@ def test_eval_end_to_end_writes_predictions_and_metrics(tmp_path, sft_ckpt):
         assert written[key] == pytest.approx(result[key]), key
     assert written["n"] == 5 and math.isfinite(written["answer_ppl"]) and written["answer_ppl"] > 1
     assert written["answer_ppl"] == pytest.approx(math.exp(written["answer_nll"]))
+    assert 0 < written["answer_bpc"] and 0 <= written["repeat_rate"] <= 1
     assert written["bleu4_char_corpus"] == written["bleu4"]
     assert written["sacrebleu_signature"].startswith("nrefs:1|case:mixed|eff:no|tok:zh|smooth:exp|version:")
     for key in ("bleu4_char_corpus_ci95", "rougeL_ci95"):
@@ -224,3 +226,21 @@ def test_chat_one_shot_for_sft_and_pretrain_checkpoints(tmp_path, sft_ckpt, tiny
     pretrain = save_tiny_checkpoint(tmp_path / "pre" / "best.pt", tiny_tokenizer, "pretrain")
     chat.main(["--ckpt", str(pretrain), "--prompt", "医生建议", "--max-new-tokens", "6", "--temperature", "0"])
     assert capsys.readouterr().out.startswith("医生建议")  # a continuation prints the text it continues
+
+
+def test_answer_bpc_is_the_answers_loss_in_bits_per_character(sft_ckpt, tiny_tokenizer):
+    tok = tiny_tokenizer
+    model = model_from_checkpoint(load_checkpoint(sft_ckpt)).eval()
+    questions, answers = ["头痛发热", "感冒咳嗽"], ["建议休息", "可以用药治疗"]
+    prompts = [fit_prompt(tok, [], q, 32)[0] for q in questions]
+    nll, n_tokens, n_chars = qa_eval.answer_nll(model, tok, prompts, answers, batch_size=2)
+    # by hand: -log p of every answer token and the eos, one sequence at a time
+    total = 0.0
+    for prompt, answer in zip(prompts, answers):
+        seq = prompt + tok.encode(answer) + [tok.eos_id]
+        with torch.no_grad():
+            logp = torch.log_softmax(model.logits(torch.tensor([seq[:-1]]))[0], dim=-1)
+        total -= sum(float(logp[i - 1, seq[i]]) for i in range(len(prompt), len(seq)))
+    assert n_tokens == sum(len(tok.encode(a)) + 1 for a in answers) and n_chars == 4 + 6
+    assert nll == pytest.approx(total / n_tokens, rel=1e-4)
+    assert metrics.bits_per_char(nll, n_tokens, n_chars) == pytest.approx(total / math.log(2) / 10, rel=1e-4)

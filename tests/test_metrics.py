@@ -126,3 +126,22 @@ def test_distinct_is_low_for_one_answer_given_to_everyone():
     assert metrics.distinct_n(["多喝水"] * 10, 1) == pytest.approx(100 * 3 / 30)
     assert metrics.distinct_n([""], 2) == 0.0
     assert np.isfinite(metrics.length_ratio(["多喝水"], ["多"]))
+
+
+def test_repeat_rate_counts_answers_that_loop():
+    looping = "你好，根据你的描述，你的描述，你的描述，"  # "你的描述，你的描述" holds the 10-char run twice
+    assert metrics.repeats_itself(looping)
+    assert not metrics.repeats_itself("建议您到医院做个心电图检查，明确诊断后再用药。")
+    assert not metrics.repeats_itself("一二三四五六七八九十" * 1 + "一二三四五六七八九")  # 9 of 10 again: no
+    assert metrics.repeats_itself("一二三四五六七八九十" * 2)
+    assert metrics.repeat_rate([looping, "不会重复的一句话", "也不重复", "好好好好好好好好好好好"]) == 0.5
+    assert metrics.score([looping], ["参考"], samples=0)[0]["repeat_rate"] == 1.0
+
+
+def test_bits_per_char_by_hand():
+    # 2 tokens of loss ln 4 nats each = 2 bits each, 4 bits over 8 characters: 0.5 bit per character
+    assert metrics.bits_per_char(math.log(4), 2, 8) == pytest.approx(0.5)
+    # the same text under a finer vocabulary: 4 tokens at half the loss each, the same bpc
+    assert metrics.bits_per_char(math.log(2), 4, 8) == pytest.approx(0.5)
+    with pytest.raises(ValueError):
+        metrics.bits_per_char(1.0, 0, 8)

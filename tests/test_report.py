@@ -1,7 +1,9 @@
 """The tiny end-to-end run: data_process -> pretrain -> sft -> eval -> report, every stage as
 the command a user runs, then the report's presence and its sections."""
 import json
+import math
 
+import numpy as np
 import pytest
 
 import data_process
@@ -48,7 +50,7 @@ def run_dir(tmp_path_factory, tiny_tokenizer_path):
     return root
 
 
-def test_report_has_every_section_after_a_tiny_run(run_dir, capsys):
+def test_report_has_every_section_after_a_tiny_run(run_dir, capsys, tiny_tokenizer):
     out = run_dir / "out"
     report.main([str(out), "--pretrain-data", str(run_dir / "work" / "corpus.bin")])
     assert f"report: {out / 'report.md'}" in capsys.readouterr().out
@@ -65,6 +67,14 @@ def test_report_has_every_section_after_a_tiny_run(run_dir, capsys):
     # both stages have a final validation loss and an entropy to compare it with
     rows = [line for line in text.splitlines() if line.startswith("| pretrain (") or line.startswith("| SFT (")]
     assert len(rows) == 2 and all("n/a" not in row and "%" in row for row in rows)
+    pretrain_rows = [json.loads(line) for line in (run_dir / "out" / "pretrain" / "metrics.jsonl").read_text().splitlines()]
+    val_bpc = [r["val_bpc"] for r in pretrain_rows if "val_bpc" in r][-1]  # pretraining logs bits per character
+    assert 0 < val_bpc and f"| {val_bpc:.3f} |" in rows[0]
+    # by hand: the last val_loss in bits, times the validation text's tokens per character
+    ids = np.fromfile(run_dir / "work" / "corpus_val.bin", dtype="<u2").tolist()
+    val_loss = [r["val_loss"] for r in pretrain_rows if "val_loss" in r][-1]
+    chars = len(tiny_tokenizer.decode(ids))
+    assert val_bpc == pytest.approx(val_loss / math.log(2) * len(ids) / chars, rel=1e-4)
     assert text.count("- model: ") == 5
 
 
