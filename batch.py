@@ -74,7 +74,7 @@ class Request:
         self.cancelled = False
         self.finish_reason = None
         self.generator = None  # a seeded torch.Generator for a sampling row, made on admission
-        self.seen = None  # (V,) bool: tokens in the context, for a repetition penalty != 1
+        self.seen = None  # (V,) bool: tokens the answer holds so far, for a repetition penalty != 1
 
     def cancel(self):
         self.cancelled = True
@@ -154,8 +154,8 @@ class DecodeBatch:
             seed = s.seed if s.seed is not None else random.SystemRandom().randrange(2 ** 63)
             request.generator = torch.Generator(device=self.device).manual_seed(seed)
         if s.repetition_penalty != 1.0:
+            # the answer's own tokens only: the question's words are ones an answer should be free to use
             request.seen = torch.zeros(self.model.args.vocab_size, dtype=torch.bool, device=self.device)
-            request.seen[torch.tensor(request.prompt_ids, device=self.device)] = True
 
     def step(self):
         """Pick every row's next token, hand the tokens out, let ended rows leave, and run the

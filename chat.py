@@ -23,12 +23,14 @@ from dataclasses import replace
 
 import cli
 from engine import BatchEngine
-from generate import TextStream, add_generation_args, default_max_new_tokens, load_for_inference, sampling_from
+from generate import (TextStream, add_generation_args, default_max_new_tokens, load_for_inference, resolve_decoding,
+                      sampling_from)
 from prompt import fit_prompt
 from refusal import Refusal, one_line_refusals
 
 # -----------------------------------------------------------------------------
-# defaults (flags override); a mild repetition penalty breaks most of a small model's loops
+# defaults (flags override, and so does the checkpoint's generation_config.json where it has
+# a value); a mild repetition penalty breaks most of a small model's loops
 GENERATION = dict(ckpt="out/sft", max_new_tokens=None, temperature=0.7, top_k=None, top_p=0.9,
                   repetition_penalty=1.1, seed=1337)
 MAX_NEW_TOKENS = 256  # the default answer length, where half the context allows it
@@ -172,6 +174,9 @@ def parse_args(argv=None):
 def chat(cfg):
     if cfg.prompt is not None and not_encodable(cfg.prompt):
         raise Refusal("--prompt is not valid UTF-8 text")
+    stored = resolve_decoding(cfg, GENERATION)
+    if stored:
+        note(f"decoding defaults from {stored} (a flag overrides each)")
     sampling = sampling_from(cfg)
     setup_terminal()
     ckpt, model, tokenizer = load_for_inference(cfg.ckpt, cfg.tokenizer, cfg.device)

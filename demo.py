@@ -1,20 +1,24 @@
-"""The whole pipeline on a small demo preset, in under 10 minutes on a 2-core CPU:
+"""The whole pipeline at one of three budgets, the rungs of a quality ladder:
 
-    own tokenizer -> data_process (pretrain, sft, eval) -> pretrain -> sft -> eval
+    own tokenizer -> data_process (pretrain, sft, eval) -> pretrain -> sft -> choose_decoding -> eval
 
-    python demo.py                       # downloads small public subsets from the Hub
-    DATA_DIR=path/to/data python demo.py # or: python demo.py --data-dir path/to/data (offline)
+    python demo.py                       # the demo rung: under 10 minutes on a 2-core CPU
+    python demo.py --preset small        # a larger model on more tokens: under 30 minutes there
+    python demo.py --preset gpu --data-dir DIR   # context 512, dim 512, 8 layers, ChatGLM2 vocabulary: one GPU
+    DATA_DIR=path/to/data python demo.py # a local data dir (offline); without one, small public
+                                         # subsets are downloaded from the Hub
 
 A local data dir holds pretrain/*.jsonl ({"text"}), sft/*.jsonl (Alpaca) and
-medical_qa/*.jsonl ({"question","answer"}). Each stage is an ordinary command of this
-repository, printed before it runs, so the demo doubles as a worked example.
+medical_qa/*.jsonl ({"question","answer"}); the gpu rung also needs
+tokenizer/chatglm2/tokenizer.model. Each stage is an ordinary command of this repository,
+printed before it runs, so the demo doubles as a worked example.
 
 At the end it prints the pretraining validation loss beside the unigram entropy of the
 validation tokens (both in nats per token: a model that only knew token frequencies would
-score the entropy), the sacreBLEU and ROUGE-L of the fine-tuned model on held-out medical
-questions with their 95% confidence intervals and beside two baselines, and three sample
-answers; all of it also goes to out/demo/summary.json, and report.py writes the run's
-report to out/demo/report.md.
+score the entropy) and in bits per character, the sacreBLEU and ROUGE-L of the fine-tuned
+model on held-out medical questions with their 95% confidence intervals and beside two
+baselines, and three sample answers; all of it also goes to OUT_DIR/summary.json (with the
+run's training FLOPs), and report.py writes the run's report to OUT_DIR/report.md.
 """
 import argparse
 import glob
@@ -33,30 +37,50 @@ from refusal import Refusal, one_line_refusals
 from report import bin_token_counts, last_val_loss, read_jsonl, unigram_entropy
 
 # -----------------------------------------------------------------------------
-# defaults (flags override). Sized so that the whole run fits within 10 minutes on 2 CPU cores:
-# a small own vocabulary (the 64793-id ChatGLM2 head alone would eat the budget) and a
-# model of 1.3M parameters, pretrained on 3.1M tokens.
+# defaults (flags override)
 DATA_DIR = os.environ.get("DATA_DIR", "")  # empty: download subsets from the Hub
 WORK_DIR = "data/demo"
 OUT_DIR = "out/demo"
-VOCAB_SIZE = 4096
-CHARACTER_COVERAGE = 0.99  # below SentencePiece's default so 4096 pieces suffice; rare characters use bytes
-MODEL = ["--dim", "128", "--n-layers", "4", "--n-heads", "4", "--max-seq-len", "256"]
-# Muon for the hidden matrices: the recipe that reaches a given loss with fewer tokens
-# (bench/bench_recipe.py), which is what a fixed time budget needs.
-PRETRAIN = ["--batch-size", "32", "--grad-accum", "1", "--max-steps", "380", "--optimizer", "muon",
-            "--muon-lr", "0.02", "--lr", "3e-3", "--min-lr", "3e-4", "--warmup-steps", "30",
-            "--eval-every", "150", "--eval-batches", "80", "--log-every", "25", "--save-every", "150"]
-SFT = ["--batch-size", "32", "--max-steps", "300", "--epochs", "0", "--lr", "1e-3", "--min-lr", "1e-4",
-       "--warmup-steps", "20", "--eval-every", "100", "--eval-batches", "10", "--log-every", "25",
-       "--save-every", "200", "--num-workers", "1"]
+PRESET = "demo"
+EVAL_QUESTIONS = 200
+# Modern medical and encyclopedic text, the closest to a consultation answer: doctor-patient
+# dialogues, disease entries, Wikipedia, scientific abstracts. The TCM classics (classical
+# Chinese, 37% of the shared corpus), statutes and news transcripts teach other languages of
+# text; a few million tokens are better spent on this (README: what moves quality).
+PRETRAIN_FILES = ["medical_dialogues.jsonl", "medical_texts.jsonl", "wiki_zh.jsonl", "csl_abstracts.jsonl",
+                  "cmrc2018_wiki.jsonl"]
 # The medical SFT files whose answers are as long as the eval references (median 99 characters):
 # medical_huatuo26m (median 100) and medical_chatmed (135). medical_huatuo_kg's knowledge-graph
-# answers (median 54) teach answers half that long, which BLEU's brevity penalty punishes; with
-# them the demo model scored sacreBLEU 1.37 at length ratio 0.50, without them 2.20 at 0.71.
+# answers (median 54) teach answers half that long, which BLEU's brevity penalty punishes.
 SFT_FILES = ["medical_huatuo26m.jsonl", "medical_chatmed.jsonl"]
-EVAL_QUESTIONS = 200
-EVAL_ARGS = ["--batch-size", "50", "--max-new-tokens", "128", "--repetition-penalty", "1.2"]
+COMMON_PRETRAIN = ["--optimizer", "muon", "--muon-lr", "0.02", "--lr", "3e-3", "--min-lr", "3e-4",
+                   "--warmup-steps", "30", "--eval-batches", "80", "--log-every", "25"]
+COMMON_SFT = ["--lr", "1e-3", "--min-lr", "1e-4", "--warmup-steps", "20", "--eval-batches", "10", "--log-every", "25",
+              "--num-workers", "1"]
+# The ladder. Each rung is the whole recipe at one budget; Muon for the hidden matrices reaches
+# a given loss with fewer tokens (bench/bench_recipe.py), which is what a fixed budget needs.
+# vocab_size None: the ChatGLM2 tokenizer of the data dir instead of an own one.
+LADDER = {
+    "demo": dict(  # 1.3M parameters, 2.4M pretraining tokens, 10 minutes on 2 CPU cores
+        vocab_size=4096, pretrain_files=PRETRAIN_FILES, sft_files=SFT_FILES,
+        model=["--dim", "128", "--n-layers", "4", "--n-heads", "4", "--max-seq-len", "256"],
+        pretrain=["--batch-size", "32", "--epochs", "1", *COMMON_PRETRAIN, "--eval-every", "150", "--save-every", "150"],
+        sft=["--batch-size", "32", "--max-steps", "300", "--epochs", "0", *COMMON_SFT, "--eval-every", "100",
+             "--save-every", "150"]),
+    "small": dict(  # 3.4M parameters (dim 192, 6 layers), 3.6M pretraining tokens: 30 minutes on 2 CPU cores
+        vocab_size=4096, pretrain_files=PRETRAIN_FILES, sft_files=SFT_FILES,
+        model=["--dim", "192", "--n-layers", "6", "--n-heads", "6", "--max-seq-len", "256"],
+        pretrain=["--batch-size", "32", "--epochs", "1.5", *COMMON_PRETRAIN, "--eval-every", "200", "--save-every", "200"],
+        sft=["--batch-size", "32", "--max-steps", "400", "--epochs", "0", *COMMON_SFT, "--eval-every", "100",
+             "--save-every", "200"]),
+    "gpu": dict(  # the model the project is built around (dim 512, 8 layers), on all of the data: one GPU
+        vocab_size=None, pretrain_files=["*.jsonl"], sft_files=["*.jsonl"],
+        model=["--dim", "512", "--n-layers", "8", "--n-heads", "8", "--max-seq-len", "512"],
+        pretrain=["--batch-size", "32", "--grad-accum", "4", "--epochs", "2", "--eval-every", "100", "--save-every", "100"],
+        sft=["--batch-size", "32", "--epochs", "2", "--eval-every", "200", "--save-every", "200"]),
+}
+CHARACTER_COVERAGE = 0.99  # below SentencePiece's default so 4096 pieces suffice; rare characters use bytes
+CHATGLM2 = Path("tokenizer") / "chatglm2" / "tokenizer.model"  # in the data dir
 # Small public files from the Hub for the online path (shibing624/medical, Apache-2.0).
 HUB_REPO = "shibing624/medical"
 HUB_FILES = {"pretrain": ["pretrain/medical_book_zh.json", "pretrain/valid_encyclopedia.json"],
@@ -102,6 +126,8 @@ def parse_args(argv=None):
     parser.add_argument("--data-dir", default=DATA_DIR, help="local data dir ($DATA_DIR; empty: download from the Hub)")
     parser.add_argument("--work-dir", default=WORK_DIR, help="tokenizer and processed data go here")
     parser.add_argument("--out-dir", default=OUT_DIR, help="checkpoints, metrics and the summary go here")
+    parser.add_argument("--preset", choices=sorted(LADDER), default=PRESET,
+                        help="the rung of the ladder: demo (10 min, 2 CPU cores), small (30 min there), gpu (one GPU)")
     return parser.parse_args(argv)
 
 
@@ -109,6 +135,49 @@ def main(argv=None):
     cfg = parse_args(argv)
     with one_line_refusals("demo.py"):
         run_demo(cfg)
+
+
+def pick_files(folder, patterns):
+    """The files of `folder` that the rung names, else all of its .json/.jsonl (a data dir of other names)."""
+    chosen = sorted({f for pattern in patterns for f in glob.glob(str(folder / pattern))})
+    return chosen or sorted(glob.glob(str(folder / "*.json*")))
+
+
+def stages(rung, data, work, out):
+    """The rung's stages as (name, command line) in the order they run: what a user would type."""
+    pretrain_inputs = pick_files(data / "pretrain", rung["pretrain_files"])
+    sft_inputs = pick_files(data / "sft", rung["sft_files"])
+    qa_inputs = sorted(glob.glob(str(data / "medical_qa" / "*.json*")))
+    if not (pretrain_inputs and sft_inputs and qa_inputs):
+        raise Refusal(f"{data} needs pretrain/, sft/ and medical_qa/ with .jsonl/.json files")
+    eval_set, sft_set = work / "eval" / "medical_qa.jsonl", work / "sft" / "demo.jsonl"
+    commands = []
+    if rung["vocab_size"] is None:
+        tokenizer = data / CHATGLM2
+        if not tokenizer.is_file():
+            raise Refusal(f"{tokenizer} not found: this rung uses the ChatGLM2 tokenizer; put its tokenizer.model "
+                          f"there (Hub: THUDM/chatglm2-6b)")
+    else:
+        tokenizer = work / "tokenizer.model"
+        commands.append(("tokenizer", ["data_process.py", "tokenizer", "--input", *pretrain_inputs, "--vocab-size",
+                                       rung["vocab_size"], "--character-coverage", CHARACTER_COVERAGE, "--out", tokenizer]))
+    max_tokens = dict(zip(rung["model"][::2], rung["model"][1::2]))["--max-seq-len"]
+    commands += [
+        ("data: pretrain", ["data_process.py", "pretrain", "--input", *pretrain_inputs, "--out", work / "pretrain" / "demo",
+                            "--tokenizer", tokenizer, "--val-fraction", "0.01"]),
+        ("data: eval", ["data_process.py", "eval", "--input", *qa_inputs, "--out", eval_set]),
+        ("data: sft", ["data_process.py", "sft", "--input", *sft_inputs, "--out", sft_set, "--exclude-questions", eval_set,
+                       "--tokenizer", tokenizer, "--max-tokens", max_tokens, "--val-fraction", "0.05"]),
+        ("pretrain", ["pretrain.py", "--data", work / "pretrain" / "demo.bin", "--tokenizer", tokenizer,
+                      "--out-dir", out / "pretrain", *rung["model"], *rung["pretrain"]]),
+        ("sft", ["sft.py", "--init", out / "pretrain", "--data", sft_set, "--tokenizer", tokenizer, "--out-dir", out / "sft",
+                 *rung["sft"]]),
+        # decoding defaults from the SFT validation split only; eval.py then runs with its defaults
+        ("decoding", ["choose_decoding.py", "--ckpt", out / "sft", "--data", work / "sft" / "demo_val.jsonl"]),
+        ("eval", ["eval.py", "--ckpt", out / "sft", "--data", eval_set, "--tokenizer", tokenizer, "--out-dir", out / "eval",
+                  "--limit", EVAL_QUESTIONS, "--train-data", sft_set, "--batch-size", "50"]),
+    ]
+    return commands
 
 
 def run_demo(cfg):
@@ -120,41 +189,29 @@ def run_demo(cfg):
     print(cli.config_line(cfg), flush=True)
     cli.write_config(out, cfg)
     data = Path(cfg.data_dir) if cfg.data_dir else download_subsets(work / "raw")
-    pretrain_inputs = sorted(glob.glob(str(data / "pretrain" / "*.json*")))
-    sft_inputs = sorted(f for pattern in SFT_FILES for f in glob.glob(str(data / "sft" / pattern)))
-    sft_inputs = sft_inputs or sorted(glob.glob(str(data / "sft" / "*.json*")))
-    qa_inputs = sorted(glob.glob(str(data / "medical_qa" / "*.json*")))
-    if not (pretrain_inputs and sft_inputs and qa_inputs):
-        raise Refusal(f"{data} needs pretrain/, sft/ and medical_qa/ with .jsonl/.json files")
-    tokenizer = work / "tokenizer.model"
-
     seconds = {}  # wall-clock per stage, for the report
-    seconds["tokenizer"] = run("data_process.py", "tokenizer", "--input", *pretrain_inputs, "--vocab-size", VOCAB_SIZE,
-                               "--character-coverage", CHARACTER_COVERAGE, "--out", tokenizer)
-    seconds["data: pretrain"] = run("data_process.py", "pretrain", "--input", *pretrain_inputs, "--out",
-                                    work / "pretrain" / "demo", "--tokenizer", tokenizer, "--val-fraction", "0.01")
-    seconds["data: eval"] = run("data_process.py", "eval", "--input", *qa_inputs, "--out", work / "eval" / "medical_qa.jsonl")
-    seconds["data: sft"] = run("data_process.py", "sft", "--input", *sft_inputs, "--out", work / "sft" / "demo.jsonl",
-                               "--exclude-questions", work / "eval" / "medical_qa.jsonl", "--tokenizer", tokenizer,
-                               "--max-tokens", "256", "--val-fraction", "0.05")
-    seconds["pretrain"] = run("pretrain.py", "--data", work / "pretrain" / "demo.bin", "--tokenizer", tokenizer,
-                              "--out-dir", out / "pretrain", *MODEL, *PRETRAIN)
-    seconds["sft"] = run("sft.py", "--init", out / "pretrain", "--data", work / "sft" / "demo.jsonl", "--tokenizer", tokenizer,
-                         "--out-dir", out / "sft", *SFT)
-    seconds["eval"] = run("eval.py", "--ckpt", out / "sft", "--data", work / "eval" / "medical_qa.jsonl", "--tokenizer", tokenizer,
-                          "--out-dir", out / "eval", "--limit", EVAL_QUESTIONS, "--train-data", work / "sft" / "demo.jsonl",
-                          *EVAL_ARGS)
-    summarize(work, out, seconds, started)
+    for name, command in stages(LADDER[cfg.preset], data, work, out):
+        seconds[name] = run(*command)
+    summarize(work, out, seconds, started, cfg.preset)
 
 
-def summarize(work, out, seconds, started):
+def training_flops(out):
+    """FLOPs spent training (pretraining and SFT): each stage's tokens times its FLOPs per token."""
+    total = 0.0
+    for stage in ("pretrain", "sft"):
+        config = json.loads((out / stage / "config.json").read_text(encoding="utf-8"))
+        total += read_jsonl(out / stage / "metrics.jsonl")[-1]["tokens"] * config["flops_per_token"]
+    return total
+
+
+def summarize(work, out, seconds, started, preset):
     """Write summary.json and the run's report, then print the headline numbers."""
     pretrain_rows = read_jsonl(out / "pretrain" / "metrics.jsonl")
     val_loss, val_bpc = last_val_loss(pretrain_rows), last_val_loss(pretrain_rows, "val_bpc")
     entropy = unigram_entropy(bin_token_counts([work / "pretrain" / "demo_val.bin"]))
     metrics = json.loads((out / "eval" / "metrics.json").read_text(encoding="utf-8"))
     samples = read_jsonl(out / "eval" / "predictions.jsonl")[:3]
-    summary = {"pretrain_val_loss": val_loss, "pretrain_val_bpc": val_bpc, "val_unigram_entropy": entropy,
+    summary = {"preset": preset, "training_flops": training_flops(out), "pretrain_val_loss": val_loss, "pretrain_val_bpc": val_bpc, "val_unigram_entropy": entropy,
                "below_unigram": 1 - val_loss / entropy, "eval": metrics,
                "stage_seconds": {k: round(v, 1) for k, v in seconds.items()}, "seconds": round(time.time() - started)}
     write_json_atomic(out / "summary.json", summary)

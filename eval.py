@@ -45,7 +45,7 @@ import metrics
 from atomic import write_json_atomic, write_text_atomic
 from corpus import DataError, iter_records, stop_at_bad, utf8
 from engine import BatchEngine, answer_all
-from generate import add_generation_args, default_max_new_tokens, load_for_inference, sampling_from
+from generate import add_generation_args, default_max_new_tokens, load_for_inference, resolve_decoding, sampling_from
 from model import IGNORE_INDEX
 from prompt import fit_prompt
 from refusal import Refusal, one_line_refusals
@@ -57,6 +57,7 @@ OUT_DIR = "out/eval"
 QUESTION_FIELD = "question"
 ANSWER_FIELD = "answer"
 BATCH_SIZE = 16
+# Decoding flags left unset come from the checkpoint's generation_config.json when it has one.
 GENERATION = dict(ckpt="out/sft", max_new_tokens=None, seed=1337, top_k=None, top_p=None, repetition_penalty=1.0,
                   temperature=0.0)  # greedy, so the score is reproducible; max_new_tokens None: fit the model
 # -----------------------------------------------------------------------------
@@ -242,6 +243,7 @@ def write_predictions(out_dir, rows, predictions, generated):
 def generate_predictions(cfg, rows):
     """Load the model and answer every question through the engine (at most --batch-size at
     once), writing config.json first -> (checkpoint, model, tokenizer, prompts, generated ids, info)."""
+    stored = resolve_decoding(cfg, GENERATION)
     sampling = sampling_from(cfg)
     ckpt, model, tokenizer = load_for_inference(cfg.ckpt, cfg.tokenizer, cfg.device)
     device = str(model.tok_embeddings.weight.device)
@@ -249,7 +251,8 @@ def generate_predictions(cfg, rows):
         print(f"warning: {ckpt['path']} is a '{ckpt.get('kind')}' checkpoint; eval.py prompts it like an SFT model")
     max_new_tokens, prompt_budget = fit_answer_length(cfg, model.args.max_seq_len)
     resolved = dict(max_new_tokens=max_new_tokens, checkpoint=ckpt["path"], kind=ckpt.get("kind"),
-                    step=ckpt.get("step"), tokenizer_name=tokenizer.name, device=device)
+                    step=ckpt.get("step"), tokenizer_name=tokenizer.name, device=device,
+                    decoding_from=str(stored) if stored else "flags and eval.py's defaults")
     print(cli.config_line(cfg, **resolved), flush=True)
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

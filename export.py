@@ -4,8 +4,8 @@
     python export.py --ckpt out/sft --out out/hf
     python export.py --ckpt out/sft --out out/hf --gguf    # also model.gguf and a Modelfile
 
-The directory holds config.json (LlamaForCausalLM), model.safetensors, generation_config.json,
-tokenizer.json (built from the SentencePiece model so that it gives exactly our ids),
+The directory holds config.json (LlamaForCausalLM), model.safetensors, generation_config.json
+(with the decoding defaults stored beside the checkpoint, see choose_decoding.py), tokenizer.json (built from the SentencePiece model so that it gives exactly our ids),
 tokenizer_config.json, special_tokens_map.json and the SentencePiece tokenizer.model itself
 (for converters that read it directly). Before the directory is renamed into place it is
 loaded back with transformers, and its token ids and fp32 logits are checked against ours
@@ -20,6 +20,7 @@ from pathlib import Path
 
 import cli
 from checkpoint import load_checkpoint, model_from_checkpoint, tokenizer_for_checkpoint
+from generate import generation_config_path, read_generation_config
 from gguf_export import GGUF_NAME, check_gguf, ollama_modelfile, write_gguf
 from hf_export import CHECK_TEXTS, DTYPES, LOGITS_TOLERANCE, ExportError, check_hf_dir, write_hf_dir
 from refusal import one_line_refusals
@@ -38,6 +39,7 @@ def export(ckpt_path, out, tokenizer_path=None, dtype_name=DEFAULTS["dtype"], fo
     if ckpt["model_args"].get("qk_norm"):
         raise ExportError(f"checkpoint {ckpt['path']} uses qk_norm, which LlamaForCausalLM cannot represent; "
                           f"it cannot be exported as a Llama model")
+    decoding = read_generation_config(generation_config_path(ckpt["path"]))
     tokenizer = tokenizer_for_checkpoint(ckpt, tokenizer_path)
     model = model_from_checkpoint(ckpt)
     print(f"export: {ckpt['path']} ({model.num_params():,} parameters, tokenizer {tokenizer.name}) -> {out} "
@@ -47,11 +49,11 @@ def export(ckpt_path, out, tokenizer_path=None, dtype_name=DEFAULTS["dtype"], fo
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
-        write_hf_dir(tmp, model, tokenizer, dtype_name)
+        write_hf_dir(tmp, model, tokenizer, dtype_name, decoding)
         if with_gguf:
             write_gguf(tmp / GGUF_NAME, model, tokenizer, dtype_name)
             check_gguf(tmp / GGUF_NAME, model, tokenizer, dtype_name)
-            (tmp / "Modelfile").write_text(ollama_modelfile(tokenizer, model.args.max_seq_len), encoding="utf-8")
+            (tmp / "Modelfile").write_text(ollama_modelfile(tokenizer, model.args.max_seq_len, decoding), encoding="utf-8")
         diff = check_hf_dir(tmp, model, tokenizer, dtype_name)  # rounds our weights to dtype_name: last
         replace_dir(tmp, out)
     finally:

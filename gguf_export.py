@@ -101,14 +101,18 @@ def write_gguf(path, model, tokenizer, dtype_name):
     w.close()
 
 
-def ollama_modelfile(tokenizer, max_seq_len):
+def ollama_modelfile(tokenizer, max_seq_len, decoding=None):
     """An Ollama Modelfile for the GGUF beside it (`ollama create NAME -f Modelfile`): our
-    prompt as its template, the model's context, and greedy decoding like generation_config.json."""
-    return (f"FROM ./{GGUF_NAME}\n"
-            f'TEMPLATE """{ollama_template(tokenizer.id_to_piece(tokenizer.bos_id))}"""\n'
-            f"PARAMETER num_ctx {max_seq_len}\n"
-            "PARAMETER temperature 0\n"
-            "PARAMETER repeat_penalty 1\n")
+    prompt as its template, the model's context, and the decoding of generation_config.json
+    (greedy, and the stored repetition penalty over the whole context and answer length)."""
+    decoding = decoding or {}
+    lines = [f"FROM ./{GGUF_NAME}", f'TEMPLATE """{ollama_template(tokenizer.id_to_piece(tokenizer.bos_id))}"""',
+             f"PARAMETER num_ctx {max_seq_len}", f"PARAMETER temperature {decoding.get('temperature') or 0:g}",
+             f"PARAMETER repeat_penalty {decoding.get('repetition_penalty') or 1:g}",
+             "PARAMETER repeat_last_n -1"]  # -1: the whole context, as our penalty counts every token seen
+    if decoding.get("max_new_tokens"):
+        lines.append(f"PARAMETER num_predict {decoding['max_new_tokens']}")
+    return "\n".join(lines) + "\n"
 
 
 def check_gguf(path, model, tokenizer, dtype_name):

@@ -98,11 +98,20 @@ def hf_config(model_args, tokenizer, dtype_name):
     }
 
 
-def generation_config(tokenizer):
-    # Greedy decoding: deterministic, and what eval.py's BLEU measures. No length: callers
-    # pass max_new_tokens, and a max_length here would only make transformers warn.
-    return {"bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id, "pad_token_id": tokenizer.pad_id,
-            "do_sample": False}
+def generation_config(tokenizer, decoding=None):
+    """generation_config.json: the special ids, and the decoding defaults stored with the
+    checkpoint (generate.py; greedy when there are none, which is what eval.py measures).
+    Sampling settings appear only when sampling: transformers warns about them otherwise."""
+    config = {"bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id, "pad_token_id": tokenizer.pad_id,
+              "do_sample": False}
+    decoding = decoding or {}
+    if decoding.get("temperature"):
+        config.update(do_sample=True, temperature=decoding["temperature"], top_k=decoding.get("top_k") or 0,
+                      top_p=decoding.get("top_p") or 1.0)  # top_k 0 and top_p 1 switch those filters off
+    for key in ("repetition_penalty", "max_new_tokens"):
+        if decoding.get(key) is not None:
+            config[key] = decoding[key]
+    return config
 
 
 # -----------------------------------------------------------------------------
@@ -239,12 +248,12 @@ def write_tokenizer(out_dir, tokenizer, max_seq_len, vocab_size):
 # -----------------------------------------------------------------------------
 # writing the directory and checking it against ours
 
-def write_hf_dir(out_dir, model, tokenizer, dtype_name):
+def write_hf_dir(out_dir, model, tokenizer, dtype_name, decoding=None):
     from safetensors.torch import save
 
     model_args = model.args
     write_json_atomic(out_dir / "config.json", hf_config(model_args, tokenizer, dtype_name))
-    write_json_atomic(out_dir / "generation_config.json", generation_config(tokenizer))
+    write_json_atomic(out_dir / "generation_config.json", generation_config(tokenizer, decoding))
     weights = hf_state_dict(model, DTYPES[dtype_name])
     (out_dir / "model.safetensors").write_bytes(save(weights, metadata={"format": "pt"}))
     write_tokenizer(out_dir, tokenizer, model_args.max_seq_len, model_args.vocab_size)

@@ -30,8 +30,10 @@ class Sampling:
 
 
 def apply_repetition_penalty(logits, seen, penalty):
-    """CTRL-style penalty on every token already in a row's context (prompt or generated):
-    positive logits are divided by it, negative ones multiplied, so a seen token always loses."""
+    """CTRL-style penalty on every token the row's answer already holds (the prompt's tokens
+    are not counted, unlike transformers' repetition_penalty: an answer that names the
+    question's symptom is not a loop): positive logits are divided by it, negative ones
+    multiplied, so a seen token always loses."""
     if penalty == 1.0:
         return logits
     penalized = torch.where(logits > 0, logits / penalty, logits * penalty)

@@ -17,7 +17,8 @@ and a client that disconnects stops its row. Bad requests get OpenAI's error obj
 ({"error": {"message", "type", "param", "code"}}) with a 4xx status; the server goes on.
 The request's "model" is only a label: no request names a file to read or write.
 --max-new-tokens and the sampling flags are the defaults for requests that leave a field out
-(no --seed: a fresh random seed per request). chat_request.py holds the request's schema.
+(no --seed: a fresh random seed per request); flags left unset take the checkpoint's
+generation_config.json where it has one. chat_request.py holds the request's schema.
 """
 import argparse
 import asyncio
@@ -47,12 +48,13 @@ from starlette.exceptions import HTTPException
 import cli
 from chat_request import ApiError, generation_settings, parse_chat_request, prompt_ids, read_body
 from engine import BatchEngine
-from generate import TextStream, add_generation_args, load_for_inference, sampling_from
+from generate import TextStream, add_generation_args, load_for_inference, resolve_decoding, sampling_from
 from refusal import Refusal, one_line_refusals
 
 # -----------------------------------------------------------------------------
-# defaults (flags override); the sampling ones apply to requests that leave a field out.
-# repetition_penalty stays 1 so that temperature 0 alone gives eval.py's greedy answer.
+# defaults (flags override); the sampling ones apply to requests that leave a field out, and
+# the checkpoint's generation_config.json replaces them where it has a value (as it does for
+# eval.py, so that temperature 0 alone gives eval.py's greedy answer).
 GENERATION = dict(ckpt="out/sft", max_new_tokens=256, temperature=0.7, top_k=None, top_p=0.9,
                   repetition_penalty=1.0, seed=None)
 HOST, PORT = "127.0.0.1", 8000
@@ -315,12 +317,13 @@ def parse_args(argv=None):
     cfg = p.parse_args(argv)
     if cfg.max_batch < 1 or cfg.max_waiting < 0 or cfg.max_body_bytes < 1 or (cfg.threads or 1) < 1:
         p.error("--max-batch, --max-body-bytes and --threads must be >= 1, --max-waiting >= 0")
-    if cfg.max_new_tokens < 1:
-        p.error("--max-new-tokens must be >= 1")
     try:
+        cfg.decoding_from = resolve_decoding(cfg, GENERATION)
         sampling_from(cfg)
     except Refusal as e:
         p.error(str(e))
+    if cfg.max_new_tokens < 1:
+        p.error("--max-new-tokens must be >= 1")
     cfg.api_key = cfg.api_key or os.environ.get(API_KEY_ENV)  # read here: --help never shows a key
     return cfg
 
@@ -395,6 +398,8 @@ def serve(cfg):
     engine = BatchEngine(model, tokenizer.eos_id, tokenizer.pad_id, cfg.max_batch)
     server = Server(engine, tokenizer, vars(cfg), cfg.model_name, cfg.api_key, cfg.max_waiting, cfg.max_body_bytes)
     url = f"http://{f'[{host}]' if ':' in host else host}:{port}"
+    if cfg.decoding_from:
+        print(f"serve.py: decoding defaults from {cfg.decoding_from} (a flag overrides each)", file=sys.stderr)
     print(f"serve.py: {ckpt['path']} ({ckpt.get('kind')}, step {ckpt.get('step')}, context {server.context_length}) "
           f"listening on {url} (chat page {url}/, API {url}/v1)", file=sys.stderr, flush=True)
     config = uvicorn.Config(create_app(server), log_level="warning", access_log=False, timeout_graceful_shutdown=3)

@@ -60,8 +60,8 @@ def train(cfg, env, model, kind, tokenizer, train_batches, val_batches, train_da
 
     # how long the run is; the whole configuration goes into the header and config.json
     total_steps, warmup = plan(cfg, env, model, train_batches)
-    record_config(cfg, env, total_steps, warmup, resume, extra)
     flops_per_token = model.flops_per_token(window_length(cfg, model))
+    record_config(cfg, env, total_steps, warmup, resume, {**(extra or {}), "flops_per_token": flops_per_token})
     peak_flops = cfg.peak_flops or (guess_peak_flops(env.device) if env.device.type == "cuda" else 0.0)
 
     with StopFlag() as stop:
@@ -196,7 +196,7 @@ def record_config(cfg, env, total_steps, warmup, resume, extra):
     """Print the run's whole configuration in its header and write it as OUT_DIR/config.json
     (rank 0): every flag, with the values resolved at run time in place of "auto" (device,
     dtype), the warmup the run really takes, and what only the run knows (processes, steps,
-    the resumed checkpoint, the script's extra entries)."""
+    the resumed checkpoint, the training FLOPs per token, the script's extra entries)."""
     resolved = dict(device=str(env.device), dtype=str(env.ptdtype).removeprefix("torch."), warmup_steps=warmup,
                     world_size=env.world_size, total_steps=total_steps,
                     resumed_from=resume["path"] if resume is not None else None, **(extra or {}))
