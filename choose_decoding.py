@@ -23,7 +23,7 @@ import metrics
 from atomic import write_json_atomic
 from engine import BatchEngine, answer_all
 from eval import read_qa
-from generate import check_decoding, generation_config_path, load_for_inference
+from generate import generation_config_path, load_for_inference
 from prompt import fit_prompt
 from refusal import Refusal, one_line_refusals
 from sampling import Sampling
@@ -124,7 +124,6 @@ def choose(cfg):
     show(candidates, chosen)
     decoding = {"max_new_tokens": chosen["max_new_tokens"], "temperature": 0.0, "top_k": None, "top_p": None,
                 "repetition_penalty": chosen["repetition_penalty"]}
-    check_decoding(decoding, "the chosen setting")
     write_json_atomic(target, {**decoding, "chosen_on": {
         "data": str(cfg.data), "n": len(rows), "checkpoint": str(ckpt["path"]), "step": ckpt.get("step"),
         "rule": f"highest sacreBLEU with repeat_rate <= {cfg.max_repeat_rate}", "candidates": candidates}})
