@@ -53,7 +53,9 @@ PRETRAIN_FILES = ["medical_dialogues.jsonl", "medical_texts.jsonl", "wiki_zh.jso
 # medical_huatuo26m (median 100) and medical_chatmed (135). medical_huatuo_kg's knowledge-graph
 # answers (median 54) teach answers half that long, which BLEU's brevity penalty punishes.
 SFT_FILES = ["medical_huatuo26m.jsonl", "medical_chatmed.jsonl"]
-COMMON_PRETRAIN = ["--optimizer", "muon", "--muon-lr", "0.02", "--lr", "3e-3", "--min-lr", "3e-4",
+# One micro-batch per optimizer step: at these budgets four times the steps beat four times the
+# batch (the demo's pretraining: 6.20 -> 5.27 val bits per character for the same tokens).
+COMMON_PRETRAIN = ["--grad-accum", "1", "--optimizer", "muon", "--muon-lr", "0.02", "--lr", "3e-3", "--min-lr", "3e-4",
                    "--warmup-steps", "30", "--eval-batches", "80", "--log-every", "25"]
 COMMON_SFT = ["--lr", "1e-3", "--min-lr", "1e-4", "--warmup-steps", "20", "--eval-batches", "10", "--log-every", "25",
               "--num-workers", "1"]
