@@ -1,8 +1,10 @@
 """Atomic writes: the one way every output file of the project is written.
 
-A file is written as NAME.tmp and renamed to NAME only once it is complete and on disk, so a
-reader never sees half a file: after a crash, NAME is either the previous complete file or the
-new complete one, never a mix. A write that fails (disk full, read-only file system, no
+A file is written as NAME.RANDOM.tmp beside NAME and renamed to NAME only once it is complete
+and on disk, so a reader never sees half a file: after a crash, NAME is either the previous
+complete file or the new complete one, never a mix. The temporary file is created exclusively
+(O_EXCL, O_NOFOLLOW) under a name nobody can predict, so a file or link planted in a shared
+out dir can never be written through. A write that fails (disk full, read-only file system, no
 permission) removes its NAME.tmp and raises WriteError, whose message names the file and
 says what went wrong in words a user can act on.
 
@@ -15,6 +17,7 @@ import contextlib
 import errno
 import json
 import os
+import secrets
 from pathlib import Path
 
 from refusal import Refusal
@@ -51,16 +54,22 @@ def naming_errors(path):
         raise write_error(e, path) from None
 
 
+def exclusive(path, flags):
+    """open()'s opener for temporary files: create a new file or fail, never follow a link."""
+    return os.open(path, flags | os.O_EXCL | os.O_NOFOLLOW, 0o666)
+
+
 class AtomicFile:
-    """A file written as PATH.tmp and renamed to PATH by commit(); discard() removes the
+    """A file written as PATH.RANDOM.tmp and renamed to PATH by commit(); discard() removes the
     .tmp. As a context manager it commits when the block ends normally and discards when it
     raises. Write with .write(); code that needs the file object itself (torch.save) uses .f."""
 
     def __init__(self, path, mode="w"):
-        self.path, self.tmp = Path(path), Path(str(path) + ".tmp")
+        self.path = Path(path)
+        self.tmp = self.path.with_name(f"{self.path.name}.{secrets.token_hex(4)}.tmp")
         with naming_errors(self.path):
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self.f = open(self.tmp, mode, **({} if "b" in mode else {"encoding": "utf-8"}))
+            self.f = open(self.tmp, mode, opener=exclusive, **({} if "b" in mode else {"encoding": "utf-8"}))
 
     def write(self, data):
         try:

@@ -23,6 +23,7 @@ from dataclasses import replace
 
 import cli
 from engine import BatchEngine
+from checkpoint import ANSWERING_KINDS
 from generate import (TextStream, add_generation_args, default_max_new_tokens, load_for_inference, resolve_decoding,
                       sampling_from)
 from prompt import fit_prompt
@@ -180,7 +181,7 @@ def chat(cfg):
     sampling = sampling_from(cfg)
     setup_terminal()
     ckpt, model, tokenizer = load_for_inference(cfg.ckpt, cfg.tokenizer, cfg.device)
-    is_sft = ckpt.get("kind") == "sft"
+    is_sft = ckpt.get("kind") in ANSWERING_KINDS
     engine = BatchEngine(model, tokenizer.eos_id, tokenizer.pad_id, max_batch=1)
     session = Session(engine, tokenizer, is_sft, answer_length(cfg.max_new_tokens, model.args.max_seq_len), sampling)
     if cfg.prompt is not None:

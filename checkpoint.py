@@ -14,7 +14,7 @@ against deliberate edits anyway, and a CRC-32 costs less than a cryptographic ha
 
 Layout of a checkpoint dict:
   format       CHECKPOINT_FORMAT
-  kind         "pretrain" or "sft"
+  kind         "pretrain", "sft" or "dpo" (ANSWERING_KINDS answer prompts)
   model_args   ModelArgs.to_dict()
   tokenizer    Tokenizer.identity()
   model        the model's state_dict
@@ -34,6 +34,7 @@ import json
 import os
 import re
 import sys
+import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -44,6 +45,9 @@ import torch.distributed as dist
 from atomic import AtomicFile, naming_errors, write_json_atomic
 from model import ModelArgs, Transformer
 from refusal import Refusal
+
+# the kinds of checkpoint that answer prompts in prompt.py's format (fine-tuned by sft.py, then dpo.py)
+ANSWERING_KINDS = ("sft", "dpo")
 
 CHECKPOINT_FORMAT = "baby-llama2-chinese/2"
 UNCHECKED_FORMAT = "baby-llama2-chinese/1"  # written before checksums: loads, unverified
@@ -230,12 +234,39 @@ def tokenizer_for_checkpoint(ckpt, tokenizer_path=None):
 
 # ----------------------------------------------------------------------------- resuming a run
 
-def load_resume(cfg, env, kind, tokenizer):
+def claim_out_dir(cfg, env, inputs=()):
+    """Make sure a run cannot destroy what is already written: --out-dir may not be an input
+    ((flag, path) pairs) or hold one, and without --resume it may not hold another run's
+    checkpoints, which a fresh run would overwrite and prune; --overwrite moves that run aside
+    whole (OUT_DIR.replaced-TIME), never mixing the two."""
+    out = Path(cfg.out_dir).resolve()
+    for flag, path in inputs:
+        p = Path(path).resolve()
+        if p == out or out in p.parents:
+            raise Refusal(f"--out-dir {cfg.out_dir} holds {flag} {path}: the run would write over its own input; "
+                          f"choose another --out-dir")
+    if cfg.resume or not out.is_dir():
+        return
+    old = sorted(p.name for p in out.glob("*.pt"))
+    if old and not cfg.overwrite:
+        raise Refusal(f"--out-dir {cfg.out_dir} holds another run's checkpoints ({', '.join(old[:3])}"
+                      f"{', ...' if len(old) > 3 else ''}): continue it with --resume, move it aside with --overwrite, "
+                      f"or choose another --out-dir")
+    if old and env.master:
+        aside = out.with_name(f"{out.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
+        with naming_errors(out):
+            os.replace(out, aside)
+        env.print(f"--overwrite: moved the previous run in {cfg.out_dir} to {aside}")
+
+
+def load_resume(cfg, env, kind, tokenizer, inputs=()):
     """The checkpoint to continue from when --resume is given: the newest step_*.pt of
     cfg.out_dir that loads and passes its checksums (else best.pt), or None when there is none
     yet. The ones tried before that failed (damaged, truncated) are said so and set aside as
     NAME.pt.damaged, so that pruning never counts them among the checkpoints it keeps.
-    Refuses a checkpoint of another kind or another tokenizer."""
+    Refuses a checkpoint of another kind or another tokenizer. First claim_out_dir checks
+    that the out dir is the run's to write (inputs: the run's (flag, path) inputs)."""
+    claim_out_dir(cfg, env, inputs)
     if not cfg.resume:
         return None
     ckpt, damaged = load_latest_good(cfg.out_dir)

@@ -23,6 +23,7 @@ import metrics
 from atomic import write_json_atomic
 from engine import BatchEngine, answer_all
 from eval import read_qa
+from checkpoint import ANSWERING_KINDS
 from generate import generation_config_path, load_for_inference
 from prompt import fit_prompt
 from refusal import Refusal, one_line_refusals
@@ -116,8 +117,9 @@ def choose(cfg):
     target = generation_config_path(cfg.ckpt)
     rows = read_qa(cfg.data, cfg.question_field, cfg.answer_field, cfg.limit)
     ckpt, model, tokenizer = load_for_inference(cfg.ckpt, cfg.tokenizer, cfg.device)
-    if ckpt.get("kind") != "sft":
-        raise Refusal(f"{ckpt['path']} is a '{ckpt.get('kind')}' checkpoint; decoding defaults are chosen for SFT models")
+    if ckpt.get("kind") not in ANSWERING_KINDS:
+        raise Refusal(f"{ckpt['path']} is a '{ckpt.get('kind')}' checkpoint; decoding defaults are chosen for "
+                      f"fine-tuned models (sft.py, dpo.py)")
     print(cli.config_line(cfg, checkpoint=ckpt["path"], step=ckpt.get("step")), flush=True)
     candidates = try_settings(cfg, model, tokenizer, rows)
     chosen = pick(candidates, cfg.max_repeat_rate)

@@ -10,9 +10,39 @@ A setting that is only resolved once the run has started (a default that depends
 model, the number of processes) goes into config.json as extra entries beside the flags.
 """
 import argparse
+import copy
+import math
 from pathlib import Path
 
 from atomic import write_json_atomic
+
+
+def ranged(kind, low=None, high=None, low_open=False, high_open=False):
+    """An argparse type: a number of `kind` (int or float) within [low, high] (open ends where
+    asked), so that a value out of range stops at the flag, naming it, before it can reach a
+    division or a tensor shape. Its __name__ is the range, which --help and errors show."""
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
+        if not math.isfinite(value) or (low is not None and (value <= low if low_open else value < low)) or \
+                (high is not None and (value >= high if high_open else value > high)):
+            raise argparse.ArgumentTypeError(f"{text} is out of range: give {parse.__name__}")
+        return value
+    parse.__name__ = describe_range(kind, low, high, low_open, high_open)
+    return parse
+
+
+def describe_range(kind, low, high, low_open, high_open):
+    noun = "an integer" if kind is int else "a number"
+    if high is None:
+        return f"{noun} {'>' if low_open else '>='} {low}"
+    return f"{noun} in {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+
+
+POSITIVE_INT, COUNT = ranged(int, 1), ranged(int, 0)  # COUNT: 0 allowed (often "off" or "unset")
+POSITIVE, NON_NEGATIVE, FRACTION = ranged(float, 0, low_open=True), ranged(float, 0), ranged(float, 0, 1, high_open=True)
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
@@ -20,6 +50,10 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefau
     None (unset) is left to the flag's own help, which says what happens then."""
 
     def _get_help_string(self, action):
+        allowed = getattr(action.type, "__name__", "")
+        if allowed.startswith(("an integer", "a number")) and action.help:  # a ranged() flag: say its range
+            action = copy.copy(action)
+            action.help = f"{action.help}; {allowed}"
         return action.help if action.default is None else super()._get_help_string(action)
 
 
@@ -29,6 +63,8 @@ def plain_config(cfg, **extra):
     def plain(value):
         if isinstance(value, (list, tuple)):
             return [plain(v) for v in value]
+        if isinstance(value, dict):
+            return {str(k): plain(v) for k, v in value.items()}
         if isinstance(value, (int, float, str, bool, type(None))):
             return value
         return str(value)

@@ -7,6 +7,8 @@
       Alpaca / prompt-answer / conversation sets -> JSONL {"prompt","answer"} (+ NAME_val.jsonl)
   python data_process.py eval      --input PATH_OR_GLOB... --out data/eval/NAME.jsonl
       QA sets -> JSONL {"question","answer"}
+  python data_process.py prefs     --input PATH_OR_GLOB... --out data/prefs/NAME.jsonl
+      preference pairs -> JSONL {"prompt","chosen","rejected"} (+ NAME_val.jsonl), for dpo.py
   python data_process.py tokenizer --input PATH_OR_GLOB... --vocab-size N --out PATH.model
       an own SentencePiece vocabulary trained on a sample of the corpus
 
@@ -34,6 +36,7 @@ CHUNK_BYTES = 1 << 20  # input text per task handed to a worker
 MIN_TOKENS = 6  # documents with fewer tokens are dropped (eos not counted), as upstream drops those of <= 5
 PRETRAIN_VAL_FRACTION = 0.005
 SFT_VAL_FRACTION = 0.01
+PREFS_VAL_FRACTION = 0.1  # preference sets are small: a tenth gives reward accuracy enough pairs
 RAW_DIR = "data/raw"  # where presets download to
 TOKENIZER_SAMPLE_DOCS = 200_000
 CHARACTER_COVERAGE = 0.9995
@@ -56,7 +59,7 @@ def cmd_pretrain(cfg):
 
 
 def cmd_examples(cfg):
-    """sft and eval: normalized JSONL (and a validation split for sft): qa_examples.py."""
+    """sft, eval and prefs: normalized JSONL (and a validation split for sft and prefs): qa_examples.py."""
     paths = example_paths(cfg.out)
     if already_done(paths["train"], cfg.force, cfg.command):
         return
@@ -84,7 +87,8 @@ def cmd_tokenizer(cfg):
     print(f"tokenizer: wrote {out}; pass it as --tokenizer {out}")
 
 
-COMMANDS = {"pretrain": cmd_pretrain, "sft": cmd_examples, "eval": cmd_examples, "tokenizer": cmd_tokenizer}
+COMMANDS = {"pretrain": cmd_pretrain, "sft": cmd_examples, "eval": cmd_examples, "prefs": cmd_examples,
+            "tokenizer": cmd_tokenizer}
 
 
 # -----------------------------------------------------------------------------
@@ -113,7 +117,10 @@ def add_example_flags(p, kind):
     p.add_argument("--out", required=True, help=f"output JSONL, e.g. data/{kind}/NAME.jsonl")
     p.add_argument("--prompt-field", default=None,
                    help=f"column/field of the prompt (default: Alpaca instruction+input, a conversation, or the first of {', '.join(PROMPT_FIELDS)})")
-    p.add_argument("--answer-field", default=None, help=f"column/field of the answer (default: the first of {', '.join(ANSWER_FIELDS)})")
+    if kind == "prefs":  # the answers are the chosen and rejected fields
+        p.set_defaults(answer_field=None)
+    else:
+        p.add_argument("--answer-field", default=None, help=f"column/field of the answer (default: the first of {', '.join(ANSWER_FIELDS)})")
     p.add_argument("--dedup", action=argparse.BooleanOptionalAction, default=True, help="drop exact duplicate (prompt, answer) pairs")
     p.add_argument("--exclude-questions", default=None, metavar="EVAL.jsonl",
                    help="drop examples whose prompt equals or contains a question of this evaluation set (normalized)")
@@ -147,6 +154,12 @@ def build_parser():
     p = sub.add_parser("eval", formatter_class=cli.HelpFormatter, help="QA sets -> JSONL {question, answer}")
     add_example_flags(p, "eval")
     p.set_defaults(val_fraction=0.0)  # no validation split
+
+    p = sub.add_parser("prefs", formatter_class=cli.HelpFormatter,
+                       help="preference pairs -> normalized JSONL {prompt, chosen, rejected}")
+    add_example_flags(p, "prefs")
+    p.add_argument("--val-fraction", type=float, default=PREFS_VAL_FRACTION,
+                   help="share of pairs held out to NAME_val.jsonl (chosen by hash of the prompt)")
 
     p = sub.add_parser("tokenizer", formatter_class=cli.HelpFormatter, help="train an own SentencePiece vocabulary")
     add_input_flags(p, "pretrain")

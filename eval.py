@@ -42,9 +42,10 @@ from tqdm import tqdm
 
 import cli
 import metrics
-from atomic import write_json_atomic, write_text_atomic
+from atomic import naming_errors, write_json_atomic, write_text_atomic
 from corpus import DataError, iter_records, stop_at_bad, utf8
 from engine import BatchEngine, answer_all
+from checkpoint import ANSWERING_KINDS
 from generate import add_generation_args, default_max_new_tokens, load_for_inference, resolve_decoding, sampling_from
 from model import IGNORE_INDEX
 from prompt import fit_prompt
@@ -247,7 +248,7 @@ def generate_predictions(cfg, rows):
     sampling = sampling_from(cfg)
     ckpt, model, tokenizer = load_for_inference(cfg.ckpt, cfg.tokenizer, cfg.device)
     device = str(model.tok_embeddings.weight.device)
-    if ckpt.get("kind") != "sft":
+    if ckpt.get("kind") not in ANSWERING_KINDS:
         print(f"warning: {ckpt['path']} is a '{ckpt.get('kind')}' checkpoint; eval.py prompts it like an SFT model")
     max_new_tokens, prompt_budget = fit_answer_length(cfg, model.args.max_seq_len)
     resolved = dict(max_new_tokens=max_new_tokens, checkpoint=ckpt["path"], kind=ckpt.get("kind"),
@@ -255,7 +256,8 @@ def generate_predictions(cfg, rows):
                     decoding_from=str(stored) if stored else "flags and eval.py's defaults")
     print(cli.config_line(cfg, **resolved), flush=True)
     out_dir = Path(cfg.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    with naming_errors(out_dir):  # an out dir that is a file or read-only is refused before any answer is made
+        out_dir.mkdir(parents=True, exist_ok=True)
     cli.write_config(out_dir, cfg, **resolved)
     # A question too long for the context keeps its end (usually the actual question) and the bos.
     fitted = [fit_prompt(tokenizer, [], r["question"], prompt_budget) for r in rows]

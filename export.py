@@ -33,6 +33,10 @@ def export(ckpt_path, out, tokenizer_path=None, dtype_name=DEFAULTS["dtype"], fo
     adds the same model as out/model.gguf and an Ollama Modelfile for it. Returns the max
     |logit difference| found by the check."""
     out = Path(out)
+    source = Path(ckpt_path).resolve()
+    if source == out.resolve() or out.resolve() in source.parents:
+        raise ExportError(f"--out {out} holds --ckpt {ckpt_path}: --force would delete the checkpoint; "
+                          f"choose another --out")
     if out.exists() and not force:
         raise ExportError(f"{out} already exists; pass --force to replace it")
     ckpt = load_checkpoint(ckpt_path)

@@ -37,6 +37,11 @@ class ModelArgs:
     qk_norm: bool = False  # RMS-normalize queries and keys per head
 
     def __post_init__(self):
+        for name in ("dim", "n_layers", "n_heads", "max_seq_len", "multiple_of", "vocab_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} {getattr(self, name)} must be at least 1")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"dropout {self.dropout} must be in [0, 1)")
         if self.n_kv_heads is None:
             self.n_kv_heads = self.n_heads
         if self.hidden_dim is None:
@@ -45,6 +50,8 @@ class ModelArgs:
         if self.dim % self.n_heads or self.n_heads % self.n_kv_heads:
             raise ValueError(f"dim {self.dim} must divide by n_heads {self.n_heads}, "
                              f"and n_heads by n_kv_heads {self.n_kv_heads}")
+        if (self.dim // self.n_heads) % 2:  # rotary embeddings turn pairs of dimensions
+            raise ValueError(f"the head size dim / n_heads = {self.dim // self.n_heads} must be even")
 
     def to_dict(self):
         return asdict(self)
@@ -160,6 +167,14 @@ def cross_entropy(h, weight, targets):
     return F.cross_entropy(logits.view(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX)
 
 
+def per_token_cross_entropy(h, weight, targets):
+    """Each target's cross entropy (B, T) under the logits h @ weight.T, 0 at IGNORE_INDEX."""
+    logits = F.linear(h, weight).float()
+    losses = F.cross_entropy(logits.view(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX,
+                             reduction="none")
+    return losses.view(targets.shape)
+
+
 class Transformer(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -223,10 +238,13 @@ class Transformer(nn.Module):
             cache.length += T
         return self.norm(h)
 
-    def forward(self, tokens, targets=None, positions=None, cache=None, attn_mask=None):
-        """With targets (B, T): the mean cross entropy over targets != IGNORE_INDEX.
+    def forward(self, tokens, targets=None, positions=None, cache=None, attn_mask=None, per_token=False):
+        """With targets (B, T): the mean cross entropy over targets != IGNORE_INDEX, or with
+        per_token each target's cross entropy (B, T), 0 at IGNORE_INDEX (DPO sums them per answer).
         Without: the last position's logits (B, V) in fp32, all that generation needs."""
         h = self.hidden_states(tokens, positions, cache, attn_mask)
+        if targets is not None and per_token:
+            return per_token_cross_entropy(h, self.output.weight, targets)
         if targets is not None:
             return self.loss_fn(h, self.output.weight, targets)
         return self.output(h[:, -1, :]).float()

@@ -1,7 +1,7 @@
 """Public corpora by name: `--preset NAME` downloads a Hugging Face Hub dataset into --raw-dir
 and hands its files to data_process.py as if they had been named with --input.
 
-PRESETS lists, per command (pretrain, sft, eval), each preset's Hub dataset, the files taken
+PRESETS lists, per command (pretrain, sft, eval, prefs), each preset's Hub dataset, the files taken
 from it and, for pretraining, the record field that holds a document's text. Without network
 the download fails with the `hf download` command that fetches the same files elsewhere.
 """
@@ -21,6 +21,9 @@ PRESETS = {  # name -> Hub dataset repo, the files to take, how to read them
     },
     "eval": {
         "medical": dict(repo="shibing624/medical", files=["finetune/test_zh*"]),
+    },
+    "prefs": {
+        "medical": dict(repo="shibing624/medical", files=["reward/train.json", "reward/valid.json"]),
     },
 }
 

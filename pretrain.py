@@ -86,7 +86,7 @@ def main(argv=None):
 
 def run(cfg, env):
     tokenizer = load_tokenizer(cfg.tokenizer)
-    resume = load_resume(cfg, env, "pretrain", tokenizer)
+    resume = load_resume(cfg, env, "pretrain", tokenizer, inputs=[("--data", d) for d in cfg.data])
     model_args = (ModelArgs.from_dict(resume["model_args"]) if resume
                   else model_args_from_flags(cfg, tokenizer.vocab_size))
     model = Transformer(model_args)

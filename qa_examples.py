@@ -1,4 +1,4 @@
-"""SFT and evaluation sets -> normalized JSONL: one (prompt, answer) example per line.
+"""SFT, evaluation and preference sets -> normalized JSONL: one example per line.
 
 Every input record becomes examples (record_examples): an Alpaca record (instruction, input,
 output, history), a conversation (ShareGPT {from, value} or chat {role, content} turns: one
@@ -7,7 +7,10 @@ it), or a record with a prompt and an answer field. The examples then pass the f
 (write_examples): empty, a question of the evaluation set (QuestionIndex: equal or contained
 after normalizing), an exact repeat, the token-length limits. sft writes {"prompt", "answer"}
 lines and holds out a share of them by hash of the prompt (NAME_val.jsonl); eval writes
-{"question", "answer"} lines.
+{"question", "answer"} lines. prefs makes one (prompt, chosen, rejected) pair per record
+(record_pair: the prompt from a conversation that ends with the user's turn, or a prompt field),
+filtered as sft's examples are (each answer under the length limits; a pair whose answers are the
+same is dropped), and writes {"prompt", "chosen", "rejected"} lines with a validation split.
 """
 import json
 import re
@@ -25,6 +28,8 @@ from splits import SplitWriter, check_kept, clear_outputs, doc_hash, is_val, rem
 # fields tried in order when none is named on the command line
 PROMPT_FIELDS = ("prompt", "question", "query", "q")
 ANSWER_FIELDS = ("answer", "response", "output", "target", "a")
+CHOSEN_FIELDS, REJECTED_FIELDS = ("chosen", "response_chosen"), ("rejected", "response_rejected")
+OUTPUT_KEYS = {"sft": ("prompt", "answer"), "eval": ("question", "answer"), "prefs": ("prompt", "chosen", "rejected")}
 SUBSTRING_MIN_CHARS = 8  # eval questions this long are also caught inside longer prompts
 
 
@@ -38,6 +43,21 @@ USER_ROLES, ASSISTANT_ROLES = {"human", "user"}, {"gpt", "assistant", "bot", "ch
 def conversation_examples(messages):
     """ShareGPT {from,value} or chat {role,content} turns -> one example per assistant turn, its
     prompt made by prompt.context_prompt from the turns before it and the last system text."""
+    return walk_conversation(messages)[0]
+
+
+def conversation_prompt(messages):
+    """The prompt of a conversation that ends with the user's turn (a preference pair's two
+    answers follow it), made as conversation_examples makes an example's prompt."""
+    _, system, turns, question = walk_conversation(messages)
+    if question is None:
+        raise DataError("the conversation must end with the user's turn (the answers follow it)")
+    return context_prompt(turns, question, system)
+
+
+def walk_conversation(messages):
+    """(one (prompt, answer) per assistant turn, the last system text, the (question, answer)
+    turns, the trailing user question or None)."""
     if not isinstance(messages, list):
         raise DataError("'conversations' must be a list of turns")
     system, turns, question = "", [], None
@@ -57,7 +77,7 @@ def conversation_examples(messages):
             question = None
         else:
             raise DataError(f"turn {i} ({role or 'no role'}): turns must alternate user and assistant")
-    return examples
+    return examples, system, turns, question
 
 
 def record_examples(record, prompt_field=None, answer_field=None):
@@ -75,6 +95,18 @@ def record_examples(record, prompt_field=None, answer_field=None):
     prompt_field = prompt_field or next((f for f in PROMPT_FIELDS if f in record), PROMPT_FIELDS[0])
     answer_field = answer_field or next((f for f in ANSWER_FIELDS if f in record), ANSWER_FIELDS[0])
     return [(string_field(record, prompt_field).strip(), string_field(record, answer_field).strip())]
+
+
+def record_pair(record, prompt_field=None):
+    """One input preference record -> (prompt, chosen, rejected)."""
+    if not prompt_field and ("conversations" in record or "messages" in record):
+        prompt = conversation_prompt(record.get("conversations", record.get("messages")))
+    else:
+        prompt_field = prompt_field or next((f for f in PROMPT_FIELDS if f in record), PROMPT_FIELDS[0])
+        prompt = string_field(record, prompt_field).strip()
+    chosen = string_field(record, next((f for f in CHOSEN_FIELDS if f in record), CHOSEN_FIELDS[0])).strip()
+    rejected = string_field(record, next((f for f in REJECTED_FIELDS if f in record), REJECTED_FIELDS[0])).strip()
+    return prompt, chosen, rejected
 
 
 def normalize_question(text):
@@ -107,22 +139,28 @@ class QuestionIndex:
         return False
 
 
-def iter_examples(files, cfg, bad):
+def iter_examples(files, cfg, bad, kind="sft"):
+    """The examples of the files: (prompt, answer) tuples, or for prefs (prompt, chosen, rejected)."""
     for path in files:
         for line_no, record in iter_records(path, bad):
             try:
-                examples = record_examples(record, cfg.prompt_field, cfg.answer_field)
-                for prompt, answer in examples:
-                    utf8(prompt + answer)
+                examples = ([record_pair(record, cfg.prompt_field)] if kind == "prefs" else
+                            record_examples(record, cfg.prompt_field, cfg.answer_field))
+                for example in examples:
+                    utf8("".join(example))
             except DataError as e:
                 bad(path, line_no, str(e))
                 continue
             yield from examples
 
 
-def length_reason(prompt, answer, tokenizer, cfg):
-    """Why an example fails the token-length filters, or None."""
-    n_prompt, n_answer = len(tokenizer.encode(prompt)), len(tokenizer.encode(answer))
+def length_reason(prompt, answers, tokenizer, cfg):
+    """Why an example fails the token-length filters (every one of its answers must pass), or None."""
+    n_prompt = len(tokenizer.encode(prompt))
+    return next(filter(None, (answer_length_reason(n_prompt, len(tokenizer.encode(a)), cfg) for a in answers)), None)
+
+
+def answer_length_reason(n_prompt, n_answer, cfg):
     if cfg.max_prompt_tokens and n_prompt > cfg.max_prompt_tokens:
         return "prompt_too_long"
     if cfg.max_answer_tokens and n_answer > cfg.max_answer_tokens:
@@ -135,31 +173,33 @@ def length_reason(prompt, answer, tokenizer, cfg):
 
 
 def write_examples(examples, outputs, kind, excluded, tokenizer, cfg):
-    """Filter the (prompt, answer) examples and append each kept one to its split as a JSON
-    line; returns the counts: read, and dropped per reason."""
-    keys = ("prompt", "answer") if kind == "sft" else ("question", "answer")
+    """Filter the examples ((prompt, answer...) tuples) and append each kept one to its split
+    as a JSON line; returns the counts: read, and dropped per reason."""
+    keys = OUTPUT_KEYS[kind]
     stats, seen = Counter(), set()
     with tqdm(examples, unit="ex", desc=f"{kind} {outputs['train'].path.name}") as progress:  # closed on errors too
-        for prompt, answer in progress:
+        for prompt, *answers in progress:
             stats["read"] += 1
-            reason = drop_reason(prompt, answer, excluded, tokenizer, seen, cfg)
+            reason = drop_reason(prompt, answers, excluded, tokenizer, seen, cfg)
             if reason:
                 stats[reason] += 1
                 continue
             split = "val" if "val" in outputs and is_val(prompt.encode("utf-8"), cfg.val_fraction) else "train"
-            line = (json.dumps(dict(zip(keys, (prompt, answer))), ensure_ascii=False) + "\n").encode("utf-8")
+            line = (json.dumps(dict(zip(keys, (prompt, *answers))), ensure_ascii=False) + "\n").encode("utf-8")
             outputs[split].append(line, 1, line)
     return stats
 
 
-def drop_reason(prompt, answer, excluded, tokenizer, seen, cfg):
-    """Why an example is dropped, or None. With --dedup, `seen` collects the hashes of the
-    examples that passed the other filters, and a repeat of one is a duplicate."""
-    reason = ("empty" if not prompt or not answer else
+def drop_reason(prompt, answers, excluded, tokenizer, seen, cfg):
+    """Why an example (a prompt and its answers: one, or a preference pair's two) is dropped, or
+    None. With --dedup, `seen` collects the hashes of the examples that passed the other
+    filters, and a repeat of one is a duplicate."""
+    reason = ("empty" if not prompt or not all(answers) else
+              "same_answers" if len(answers) == 2 and answers[0] == answers[1] else
               "in_eval_set" if excluded and excluded.matches(prompt) else
-              length_reason(prompt, answer, tokenizer, cfg) if tokenizer else None)
+              length_reason(prompt, answers, tokenizer, cfg) if tokenizer else None)
     if reason is None and cfg.dedup:
-        h = doc_hash(f"{prompt}\0{answer}".encode("utf-8"))
+        h = doc_hash("\0".join((prompt, *answers)).encode("utf-8"))
         reason = "duplicate" if h in seen else None
         seen.add(h)
     return reason
@@ -175,7 +215,7 @@ def write_example_data(files, paths, kind, cfg):
     """sft and eval (kind): the examples of the files, filtered, to paths["train"] and, with a
     --val-fraction (sft), a held-out share to paths["val"] (cfg: the command's flags; eval's
     val_fraction is 0). The train file marks a finished run: it is committed last."""
-    clear_outputs(list(paths.values()), files)
+    clear_outputs(list(paths.values()), files + expand_inputs([cfg.exclude_questions] if cfg.exclude_questions else []))
     length_filters = any((cfg.max_prompt_tokens, cfg.max_answer_tokens, cfg.min_answer_tokens, cfg.max_tokens))
     tokenizer = load_tokenizer(cfg.tokenizer) if length_filters else None
     excluded = QuestionIndex(q for q, _ in iter_examples(expand_inputs([cfg.exclude_questions]), cfg, BadCounter(False))) \
@@ -185,7 +225,7 @@ def write_example_data(files, paths, kind, cfg):
         outputs["train"] = SplitWriter(paths["train"])
         if cfg.val_fraction > 0:
             outputs["val"] = SplitWriter(paths["val"])
-        stats = write_examples(iter_examples(files, cfg, bad), outputs, kind, excluded, tokenizer, cfg)
+        stats = write_examples(iter_examples(files, cfg, bad, kind), outputs, kind, excluded, tokenizer, cfg)
         check_kept(outputs, "example", cfg.val_fraction, f"read {stats['read']:,} examples"
                    + "".join(f", {n:,} {reason}" for reason, n in stats.items() if reason != "read")
                    + (f", {bad.count:,} bad records" if bad.count else ""))
@@ -201,7 +241,7 @@ def print_examples_summary(kind, files, outputs, stats, excluded, bad, cfg):
     print(f"{kind}: read {stats['read']:,} examples from {len(files)} files; "
           f"wrote {outputs['train'].records:,} to {outputs['train'].path}"
           + (f" and {outputs['val'].records:,} to {outputs['val'].path}" if "val" in outputs else ""))
-    dropped = {r: stats[r] for r in ("empty", "in_eval_set", "duplicate", "prompt_too_long", "answer_too_long",
+    dropped = {r: stats[r] for r in ("empty", "same_answers", "in_eval_set", "duplicate", "prompt_too_long", "answer_too_long",
                                      "answer_too_short", "too_long") if stats[r]}
     if excluded:
         print(f"  excluded {stats['in_eval_set']:,} examples whose question is in {cfg.exclude_questions} "

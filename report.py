@@ -4,14 +4,15 @@ the loss curves of pretraining and SFT on one page in OUT_DIR/loss_curves.png.
     python report.py out --pretrain-data 'data/pretrain/*.bin'
     python report.py out/demo --pretrain-data data/demo/pretrain/demo.bin   # what demo.py runs
 
-OUT_DIR holds the stages' out dirs: pretrain/, sft/ and eval/ (--pretrain, --sft and --eval
-name others). Every number comes from what the stages wrote: checkpoints (settings, steps,
+OUT_DIR holds the stages' out dirs: pretrain/, sft/, dpo/ (when preference tuning ran) and
+eval/ (--pretrain, --sft, --dpo and --eval name others). Every number comes from what the stages wrote: checkpoints (settings, steps,
 wall-clock), metrics.jsonl (losses), eval's metrics.json and predictions.jsonl, and the
 data's meta files. A stage that is missing gets a line saying so, not a failure.
 
 Sections: data; model and training settings; loss curves; final validation losses beside
 the unigram entropy (the loss of the best model that knows only how often each token
-occurs: a trained model must get well below it); evaluation scores with 95% confidence
+occurs: a trained model must get well below it); DPO's validation scores before and after;
+evaluation scores with 95% confidence
 intervals and the baselines; sample answers; wall-clock per stage; hardware.
 """
 import argparse
@@ -206,6 +207,25 @@ def section_losses(stages, entropies, note):
         table(["stage", "final val loss", "val bits per character", "unigram entropy", "below"], rows) + ([""] + [note] if note else []) + [""]
 
 
+DPO_SCORES = (("val_loss", "DPO loss"), ("val_reward_acc", "reward accuracy"), ("val_margin", "reward margin"),
+              ("val_chosen_logp", "chosen answers' log-prob"), ("val_rejected_logp", "rejected answers' log-prob"))
+
+
+def section_dpo(dpo):
+    """DPO's validation scores for the --init model (before) and the last evaluation (after)."""
+    if dpo is None:
+        return []
+    before = dpo["config"].get("before_dpo") or {}
+    after = next((r for r in reversed(dpo["rows"]) if "val_reward_acc" in r), {})
+    rows = [[label, "" if before.get(k) is None else f"{before[k]:.3f}", "" if after.get(k) is None else f"{after[k]:.3f}"]
+            for k, label in DPO_SCORES]
+    return ["## Preference tuning (DPO)", "",
+            f"Validation pairs, before DPO (the `--init` model, its own reference: every pair ties, so the "
+            f"reward accuracy is 0.5) and after step {after.get('step', '?')}. Reward accuracy above 0.5 means the "
+            f"preference learned carries over to pairs never trained on.", ""] + \
+        table(["score", "before", "after"], rows) + [""]
+
+
 def score_cell(scores, key):
     if scores is None or "skipped" in scores or key not in scores:
         return ""
@@ -298,12 +318,14 @@ def section_hardware(stages, evaluation):
 
 # -----------------------------------------------------------------------------
 
-def write_report(out_dir, pretrain_dir=None, sft_dir=None, eval_dir=None, pretrain_data=(), tokenizer=None):
+def write_report(out_dir, pretrain_dir=None, sft_dir=None, eval_dir=None, pretrain_data=(), tokenizer=None,
+                 dpo_dir=None):
     """Write out_dir/report.md and out_dir/loss_curves.png; returns the report's path."""
     out_dir = Path(out_dir)
     if not out_dir.is_dir():
         raise Refusal(f"{out_dir} is not a directory")
-    stages = {"pretrain": load_stage(pretrain_dir or out_dir / "pretrain"), "sft": load_stage(sft_dir or out_dir / "sft")}
+    stages = {"pretrain": load_stage(pretrain_dir or out_dir / "pretrain"), "sft": load_stage(sft_dir or out_dir / "sft"),
+              "dpo": load_stage(dpo_dir or out_dir / "dpo")}
     eval_dir = Path(eval_dir or out_dir / "eval")
     evaluation = json.loads((eval_dir / "metrics.json").read_text(encoding="utf-8")) \
         if (eval_dir / "metrics.json").is_file() else None
@@ -313,12 +335,13 @@ def write_report(out_dir, pretrain_dir=None, sft_dir=None, eval_dir=None, pretra
     summary_path = out_dir / "summary.json"
     summary = json.loads(summary_path.read_text(encoding="utf-8")) if summary_path.is_file() else None
     entropies, note = unigram_entropies(stages, pretrain_bins, tokenizer)
-    plot_loss_curves({name: (stage["rows"] if stage else [], entropies[name]) for name, stage in stages.items()},
-                     out_dir / "loss_curves.png")
+    plot_loss_curves({name: (stage["rows"] if stage else [], entropies.get(name)) for name, stage in stages.items()
+                      if stage or name != "dpo"}, out_dir / "loss_curves.png")
     lines = [f"# Run report: {out_dir}", "", f"Written {time.strftime('%Y-%m-%d %H:%M')} by `report.py`.", ""]
     lines += section_data(pretrain_bins, stages["sft"], evaluation)
     lines += section_model(stages)
     lines += section_losses(stages, entropies, note)
+    lines += section_dpo(stages["dpo"])
     lines += section_eval(evaluation)
     lines += section_samples(eval_dir / "predictions.jsonl")
     lines += section_time(stages, evaluation, summary)
@@ -332,13 +355,14 @@ def main(argv=None):
     parser.add_argument("out_dir", help="the run's out dir, holding pretrain/, sft/ and eval/")
     parser.add_argument("--pretrain", default=None, help="pretraining out dir (default OUT_DIR/pretrain)")
     parser.add_argument("--sft", default=None, help="SFT out dir (default OUT_DIR/sft)")
+    parser.add_argument("--dpo", default=None, help="DPO out dir (default OUT_DIR/dpo; left out when it holds no checkpoint)")
     parser.add_argument("--eval", default=None, help="eval out dir (default OUT_DIR/eval)")
     parser.add_argument("--pretrain-data", nargs="*", default=[],
                         help="pretrain.py's --data: .bin files, globs or directories (NAME_val.bin beside each)")
     parser.add_argument("--tokenizer", default=None, help="tokenizer.model, if not where the checkpoints recorded it")
     cfg = parser.parse_args(argv)
     with one_line_refusals("report.py"):
-        path = write_report(cfg.out_dir, cfg.pretrain, cfg.sft, cfg.eval, cfg.pretrain_data, cfg.tokenizer)
+        path = write_report(cfg.out_dir, cfg.pretrain, cfg.sft, cfg.eval, cfg.pretrain_data, cfg.tokenizer, cfg.dpo)
     print(f"report: {path}")
 
 

@@ -48,6 +48,7 @@ from starlette.exceptions import HTTPException
 import cli
 from chat_request import ApiError, generation_settings, parse_chat_request, prompt_ids, read_body
 from engine import BatchEngine
+from checkpoint import ANSWERING_KINDS
 from generate import TextStream, add_generation_args, load_for_inference, resolve_decoding, sampling_from
 from refusal import Refusal, one_line_refusals
 
@@ -388,7 +389,7 @@ def serve(cfg):
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     ckpt, model, tokenizer = load_for_inference(cfg.ckpt, cfg.tokenizer, cfg.device)
-    if ckpt.get("kind") != "sft":
+    if ckpt.get("kind") not in ANSWERING_KINDS:
         print(f"warning: {ckpt['path']} is a '{ckpt.get('kind')}' checkpoint; serve.py prompts it like an SFT model",
               file=sys.stderr)
     host, port = sock.getsockname()[:2]

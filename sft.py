@@ -70,31 +70,43 @@ def main(argv=None):
 def run(cfg, env):
     model, tokenizer, init = init_model(cfg)
     env.print(f"init: {init['path']} ({init.get('kind')} checkpoint, step {init.get('step')})")
-    resume = load_resume(cfg, env, "sft", tokenizer)
+    resume = load_resume(cfg, env, "sft", tokenizer, inputs=[("--init", init["path"]), ("--data", cfg.data)])
     if resume:  # trainer.train loads the resumed weights into a model of the resumed shape
         model = Transformer(ModelArgs.from_dict(resume["model_args"]))
-    max_seq_len = cfg.max_seq_len or model.args.max_seq_len
-    if max_seq_len > model.args.max_seq_len:
-        raise Refusal(f"--max-seq-len {max_seq_len} exceeds the model's context length {model.args.max_seq_len}")
-    if max_seq_len < 0:
-        raise Refusal(f"--max-seq-len {max_seq_len}: give a positive length, or 0 for the checkpoint's")
-    cfg.max_seq_len = max_seq_len  # resolved, so the trainer's plan, FLOP count and config.json use it
-
-    data = Path(cfg.data)
-    val_path = data.with_name(data.stem + "_val.jsonl")
-    train_set = SFTDataset(data, tokenizer, max_seq_len)
-    val_set = SFTDataset(val_path, tokenizer, max_seq_len) if val_path.is_file() else None
-    env.print(f"data: {len(train_set):,} examples, {train_set.lengths.sum():,} positions in {data}; "
-              + (f"validation {len(val_set):,} examples in {val_path}" if val_set else f"no {val_path}: no validation"))
-    collate = partial(collate_sft, pad_id=tokenizer.pad_id)
-    grouped = partial(length_grouped_batches, train_set.lengths, cfg.batch_size, cfg.seed,
-                      rank=env.rank, world_size=env.world_size)
-    train_batches = Batches(train_set, cfg.batch_size, cfg.seed, env, collate_fn=collate,
-                            num_workers=cfg.num_workers, make_epoch=grouped if cfg.group_by_length else None)
-    val_batches = (lambda: eval_batches(val_set, cfg.batch_size, cfg.eval_batches, env, collate)) if val_set else None
-    train_data = [(data.name, int(train_set.lengths.sum()))]  # positions: changes with the data and with --max-seq-len
+    resolve_max_seq_len(cfg, model)
+    train_set, train_batches, val_batches = example_batches(cfg, env, tokenizer, SFTDataset, collate_sft, "examples",
+                                                            cfg.num_workers)
+    train_data = [(Path(cfg.data).name, int(train_set.lengths.sum()))]  # positions: change with the data and --max-seq-len
     return trainer.train(cfg, env, model, "sft", tokenizer, train_batches, val_batches, train_data, resume,
                          extra={"init": init["path"]})
+
+
+def resolve_max_seq_len(cfg, model):
+    """cfg.max_seq_len resolved (0: the model's context), so that the trainer's plan, FLOP
+    count and config.json use it; refused outside 1..context."""
+    max_seq_len = cfg.max_seq_len or model.args.max_seq_len
+    if not 0 < max_seq_len <= model.args.max_seq_len:
+        raise Refusal(f"--max-seq-len {max_seq_len}: give a length from 1 to the model's context length "
+                      f"{model.args.max_seq_len}, or 0 for the checkpoint's")
+    cfg.max_seq_len = max_seq_len
+
+
+def example_batches(cfg, env, tokenizer, dataset_class, collate_fn, unit, num_workers=0):
+    """(training set, its Batches, the validation batches or None) of --data and the
+    NAME_val.jsonl beside it, batched by length unless --no-group-by-length (sft.py and dpo.py)."""
+    data = Path(cfg.data)
+    val_path = data.with_name(data.stem + "_val.jsonl")
+    train_set = dataset_class(data, tokenizer, cfg.max_seq_len)
+    val_set = dataset_class(val_path, tokenizer, cfg.max_seq_len) if val_path.is_file() else None
+    env.print(f"data: {len(train_set):,} {unit}, {train_set.lengths.sum():,} positions in {data}; "
+              + (f"validation {len(val_set):,} {unit} in {val_path}" if val_set else f"no {val_path}: no validation"))
+    collate = partial(collate_fn, pad_id=tokenizer.pad_id)
+    grouped = partial(length_grouped_batches, train_set.lengths, cfg.batch_size, cfg.seed,
+                      rank=env.rank, world_size=env.world_size)
+    train_batches = Batches(train_set, cfg.batch_size, cfg.seed, env, collate_fn=collate, num_workers=num_workers,
+                            make_epoch=grouped if cfg.group_by_length else None)
+    val_batches = (lambda: eval_batches(val_set, cfg.batch_size, cfg.eval_batches, env, collate)) if val_set else None
+    return train_set, train_batches, val_batches
 
 
 if __name__ == "__main__":

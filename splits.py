@@ -1,7 +1,7 @@
 """The output splits of data_process.py: a training file and a held-out validation file,
 written so that a crash never leaves anything that looks complete.
 
-Each split is one SplitWriter (for pretraining a BinWriter), an atomic.AtomicFile: PATH.tmp
+Each split is one SplitWriter (for pretraining a BinWriter), an atomic.AtomicFile: a .tmp file
 while it grows, renamed to PATH by commit() only when the whole input is in. A run first
 checks whether a previous one finished (already_done: its completion marker exists), removes
 the previous outputs (clear_outputs) and, when it fails, removes everything of its own
@@ -25,7 +25,7 @@ from corpus import DataError
 
 
 class SplitWriter:
-    """One split's output file (atomic.AtomicFile: PATH.tmp until committed) that counts its
+    """One split's output file (atomic.AtomicFile: a .tmp file until committed) that counts its
     records and keeps the last one's bytes, so that the record can move to the validation
     split when the hash held none out (hold_out_one)."""
 
@@ -125,7 +125,7 @@ def clear_outputs(outputs, files):
     leaves old and new files mixed; refuse to overwrite an input."""
     inputs = {p.resolve() for p in files}
     for path in outputs:
-        if path.resolve() in inputs or Path(str(path) + ".tmp").resolve() in inputs:
+        if path.resolve() in inputs:
             raise DataError(f"output {path} is also an input; choose another --out")
     for path in outputs:
         with naming_errors(path):

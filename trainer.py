@@ -1,4 +1,4 @@
-"""The training loop that pretrain.py and sft.py run: train(), the first function below.
+"""The training loop that pretrain.py, sft.py and dpo.py run: train(), the first function below.
 
 A training script builds what differs between pretraining and fine-tuning, then hands it over
 (pretrain.py is the worked example):
@@ -13,6 +13,8 @@ A training script builds what differs between pretraining and fine-tuning, then 
 train_data ([file name, tokens] per training file) and the tokenizer's identity go into every
 checkpoint, and --resume compares them; so does any `extra` dict given to train(). val_text,
 (tokens, characters) of the validation text, adds val_bpc (bits per character) beside val_loss.
+objective says what a micro-batch's loss is and what validation reports: TokenLoss (below) for
+pretraining and SFT, dpo.py's PreferenceObjective for preference tuning.
 
 What train() does, step by step: the optimizers (optimizers.py) and the warmup + cosine
 schedule over the run's real number of steps; gradient accumulation (DDP syncs the gradients
@@ -47,8 +49,9 @@ from train_flags import PEAK_FLOPS
 
 
 def train(cfg, env, model, kind, tokenizer, train_batches, val_batches, train_data, resume=None, extra=None,
-          val_text=None):
+          val_text=None, objective=None):
     """Train model to the planned step; returns the last metrics row. See the module docstring."""
+    objective = objective or TokenLoss()
     # what every checkpoint says it is; a resumed run must match its checkpoint's settings
     header = checkpoint_header(cfg, env, kind, model, tokenizer, train_data, extra)
     if resume is not None:
@@ -59,7 +62,7 @@ def train(cfg, env, model, kind, tokenizer, train_batches, val_batches, train_da
     step_model, eval_model = wrap_model(cfg, env, model)
 
     # how long the run is; the whole configuration goes into the header and config.json
-    total_steps, warmup = plan(cfg, env, model, train_batches)
+    total_steps, warmup = plan(cfg, env, model, train_batches, objective.rows_per_item)
     flops_per_token = model.flops_per_token(window_length(cfg, model))
     record_config(cfg, env, total_steps, warmup, resume, {**(extra or {}), "flops_per_token": flops_per_token})
     peak_flops = cfg.peak_flops or (guess_peak_flops(env.device) if env.device.type == "cuda" else 0.0)
@@ -76,7 +79,8 @@ def train(cfg, env, model, kind, tokenizer, train_batches, val_batches, train_da
 
             # forward backward update, with optional gradient accumulation
             micro_batches = [next(train_batches) for _ in range(cfg.grad_accum)]
-            step_loss, n_tokens = train_step(step_model, micro_batches, optimizers, scaler, cfg.grad_clip, env)
+            step_loss, n_tokens = train_step(step_model, micro_batches, optimizers, scaler, cfg.grad_clip, env,
+                                             objective)
             progress.step += 1
             progress.tokens += n_tokens
             clock.steps += 1
@@ -88,7 +92,7 @@ def train(cfg, env, model, kind, tokenizer, train_batches, val_batches, train_da
             if do_eval or is_last or is_multiple(progress.step, cfg.log_every):
                 row = metrics_row(step_loss, progress, optimizers, clock, env, flops_per_token, peak_flops)
                 if do_eval:
-                    row["val_loss"] = round(evaluate(eval_model, val_batches(), env), 6)
+                    row.update(evaluate(eval_model, val_batches(), env, objective))
                     if val_text:  # (tokens, characters) of the validation text
                         row["val_bpc"] = round(bits_per_char(row["val_loss"], *val_text), 6)
                     best = row["val_loss"] < progress.best_val
@@ -167,11 +171,12 @@ def window_length(cfg, model):
     return min(getattr(cfg, "max_seq_len", 0) or model.args.max_seq_len, model.args.max_seq_len)
 
 
-def plan(cfg, env, model, train_batches):
+def plan(cfg, env, model, train_batches, rows_per_item=1):
     """(total optimizer steps, warmup steps) of the run, printed with what a step holds. The run
     takes the smallest of the budgets that are set; warmup is at most a tenth of it."""
     seq_len = window_length(cfg, model)
-    tokens_per_step = cfg.batch_size * seq_len * cfg.grad_accum * env.world_size  # at most: SFT pads shorter
+    rows = cfg.batch_size * rows_per_item  # a DPO item (a pair) is two rows
+    tokens_per_step = rows * seq_len * cfg.grad_accum * env.world_size  # at most: SFT pads shorter
     candidates = []
     if cfg.max_steps:
         candidates.append(cfg.max_steps)
@@ -185,7 +190,7 @@ def plan(cfg, env, model, train_batches):
     env.print(f"model: {model.num_params() / 1e6:.2f}M parameters "
               f"({model.num_params(exclude_embeddings=True) / 1e6:.2f}M without embeddings), "
               f"{env.world_size} process(es) on {env.device}, {str(env.ptdtype).removeprefix('torch.')}")
-    env.print(f"tokens per optimizer step: {tokens_per_step:,} = {cfg.batch_size} batch x {seq_len} seq "
+    env.print(f"tokens per optimizer step: {tokens_per_step:,} = {rows} rows x {seq_len} seq "
               f"x {cfg.grad_accum} accum x {env.world_size} procs; planned {total_steps:,} steps = "
               f"{total_steps * tokens_per_step:,} tokens ({train_batches.batches_per_epoch:,} "
               f"micro-batches per epoch per process)")
@@ -207,14 +212,36 @@ def record_config(cfg, env, total_steps, warmup, resume, extra):
 
 # ----------------------------------------------------------------------------- one step
 
-def train_step(model, micro_batches, optimizers, scaler, grad_clip, env):
-    """One optimizer step over this rank's micro-batches. The loss is the mean over every target
-    token of the step, on all ranks, so it does not depend on how the tokens are split into
-    micro-batches and ranks. Returns (the step's loss as a tensor on the device, the step's
-    positions on all ranks)."""
-    # One small all-reduce per step: the step's real target count (for the token-weighted
-    # mean). Without DDP it stays on the CPU, so the GPU never waits for it.
-    counts = torch.tensor([sum(int((y != IGNORE_INDEX).sum()) for _, y in micro_batches),
+class TokenLoss:
+    """The objective of pretraining and SFT: the mean cross entropy over the target tokens.
+
+    An objective tells train_step what one micro-batch's loss is (loss: its mean over the
+    micro-batch's units) and how many units it holds (units: here target tokens), and tells
+    evaluate what to sum over the validation batches (sums: {score: sum}, and "n" the units,
+    each score reported as sum / n). dpo.py's objective counts preference pairs instead, and
+    its items (pairs) are two rows each (rows_per_item, for the plan's token count)."""
+
+    rows_per_item = 1
+
+    def units(self, y):
+        return int((y != IGNORE_INDEX).sum())
+
+    def loss(self, model, x, y):
+        return model(x, y)
+
+    def sums(self, model, x, y):
+        n = (y != IGNORE_INDEX).sum()
+        return {"val_loss": model(x, y).double() * n, "n": n.double()}
+
+
+def train_step(model, micro_batches, optimizers, scaler, grad_clip, env, objective):
+    """One optimizer step over this rank's micro-batches. The loss is the mean over every unit
+    (target token; preference pair for DPO) of the step, on all ranks, so it does not depend on
+    how the units are split into micro-batches and ranks. Returns (the step's loss as a tensor
+    on the device, the step's positions on all ranks)."""
+    # One small all-reduce per step: the step's real unit count (for the unit-weighted mean).
+    # Without DDP it stays on the CPU, so the GPU never waits for it.
+    counts = torch.tensor([sum(objective.units(y) for _, y in micro_batches),
                            sum(x.numel() for x, _ in micro_batches)],
                           dtype=torch.float64, device=env.device if env.ddp else "cpu")
     if env.ddp:
@@ -223,11 +250,11 @@ def train_step(model, micro_batches, optimizers, scaler, grad_clip, env):
     step_loss = torch.zeros((), device=env.device)
     for i, (x, y) in enumerate(micro_batches):
         x, y = x.to(env.device, non_blocking=True), y.to(env.device, non_blocking=True)
-        weight = (y != IGNORE_INDEX).sum() * env.world_size / n_targets  # DDP averages over ranks
+        weight = objective.units(y) * env.world_size / n_targets  # DDP averages over ranks
         # DDP all-reduces the gradients in the last micro-batch's backward only
         sync = not env.ddp or i == len(micro_batches) - 1
         with (contextlib.nullcontext() if sync else model.no_sync()), env.autocast():
-            loss = model(x, y) * weight
+            loss = objective.loss(model, x, y) * weight
         scaler.scale(loss).backward()
         step_loss += loss.detach() / env.world_size
     if grad_clip > 0:
@@ -243,20 +270,25 @@ def train_step(model, micro_batches, optimizers, scaler, grad_clip, env):
 
 
 @torch.no_grad()
-def evaluate(model, batches, env):
-    """Token-weighted mean loss over this rank's validation batches, reduced over ranks."""
+def evaluate(model, batches, env, objective=None):
+    """The objective's validation scores ({"val_loss": ...} and any others it sums), each the
+    unit-weighted mean over the validation batches of all ranks, rounded for the logs."""
+    objective = objective or TokenLoss()
     model.eval()
-    sums = torch.zeros(2, dtype=torch.float64, device=env.device)
+    names, sums = None, None
     for x, y in batches:
         x, y = x.to(env.device), y.to(env.device)
-        n = (y != IGNORE_INDEX).sum()
         with env.autocast():
-            loss = model(x, y)
-        sums += torch.stack([loss.double() * n, n.double()])
+            batch = objective.sums(model, x, y)
+        names = names or [k for k in batch if k != "n"]
+        values = torch.stack([batch[k].double() for k in names + ["n"]])
+        sums = values if sums is None else sums + values
+    if sums is None:
+        raise Refusal("validation has no batches: give --eval-batches 1 or more")
     if env.ddp:
         dist.all_reduce(sums)
     model.train()
-    return (sums[0] / sums[1].clamp(min=1)).item()
+    return {k: round((v / sums[-1].clamp(min=1)).item(), 6) for k, v in zip(names, sums)}
 
 
 # ----------------------------------------------------------------------------- logs and checkpoints
@@ -283,6 +315,8 @@ def log(row, progress, clock, total_steps, env, out_dir):
     eta = clock.seconds() / clock.steps * (total_steps - progress.step)
     env.print(f"step {progress.step}/{total_steps} | loss {row['train_loss']:.4f}"
               + (f" | val {row['val_loss']:.4f}" if "val_loss" in row else "")
+              + "".join(f" | {k.removeprefix('val_')} {v:.4g}" for k, v in row.items()
+                        if k.startswith("val_") and k != "val_loss")
               + f" | lr {row['lr']:.2e} | {row['tokens_per_s']:,.0f} tok/s"
               + (f" | mfu {100 * row['mfu']:.1f}%" if "mfu" in row else "")
               + f" | mem {row['peak_mem_mb']:,.0f} MB | eta {format_seconds(eta)}")

@@ -244,3 +244,14 @@ def test_answer_bpc_is_the_answers_loss_in_bits_per_character(sft_ckpt, tiny_tok
     assert n_tokens == sum(len(tok.encode(a)) + 1 for a in answers) and n_chars == 4 + 6
     assert nll == pytest.approx(total / n_tokens, rel=1e-4)
     assert metrics.bits_per_char(nll, n_tokens, n_chars) == pytest.approx(total / math.log(2) / 10, rel=1e-4)
+
+
+def test_an_out_dir_that_is_a_file_is_refused_before_any_answer_is_made(tmp_path, sft_ckpt, tiny_tokenizer_path,
+                                                                        capsys):
+    data = write_jsonl(tmp_path / "qa.jsonl", qa_rows(3))
+    (tmp_path / "out").write_text("a file, not a directory")
+    with pytest.raises(SystemExit, match=r"cannot write .*out: "):
+        qa_eval.main(["--ckpt", str(sft_ckpt), "--data", str(data), "--out-dir", str(tmp_path / "out"),
+                      "--tokenizer", str(tiny_tokenizer_path), "--max-new-tokens", "4"])
+    assert "generate" not in capsys.readouterr().err  # refused before the answers
+    assert (tmp_path / "out").read_text() == "a file, not a directory"

@@ -8,6 +8,7 @@ import errno
 import gzip
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -72,7 +73,7 @@ def fail_writes(monkeypatch, name_suffix, error=errno.ENOSPC, room=0):
     """Make atomic's files whose name ends with name_suffix fail: writes after `room` bytes
     with ENOSPC, or opening with another errno (EROFS, EACCES: a read-only directory)."""
     def failing_open(path, mode="r", **kwargs):
-        if not str(path).endswith(name_suffix):
+        if not re.sub(r"\.[0-9a-f]{8}\.tmp$", ".tmp", str(path)).endswith(name_suffix):  # NAME.RANDOM.tmp
             return open(path, mode, **kwargs)
         if error != errno.ENOSPC:
             raise OSError(error, os.strerror(error), str(path))
@@ -364,3 +365,91 @@ def test_resume_with_changed_batch_data_or_processes_is_refused_naming_them(bins
     capsys.readouterr()
     train(bins, tmp_path / "o", "--max-steps", "4", "--resume", "--grad-clip", "0.5")  # these apply: reported
     assert "--resume: changed since the checkpoint: --max-steps 2 -> 4, --grad-clip 1.0 -> 0.5" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------------------- hijacking, flags, shapes
+
+def test_a_link_planted_where_a_temp_file_would_go_is_never_written_through(tmp_path):
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep me")
+    for name in ("metrics.jsonl.tmp", "metrics.jsonl"):  # the old fixed temp name, and the target itself
+        (tmp_path / "out").mkdir(exist_ok=True)
+        link = tmp_path / "out" / name
+        link.unlink(missing_ok=True)
+        link.symlink_to(victim)
+    atomic.write_text_atomic(tmp_path / "out" / "metrics.jsonl", "new\n")
+    assert victim.read_text() == "keep me"
+    assert (tmp_path / "out" / "metrics.jsonl").read_text() == "new\n"  # the link was replaced, not followed
+    with pytest.raises(FileExistsError):  # the opener refuses an existing path, a link included
+        open(tmp_path / "out" / "metrics.jsonl.tmp", "w", opener=atomic.exclusive)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--batch-size", "0"], "--batch-size: 0 is out of range: give an integer >= 1"),
+    (["--grad-accum", "0"], "--grad-accum: 0 is out of range"),
+    (["--eval-batches", "0"], "--eval-batches: 0 is out of range"),
+    (["--max-steps", "-5"], "--max-steps: -5 is out of range: give an integer >= 0"),
+    (["--lr", "0"], "--lr: 0 is out of range: give a number > 0"),
+    (["--beta2", "1"], "--beta2: 1 is out of range: give a number in [0, 1)"),
+    (["--keep-last", "x"], "--keep-last: 'x' is not an integer"),
+])
+def test_training_flags_out_of_range_stop_at_the_flag(flags, message):
+    for script in (ROOT / "pretrain.py", ROOT / "sft.py", ROOT / "dpo.py"):
+        result = subprocess.run([sys.executable, str(script), *flags], capture_output=True, text=True)
+        assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr, script
+
+
+@pytest.mark.parametrize("shape, message", [
+    (dict(n_heads=0), "n_heads 0 must be at least 1"),
+    (dict(dim=0), "dim 0 must be at least 1"),
+    (dict(max_seq_len=0), "max_seq_len 0 must be at least 1"),
+    (dict(dim=60, n_heads=4), "head size dim / n_heads = 15 must be even"),
+])
+def test_model_shapes_that_cannot_work_are_refused_in_words(shape, message):
+    from model import ModelArgs
+    with pytest.raises(ValueError, match=re.escape(message)):
+        ModelArgs(**{**dict(dim=64, n_layers=2, n_heads=4, vocab_size=100, max_seq_len=32), **shape})
+
+
+# ---------------------------------------------------------------------------- out dirs that hold a run
+
+def test_a_fresh_run_into_another_runs_out_dir_is_refused_and_overwrite_moves_it_aside(bins, tmp_path):
+    out = tmp_path / "run"
+    train(bins, out, "--max-steps", "4", "--save-every", "2")
+    before = sorted(p.name for p in out.glob("*.pt"))
+    with pytest.raises(SystemExit, match="holds another run's checkpoints .* --resume, move it aside with --overwrite"):
+        train(bins, out, "--max-steps", "2")
+    assert sorted(p.name for p in out.glob("*.pt")) == before  # untouched
+    train(bins, out, "--max-steps", "2", "--overwrite")
+    aside = [p for p in tmp_path.iterdir() if p.name.startswith("run.replaced-")]
+    assert len(aside) == 1 and sorted(p.name for p in aside[0].glob("*.pt")) == before
+    assert load_checkpoint(out, prefer="latest")["step"] == 2
+
+
+def test_sft_into_its_own_init_dir_is_refused(bins, tmp_path, tiny_tokenizer_path):
+    train(bins, tmp_path / "pre", "--max-steps", "2")
+    (tmp_path / "sft.jsonl").write_text(json.dumps({"prompt": "头痛", "answer": "休息"}, ensure_ascii=False) + "\n")
+    best = (tmp_path / "pre" / "best.pt").read_bytes()
+    with pytest.raises(SystemExit, match="holds --init .*best.pt: the run would write over its own input"):
+        sft.main(["--init", str(tmp_path / "pre"), "--data", str(tmp_path / "sft.jsonl"), "--out-dir", str(tmp_path / "pre"),
+                  "--tokenizer", str(tiny_tokenizer_path), "--max-steps", "1", "--num-workers", "0"])
+    assert (tmp_path / "pre" / "best.pt").read_bytes() == best
+
+
+def test_export_into_the_checkpoints_own_dir_is_refused_even_with_force(bins, tmp_path, tiny_tokenizer_path):
+    train(bins, tmp_path / "run", "--max-steps", "2")
+    kept = sorted(p.name for p in (tmp_path / "run").glob("*.pt"))
+    with pytest.raises(export.ExportError, match="holds --ckpt .*--force would delete the checkpoint"):
+        export.export(tmp_path / "run", tmp_path / "run", tiny_tokenizer_path, force=True)
+    assert sorted(p.name for p in (tmp_path / "run").glob("*.pt")) == kept
+
+
+def test_sft_data_written_over_its_own_exclude_questions_file_is_refused(tmp_path):
+    qa = tmp_path / "qa.jsonl"
+    qa.write_text(json.dumps({"question": "头痛怎么办", "answer": "休息"}, ensure_ascii=False) + "\n", encoding="utf-8")
+    raw = tmp_path / "raw.jsonl"
+    raw.write_text(json.dumps({"prompt": "发热", "answer": "喝水"}, ensure_ascii=False) + "\n", encoding="utf-8")
+    with pytest.raises(SystemExit, match="output .*qa.jsonl is also an input"):
+        data_process.main(["sft", "--input", str(raw), "--out", str(qa), "--exclude-questions", str(qa), "--force",
+                           "--val-fraction", "0"])
+    assert "头痛怎么办" in qa.read_text(encoding="utf-8")

@@ -135,5 +135,5 @@ def test_max_seq_len_reaches_the_plan_and_the_recorded_config(tmp_path, tiny_tok
     write_jsonl(tmp_path / "sft.jsonl", QA)
     out = tmp_path / "sft"
     run_sft(tmp_path, tiny_tokenizer_path, out, "--max-steps", "2", "--max-seq-len", "16")
-    assert "= 4 batch x 16 seq x 1 accum" in capsys.readouterr().out
+    assert "= 4 rows x 16 seq x 1 accum" in capsys.readouterr().out
     assert json.loads((out / "config.json").read_text())["max_seq_len"] == 16
