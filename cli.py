@@ -30,7 +30,7 @@ def ranged(kind, low=None, high=None, low_open=False, high_open=False):
                 (high is not None and (value >= high if high_open else value > high)):
             raise argparse.ArgumentTypeError(f"{text} is out of range: give {parse.__name__}")
         return value
-    parse.__name__ = describe_range(kind, low, high, low_open, high_open)
+    parse.__name__ = parse.allowed = describe_range(kind, low, high, low_open, high_open)
     return parse
 
 
@@ -50,8 +50,8 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefau
     None (unset) is left to the flag's own help, which says what happens then."""
 
     def _get_help_string(self, action):
-        allowed = getattr(action.type, "__name__", "")
-        if allowed.startswith(("an integer", "a number")) and action.help:  # a ranged() flag: say its range
+        allowed = getattr(action.type, "allowed", None)  # a ranged() flag: say its range
+        if allowed and action.help:
             action = copy.copy(action)
             action.help = f"{action.help}; {allowed}"
         return action.help if action.default is None else super()._get_help_string(action)

@@ -212,14 +212,14 @@ def example_paths(out):
 
 
 def write_example_data(files, paths, kind, cfg):
-    """sft and eval (kind): the examples of the files, filtered, to paths["train"] and, with a
-    --val-fraction (sft), a held-out share to paths["val"] (cfg: the command's flags; eval's
-    val_fraction is 0). The train file marks a finished run: it is committed last."""
-    clear_outputs(list(paths.values()), files + expand_inputs([cfg.exclude_questions] if cfg.exclude_questions else []))
+    """sft, eval and prefs (kind): the examples of the files, filtered, to paths["train"] and,
+    with a --val-fraction (sft, prefs), a held-out share to paths["val"] (cfg: the command's
+    flags; eval's val_fraction is 0). The train file marks a finished run: it is committed last."""
+    eval_files = expand_inputs([cfg.exclude_questions]) if cfg.exclude_questions else []
+    clear_outputs(list(paths.values()), files + eval_files)  # an output may not be any input
     length_filters = any((cfg.max_prompt_tokens, cfg.max_answer_tokens, cfg.min_answer_tokens, cfg.max_tokens))
     tokenizer = load_tokenizer(cfg.tokenizer) if length_filters else None
-    excluded = QuestionIndex(q for q, _ in iter_examples(expand_inputs([cfg.exclude_questions]), cfg, BadCounter(False))) \
-        if cfg.exclude_questions else None
+    excluded = QuestionIndex(q for q, _ in iter_examples(eval_files, cfg, BadCounter(False))) if eval_files else None
     bad, outputs = BadCounter(cfg.skip_bad), {}
     try:
         outputs["train"] = SplitWriter(paths["train"])
