@@ -12,7 +12,7 @@ import random
 
 import torch
 
-from sampling import apply_repetition_penalty, sample_next_token
+from sampling import NgramBlocker, apply_repetition_penalty, block_ngrams, sample_next_token
 
 
 class KVCache:
@@ -75,6 +75,7 @@ class Request:
         self.finish_reason = None
         self.generator = None  # a seeded torch.Generator for a sampling row, made on admission
         self.seen = None  # (V,) bool: tokens the answer holds so far, for a repetition penalty != 1
+        self.ngrams = None  # the answer's n-token runs, for no_repeat_ngram_size > 0
 
     def cancel(self):
         self.cancelled = True
@@ -156,6 +157,8 @@ class DecodeBatch:
         if s.repetition_penalty != 1.0:
             # the answer's own tokens only: the question's words are ones an answer should be free to use
             request.seen = torch.zeros(self.model.args.vocab_size, dtype=torch.bool, device=self.device)
+        if s.no_repeat_ngram_size:
+            request.ngrams = NgramBlocker(s.no_repeat_ngram_size)
 
     def step(self):
         """Pick every row's next token, hand the tokens out, let ended rows leave, and run the
@@ -166,8 +169,8 @@ class DecodeBatch:
             self.logits = self.decode(tokens)
 
     def next_tokens(self):
-        """(B,) next token of every row: one argmax for all, then the rows that sample or
-        penalize repeats redo theirs with their own settings and generator, so what a row
+        """(B,) next token of every row: one argmax for all, then the rows that sample, penalize
+        repeats or block n-grams redo theirs with their own settings and generator, so what a row
         draws does not depend on who else is in the batch."""
         tokens = self.logits.argmax(dim=-1)
         for row, request in enumerate(self.requests):
@@ -176,6 +179,8 @@ class DecodeBatch:
                 logits = self.logits[row:row + 1]
                 if request.seen is not None:
                     logits = apply_repetition_penalty(logits, request.seen[None], s.repetition_penalty)
+                if request.ngrams is not None:
+                    logits = block_ngrams(logits, request.ngrams.banned())
                 tokens[row] = sample_next_token(logits, s.temperature, s.top_k, s.top_p, request.generator)[0]
         return tokens
 
@@ -192,6 +197,8 @@ class DecodeBatch:
                 self.stats["tokens_generated"] += 1
                 if request.seen is not None:
                     request.seen[token] = True
+                if request.ngrams is not None:
+                    request.ngrams.push(token)
                 request.send(token, None)
                 if request.n_generated >= request.max_new_tokens:
                     request.finish("length", self.stats)

@@ -33,7 +33,7 @@ from refusal import Refusal, one_line_refusals
 # defaults (flags override, and so does the checkpoint's generation_config.json where it has
 # a value); a mild repetition penalty breaks most of a small model's loops
 GENERATION = dict(ckpt="out/sft", max_new_tokens=None, temperature=0.7, top_k=None, top_p=0.9,
-                  repetition_penalty=1.1, seed=1337)
+                  repetition_penalty=1.1, no_repeat_ngram_size=0, seed=1337)
 MAX_NEW_TOKENS = 256  # the default answer length, where half the context allows it
 # -----------------------------------------------------------------------------
 

@@ -50,7 +50,7 @@ class StreamOptions(BaseModel):
 
 class ChatRequest(BaseModel):
     """POST /v1/chat/completions: the OpenAI fields this server honours, plus top_k and
-    repetition_penalty (named as vLLM names them). Types are strict ("5" is not 5), numbers
+    repetition_penalty (named as vLLM names them) and no_repeat_ngram_size (transformers' name). Types are strict ("5" is not 5), numbers
     finite, and an unknown field is an error rather than silently ignored."""
     model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
     messages: list[Message] = Field(min_length=1)
@@ -61,6 +61,7 @@ class ChatRequest(BaseModel):
     top_p: Optional[float] = Field(None, gt=0, le=1)
     top_k: Optional[int] = Field(None, ge=1)
     repetition_penalty: Optional[float] = Field(None, gt=0, le=10)
+    no_repeat_ngram_size: Optional[int] = Field(None, ge=0, le=64)  # as transformers' generate names it
     seed: Optional[int] = Field(None, ge=0, lt=2 ** 63)
     stream: bool = False
     stream_options: Optional[StreamOptions] = None
@@ -132,5 +133,6 @@ def generation_settings(body, defaults, context, prompt_len):
         return defaults[name] if value is None else value
 
     sampling = Sampling(temperature=pick("temperature"), top_k=pick("top_k"), top_p=pick("top_p"),
-                        repetition_penalty=pick("repetition_penalty"), seed=pick("seed"))
+                        repetition_penalty=pick("repetition_penalty"), seed=pick("seed"),
+                        no_repeat_ngram_size=pick("no_repeat_ngram_size"))
     return max_new, sampling, warnings

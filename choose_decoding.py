@@ -4,9 +4,11 @@ export.py then use unless a flag overrides them.
 
     python choose_decoding.py --ckpt out/sft --data data/sft/NAME_val.jsonl
 
-Every --repetition-penalties value is tried with greedy decoding, and each answer is also
-cut at every --max-new-tokens limit (greedy answers are causal: the first n tokens of a
-longer answer are the answer a limit of n gives, so one generation scores every limit).
+Greedy decoding is tried with each of the two ways of keeping a small model from looping
+(sampling.py): every --repetition-penalties value alone, and every --no-repeat-ngram-sizes
+value alone. Each answer is also cut at every --max-new-tokens limit (greedy answers are
+causal: the first n tokens of a longer answer are the answer a limit of n gives, so one
+generation scores every limit).
 The rule: the highest sacreBLEU among the settings whose answers loop at most
 --max-repeat-rate of the time (metrics.repeat_rate), else the least looping one. Only
 validation questions are looked at, never the eval set's; the length still comes from the
@@ -33,7 +35,10 @@ from sampling import Sampling
 # defaults (flags override)
 CKPT = "out/sft"
 LIMIT = 200  # validation questions scored
-REPETITION_PENALTIES = [1.1, 1.2, 1.3]
+# Each tried alone. Penalty 1.1 loops in over a third of the demo's validation answers, and a
+# penalty on top of n-gram blocking shortens answers for nothing (measured on validation).
+REPETITION_PENALTIES = [1.2, 1.3]
+NGRAM_SIZES = [3, 4]
 MAX_NEW_TOKENS = [48, 64, 96, 128, 192, 256]  # those above half the model's context are left out
 MAX_REPEAT_RATE = 0.10  # the share of looping answers tolerated (the references: 0)
 BATCH_SIZE = 50
@@ -50,7 +55,9 @@ def parse_args(argv=None):
     p.add_argument("--device", default=None, help="cpu or cuda (None: cuda when available)")
     p.add_argument("--limit", type=int, default=LIMIT, help="score only the first N validation rows (>= 1)")
     p.add_argument("--repetition-penalties", type=float, nargs="+", default=REPETITION_PENALTIES,
-                   help="repetition penalties tried (each > 0; 1 = off)")
+                   help="repetition penalties tried, without n-gram blocking (each > 0; 1 = off)")
+    p.add_argument("--no-repeat-ngram-sizes", type=int, nargs="*", default=NGRAM_SIZES,
+                   help="n-gram blocking sizes tried, without a repetition penalty (each >= 1)")
     p.add_argument("--max-new-tokens", type=int, nargs="+", default=MAX_NEW_TOKENS,
                    help="answer length limits tried (each >= 1; those above half the model's context are left out)")
     p.add_argument("--max-repeat-rate", type=float, default=MAX_REPEAT_RATE,
@@ -61,6 +68,8 @@ def parse_args(argv=None):
         p.error("--limit, --batch-size and every --max-new-tokens must be >= 1")
     if min(cfg.repetition_penalties) <= 0 or not 0 <= cfg.max_repeat_rate <= 1:
         p.error("every --repetition-penalties value must be > 0, and --max-repeat-rate in 0..1")
+    if any(n < 1 for n in cfg.no_repeat_ngram_sizes):
+        p.error("every --no-repeat-ngram-sizes value must be >= 1")
     return cfg
 
 
@@ -91,23 +100,25 @@ def try_settings(cfg, model, tokenizer, rows):
     prompts = [fit_prompt(tokenizer, [], r["question"], prompt_budget)[0] for r in rows]
     references = [r["answer"] for r in rows]
     engine = BatchEngine(model, tokenizer.eos_id, tokenizer.pad_id, max_batch=cfg.batch_size)
+    settings = [(penalty, 0) for penalty in cfg.repetition_penalties] + [(1.0, n) for n in cfg.no_repeat_ngram_sizes]
     candidates = []
-    with tqdm(total=len(prompts) * len(cfg.repetition_penalties), unit="q", desc="choose decoding") as bar:
-        for penalty in cfg.repetition_penalties:
-            generated = answer_all(engine, prompts, longest, Sampling(repetition_penalty=penalty),
-                                   on_answer=lambda: bar.update(1))
+    with tqdm(total=len(prompts) * len(settings), unit="q", desc="choose decoding") as bar:
+        for penalty, ngram in settings:
+            sampling = Sampling(repetition_penalty=penalty, no_repeat_ngram_size=ngram)
+            generated = answer_all(engine, prompts, longest, sampling, on_answer=lambda: bar.update(1))
             for limit in limits:
-                candidates.append({"repetition_penalty": penalty, "max_new_tokens": limit,
+                candidates.append({"repetition_penalty": penalty, "no_repeat_ngram_size": ngram, "max_new_tokens": limit,
                                    **score_setting(tokenizer, generated, references, limit)})
     return candidates
 
 
 def show(candidates, chosen):
-    print(f"{'rep. penalty':>12} {'max tokens':>10} {'sacreBLEU':>9} {'ROUGE-L':>8} {'repeat':>6} {'length':>6}")
+    print(f"{'rep. penalty':>12} {'n-gram block':>12} {'max tokens':>10} {'sacreBLEU':>9} {'ROUGE-L':>8} "
+          f"{'repeat':>6} {'length':>6}")
     for c in candidates:
         mark = "  <- chosen" if c is chosen else ""
-        print(f"{c['repetition_penalty']:>12g} {c['max_new_tokens']:>10d} {c['sacrebleu']:>9.2f} {c['rougeL']:>8.2f} "
-              f"{c['repeat_rate']:>6.2f} {c['length_ratio']:>6.2f}{mark}")
+        print(f"{c['repetition_penalty']:>12g} {c['no_repeat_ngram_size'] or 'off':>12} {c['max_new_tokens']:>10d} "
+              f"{c['sacrebleu']:>9.2f} {c['rougeL']:>8.2f} {c['repeat_rate']:>6.2f} {c['length_ratio']:>6.2f}{mark}")
 
 
 def choose(cfg):
@@ -125,11 +136,12 @@ def choose(cfg):
     chosen = pick(candidates, cfg.max_repeat_rate)
     show(candidates, chosen)
     decoding = {"max_new_tokens": chosen["max_new_tokens"], "temperature": 0.0, "top_k": None, "top_p": None,
-                "repetition_penalty": chosen["repetition_penalty"]}
+                "repetition_penalty": chosen["repetition_penalty"], "no_repeat_ngram_size": chosen["no_repeat_ngram_size"]}
     write_json_atomic(target, {**decoding, "chosen_on": {
         "data": str(cfg.data), "n": len(rows), "checkpoint": str(ckpt["path"]), "step": ckpt.get("step"),
         "rule": f"highest sacreBLEU with repeat_rate <= {cfg.max_repeat_rate}", "candidates": candidates}})
-    print(f"choose_decoding: repetition penalty {chosen['repetition_penalty']:g}, at most {chosen['max_new_tokens']} "
+    print(f"choose_decoding: repetition penalty {chosen['repetition_penalty']:g}, n-gram blocking "
+          f"{chosen['no_repeat_ngram_size'] or 'off'}, at most {chosen['max_new_tokens']} "
           f"new tokens, greedy -> {target} ({time.time() - started:.0f} s); eval.py, chat.py, serve.py and "
           f"export.py use it unless a flag overrides it", flush=True)
 

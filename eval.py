@@ -27,6 +27,10 @@ order) as soon as the answers exist, then OUT_DIR/metrics.json with (scores on 0
   compare            with --compare: the paired bootstrap of this run against another run's
                      predictions.jsonl on the same questions,
 and the settings and timings of the run.
+
+With --task cmmlu it scores CMMLU's multiple-choice questions instead, as lm-evaluation-harness
+does (cmmlu.py explains how):
+    python eval.py --task cmmlu --ckpt out/sft --data DIR --out-dir out/cmmlu [--shots 0|5]
 """
 import argparse
 import json
@@ -41,6 +45,7 @@ from nltk.translate.bleu_score import SmoothingFunction, sentence_bleu
 from tqdm import tqdm
 
 import cli
+import cmmlu
 import metrics
 from atomic import naming_errors, write_json_atomic, write_text_atomic
 from corpus import DataError, iter_records, stop_at_bad, utf8
@@ -53,14 +58,15 @@ from refusal import Refusal, one_line_refusals
 
 # -----------------------------------------------------------------------------
 # defaults (flags override)
-DATA = "data/eval/medical_qa.jsonl"
+DATA = {"qa": "data/eval/medical_qa.jsonl", "cmmlu": "data/cmmlu"}  # per --task
+SHOTS = 0  # CMMLU examples before each question (lm-eval's default for cmmlu)
 OUT_DIR = "out/eval"
 QUESTION_FIELD = "question"
 ANSWER_FIELD = "answer"
 BATCH_SIZE = 16
 # Decoding flags left unset come from the checkpoint's generation_config.json when it has one.
 GENERATION = dict(ckpt="out/sft", max_new_tokens=None, seed=1337, top_k=None, top_p=None, repetition_penalty=1.0,
-                  temperature=0.0)  # greedy, so the score is reproducible; max_new_tokens None: fit the model
+                  no_repeat_ngram_size=0, temperature=0.0)  # greedy, so the score is reproducible; max_new_tokens None: fit the model
 # -----------------------------------------------------------------------------
 
 
@@ -196,12 +202,17 @@ def compare_runs(per_question, rows, other_path, samples, seed):
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=cli.HelpFormatter)
-    p.add_argument("--data", default=DATA, help="QA set: .jsonl, .json (list of objects) or .csv with a header")
+    p.add_argument("--task", choices=["qa", "cmmlu"], default="qa",
+                   help="qa: answer open questions, scored by BLEU and ROUGE; cmmlu: CMMLU multiple choice (cmmlu.py)")
+    p.add_argument("--data", default=None, help=f"qa: a QA set, .jsonl, .json (list of objects) or .csv with a header "
+                   f"(default {DATA['qa']}); cmmlu: a dir of test/*.csv and dev/*.csv (default {DATA['cmmlu']})")
+    p.add_argument("--shots", type=int, choices=range(0, 6), default=SHOTS, metavar="0..5",
+                   help="cmmlu: examples from the subject's dev rows before each question")
     p.add_argument("--out-dir", default=OUT_DIR, help="where predictions.jsonl, metrics.json and config.json go")
     p.add_argument("--question-field", default=QUESTION_FIELD, help="field holding the question")
     p.add_argument("--answer-field", default=ANSWER_FIELD, help="field holding the reference answer")
-    p.add_argument("--limit", type=int, default=None, help="score only the first N rows (None: all)")
-    p.add_argument("--batch-size", type=int, default=BATCH_SIZE, help="questions generated together")
+    p.add_argument("--limit", type=int, default=None, help="score only the first N rows (None: all; cmmlu: per subject)")
+    p.add_argument("--batch-size", type=int, default=BATCH_SIZE, help="questions generated together (cmmlu: inputs scored together)")
     p.add_argument("--train-data", default=None, help="the SFT training JSONL, for the 'most common training answer' baseline")
     p.add_argument("--compare", default=None, metavar="OTHER_PREDICTIONS.jsonl",
                    help="another run's predictions on the same questions: paired bootstrap of this run against it")
@@ -211,8 +222,11 @@ def parse_args(argv=None):
     cfg = p.parse_args(argv)
     if cfg.bootstrap < 0 or cfg.bootstrap == 1 or (cfg.compare and not cfg.bootstrap):
         p.error("--bootstrap must be 0 (off) or at least 2, and at least 2 with --compare")
-    if cfg.batch_size < 1:
-        p.error("--batch-size must be >= 1")
+    if cfg.batch_size < 1 or (cfg.limit is not None and cfg.limit < 1):
+        p.error("--batch-size and --limit must be >= 1")
+    if cfg.task == "cmmlu" and (cfg.train_data or cfg.compare):
+        p.error("--train-data and --compare are for --task qa")
+    cfg.data = cfg.data or DATA[cfg.task]
     return cfg
 
 
@@ -269,7 +283,7 @@ def generate_predictions(cfg, rows):
     info = {"n_prompts_truncated": sum(cut for _, _, cut in fitted), "generate_seconds": time.time() - t0,
             "device": device, "mean_new_tokens": sum(map(len, generated)) / len(generated),
             "generation": {"max_new_tokens": max_new_tokens, **{k: getattr(cfg, k) for k in (
-                "temperature", "top_k", "top_p", "repetition_penalty", "seed", "batch_size")}}}
+                "temperature", "top_k", "top_p", "repetition_penalty", "no_repeat_ngram_size", "seed", "batch_size")}}}
     return ckpt, model, tokenizer, prompts, generated, info
 
 
@@ -361,8 +375,9 @@ def print_summary(m, out_dir):
 
 
 def main(argv=None):
+    cfg = parse_args(argv)
     with one_line_refusals("eval.py"):
-        evaluate(parse_args(argv))
+        cmmlu.evaluate(cfg) if cfg.task == "cmmlu" else evaluate(cfg)
 
 
 if __name__ == "__main__":

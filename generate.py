@@ -93,13 +93,14 @@ SAMPLING_FLAGS = (
     ("--top-k", int, "sample only from the k most likely tokens"),
     ("--top-p", float, "sample only from the smallest set with this probability mass"),
     ("--repetition-penalty", float, "> 1 discourages tokens the answer already holds (1 = off)"),
+    ("--no-repeat-ngram-size", int, "n >= 1 forbids the answer to repeat any run of n tokens (0 = off)"),
     ("--seed", int, "seed of the sampling generator"),
 )
 
 
 # The settings generation_config.json holds (the seed stays the script's: it is not a property of the model).
 GENERATION_CONFIG = "generation_config.json"
-DECODING_KEYS = ("max_new_tokens", "temperature", "top_k", "top_p", "repetition_penalty")
+DECODING_KEYS = ("max_new_tokens", "temperature", "top_k", "top_p", "repetition_penalty", "no_repeat_ngram_size")
 
 
 def add_generation_args(parser, defaults):
@@ -173,7 +174,9 @@ def resolve_decoding(cfg, defaults):
 
 def sampling_from(cfg):
     """The Sampling of the parsed sampling flags, refused as a Refusal when out of range."""
-    sampling = Sampling(cfg.temperature, cfg.top_k, cfg.top_p, cfg.repetition_penalty, cfg.seed)
+    sampling = Sampling(temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
+                        repetition_penalty=cfg.repetition_penalty, seed=cfg.seed,
+                        no_repeat_ngram_size=cfg.no_repeat_ngram_size)
     try:
         sampling.check()
     except ValueError as e:

@@ -112,6 +112,9 @@ def ollama_modelfile(tokenizer, max_seq_len, decoding=None):
              "PARAMETER repeat_last_n -1"]  # -1: the whole context, as our penalty counts every token seen
     if decoding.get("max_new_tokens"):
         lines.append(f"PARAMETER num_predict {decoding['max_new_tokens']}")
+    if decoding.get("no_repeat_ngram_size"):
+        lines.append(f"# generation_config.json's no_repeat_ngram_size {decoding['no_repeat_ngram_size']} has no Ollama "
+                     f"parameter: answers here can repeat runs that eval.py's cannot")
     return "\n".join(lines) + "\n"
 
 

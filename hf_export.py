@@ -108,7 +108,8 @@ def generation_config(tokenizer, decoding=None):
     if decoding.get("temperature"):
         config.update(do_sample=True, temperature=decoding["temperature"], top_k=decoding.get("top_k") or 0,
                       top_p=decoding.get("top_p") or 1.0)  # top_k 0 and top_p 1 switch those filters off
-    for key in ("repetition_penalty", "max_new_tokens"):
+    # transformers counts the prompt's tokens too in both repetition settings; ours count the answer's only
+    for key in ("repetition_penalty", "no_repeat_ngram_size", "max_new_tokens"):
         if decoding.get(key) is not None:
             config[key] = decoding[key]
     return config

@@ -250,7 +250,8 @@ def section_eval(m):
     decoding = "greedy" if not g["temperature"] else f"temperature {g['temperature']}"
     lines = ["## Evaluation", "",
              f"{m['n']} questions; checkpoint `{m['checkpoint']}` (step {m['step']}); {decoding}, at most "
-             f"{g['max_new_tokens']} new tokens, repetition penalty {g['repetition_penalty']}. Scores are 0-100 over "
+             f"{g['max_new_tokens']} new tokens, repetition penalty {g['repetition_penalty']}, n-gram blocking "
+             f"{g.get('no_repeat_ngram_size') or 'off'}. Scores are 0-100 over "
              f"characters, with [95% bootstrap intervals] from {m['bootstrap']['samples']} resamples of the questions. "
              f"sacreBLEU signature `{m['sacrebleu_signature']}`.", ""]
     lines += table(["metric", "model", "copy the question", "most common training answer"], rows) + [""]

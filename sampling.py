@@ -1,6 +1,14 @@
 """How a request picks its next token from the model's logits: greedy, or sampled with a
-temperature, top-k and top-p, after a repetition penalty. The engine (engine.py) calls these
-for every row of its batch, each row with its own settings and its own seeded generator.
+temperature, top-k and top-p, after a repetition penalty and n-gram blocking. The engine
+(engine.py) calls these for every row of its batch, each row with its own settings and its
+own seeded generator.
+
+Two ways to keep a small model from looping, both over the answer's own tokens:
+  - the repetition penalty lowers every token the answer already holds, however often it
+    is the right one, so a strong one ends answers early (eos is never penalized);
+  - n-gram blocking (no_repeat_ngram_size n) forbids only the tokens that would repeat an
+    n-token run the answer already holds, which is what a loop is, and leaves every word
+    free to appear again.
 """
 from dataclasses import dataclass
 from typing import Optional
@@ -16,17 +24,20 @@ class Sampling:
     top_p: Optional[float] = None
     repetition_penalty: float = 1.0
     seed: Optional[int] = None
+    no_repeat_ngram_size: int = 0  # 0: off
 
     def check(self):
         """ValueError unless every setting is in its range (a script refuses bad flags first)."""
-        t, k, p, penalty = self.temperature, self.top_k, self.top_p, self.repetition_penalty
-        if t < 0 or (k is not None and k < 1) or not (p is None or 0 < p <= 1) or penalty <= 0:
+        t, k, p, penalty, n = self.temperature, self.top_k, self.top_p, self.repetition_penalty, self.no_repeat_ngram_size
+        if t < 0 or (k is not None and k < 1) or not (p is None or 0 < p <= 1) or penalty <= 0 \
+                or not isinstance(n, int) or isinstance(n, bool) or n < 0:
             raise ValueError(f"bad sampling settings: temperature={t} (>= 0), top_k={k} (>= 1), "
-                             f"top_p={p} (in (0, 1]), repetition_penalty={penalty} (> 0)")
+                             f"top_p={p} (in (0, 1]), repetition_penalty={penalty} (> 0), "
+                             f"no_repeat_ngram_size={n!r} (an integer >= 0)")
 
     def is_plain_greedy(self):
         """True when the row's token is just the argmax of its logits."""
-        return self.temperature <= 0 and self.repetition_penalty == 1.0
+        return self.temperature <= 0 and self.repetition_penalty == 1.0 and not self.no_repeat_ngram_size
 
 
 def apply_repetition_penalty(logits, seen, penalty):
@@ -38,6 +49,34 @@ def apply_repetition_penalty(logits, seen, penalty):
         return logits
     penalized = torch.where(logits > 0, logits / penalty, logits * penalty)
     return torch.where(seen, penalized, logits)
+
+
+class NgramBlocker:
+    """The n-token runs an answer holds, kept as {its first n-1 tokens: the tokens that came
+    next}, so that the tokens to forbid at each step are one lookup away."""
+
+    def __init__(self, n):
+        self.n, self.tokens, self.next_of = n, [], {}
+
+    def push(self, token):
+        self.tokens.append(token)
+        if len(self.tokens) >= self.n:
+            self.next_of.setdefault(tuple(self.tokens[len(self.tokens) - self.n:-1]), set()).add(token)
+
+    def banned(self):
+        """Tokens that would make the answer repeat an n-token run it already holds."""
+        if len(self.tokens) < self.n - 1:
+            return []
+        return sorted(self.next_of.get(tuple(self.tokens[len(self.tokens) - self.n + 1:]), ()))
+
+
+def block_ngrams(logits, banned):
+    """(1, V) logits with the banned tokens made impossible."""
+    if not banned:
+        return logits
+    logits = logits.clone()
+    logits[0, banned] = float("-inf")
+    return logits
 
 
 def sample_next_token(logits, temperature=0.0, top_k=None, top_p=None, generator=None):

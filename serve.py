@@ -57,7 +57,7 @@ from refusal import Refusal, one_line_refusals
 # the checkpoint's generation_config.json replaces them where it has a value (as it does for
 # eval.py, so that temperature 0 alone gives eval.py's greedy answer).
 GENERATION = dict(ckpt="out/sft", max_new_tokens=256, temperature=0.7, top_k=None, top_p=0.9,
-                  repetition_penalty=1.0, seed=None)
+                  repetition_penalty=1.0, no_repeat_ngram_size=0, seed=None)
 HOST, PORT = "127.0.0.1", 8000
 MODEL_NAME = "baby-llama2-chinese"
 MAX_BATCH = 16  # rows decoded together (each holds a KV cache slot of the full context)
@@ -234,7 +234,8 @@ def health(server):
     active, waiting = server.engine.load()
     d = server.defaults
     defaults = {"max_tokens": d["max_new_tokens"], **{k: d[k] for k in ("temperature", "top_p", "top_k",
-                                                                       "repetition_penalty", "seed")}}
+                                                                       "repetition_penalty", "no_repeat_ngram_size",
+                                                                       "seed")}}
     return {"status": "ok", "model": server.model_name, "context_length": server.context_length,
             "max_batch": server.engine.max_batch, "active": active, "waiting": waiting,
             **server.engine.stats, "defaults": defaults}

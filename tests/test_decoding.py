@@ -81,19 +81,22 @@ def test_an_answer_cut_at_n_tokens_is_the_answer_a_limit_of_n_gives(sft_dir, tin
 def test_choose_decoding_writes_the_setting_eval_then_uses(tmp_path, sft_dir, capsys):
     val = write_jsonl(tmp_path / "val.jsonl", [{"prompt": r["question"], "answer": r["answer"]} for r in qa_rows(4)])
     choose_decoding.main(["--ckpt", str(sft_dir), "--data", str(val), "--repetition-penalties", "1.0", "1.5",
-                          "--max-new-tokens", "4", "12"])
+                          "--no-repeat-ngram-sizes", "2", "--max-new-tokens", "4", "12"])
     stored = json.loads((sft_dir / "generation_config.json").read_text(encoding="utf-8"))
     candidates = stored["chosen_on"]["candidates"]
-    assert len(candidates) == 4 and stored["chosen_on"]["n"] == 4
-    assert {(c["repetition_penalty"], c["max_new_tokens"]) for c in candidates} == {(1.0, 4), (1.0, 12), (1.5, 4), (1.5, 12)}
+    assert len(candidates) == 6 and stored["chosen_on"]["n"] == 4
+    assert {(c["repetition_penalty"], c["no_repeat_ngram_size"], c["max_new_tokens"]) for c in candidates} == {
+        (1.0, 0, 4), (1.0, 0, 12), (1.5, 0, 4), (1.5, 0, 12), (1.0, 2, 4), (1.0, 2, 12)}
+    assert all(c["repeat_rate"] == 0 for c in candidates if c["no_repeat_ngram_size"])
     best = choose_decoding.pick(candidates, 0.10)
-    assert (stored["repetition_penalty"], stored["max_new_tokens"]) == (best["repetition_penalty"], best["max_new_tokens"])
+    keys = ("repetition_penalty", "no_repeat_ngram_size", "max_new_tokens")
+    assert [stored[k] for k in keys] == [best[k] for k in keys]
     assert "<- chosen" in capsys.readouterr().out
 
     qa = write_jsonl(tmp_path / "qa.jsonl", qa_rows(2))
     qa_eval.evaluate(qa_eval.parse_args(["--ckpt", str(sft_dir), "--data", str(qa), "--out-dir", str(tmp_path / "ev")]))
     config = json.loads((tmp_path / "ev" / "config.json").read_text(encoding="utf-8"))
-    assert (config["repetition_penalty"], config["max_new_tokens"]) == (stored["repetition_penalty"], stored["max_new_tokens"])
+    assert [config[k] for k in keys] == [stored[k] for k in keys]
     assert config["decoding_from"].endswith("generation_config.json")
 
 
@@ -107,9 +110,10 @@ def test_choose_decoding_refuses_a_pretrained_checkpoint(tmp_path, tiny_tokenize
 
 def test_export_carries_the_stored_decoding_into_generation_config_json(tmp_path, sft_dir):
     from transformers import GenerationConfig
-    write_config(sft_dir, repetition_penalty=1.25, max_new_tokens=30, temperature=0.0)
+    write_config(sft_dir, repetition_penalty=1.25, max_new_tokens=30, temperature=0.0, no_repeat_ngram_size=3)
     export(sft_dir, tmp_path / "hf", with_gguf=True)
     loaded = GenerationConfig.from_pretrained(tmp_path / "hf", local_files_only=True)
     assert (loaded.repetition_penalty, loaded.max_new_tokens, loaded.do_sample) == (1.25, 30, False)
+    assert loaded.no_repeat_ngram_size == 3
     modelfile = (tmp_path / "hf" / "Modelfile").read_text(encoding="utf-8")
     assert "PARAMETER repeat_penalty 1.25\n" in modelfile and "PARAMETER num_predict 30\n" in modelfile

@@ -4,7 +4,7 @@ import torch
 from engine import generate
 from generate import TextStream
 from model import ModelArgs, Transformer
-from sampling import Sampling, apply_repetition_penalty, sample_next_token
+from sampling import NgramBlocker, Sampling, apply_repetition_penalty, sample_next_token
 
 MAX_SEQ_LEN = 40
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -26,12 +26,23 @@ def model():
     return model
 
 
-def greedy_without_cache(model, prompt, max_new_tokens, eos_id=None):
+def repeats_an_ngram(answer, token, n):
+    """Would `token` make `answer` hold some n-token run twice? (the slow, obvious way)"""
+    runs = [tuple(answer[i:i + n]) for i in range(len(answer) - n + 1)]
+    return len(answer) >= n - 1 and tuple((answer + [token])[-n:]) in runs
+
+
+def greedy_without_cache(model, prompt, max_new_tokens, eos_id=None, no_repeat_ngram_size=0):
     """The reference: the whole sequence through the model for every new token."""
     seq, out = list(prompt), []
     with torch.no_grad():
         while len(out) < max_new_tokens and len(seq) < MAX_SEQ_LEN:
-            t = int(model(torch.tensor([seq])).argmax(-1))
+            logits = model(torch.tensor([seq]))[0]
+            if no_repeat_ngram_size:
+                for token in range(logits.shape[-1]):
+                    if repeats_an_ngram(out, token, no_repeat_ngram_size):
+                        logits[token] = float("-inf")
+            t = int(logits.argmax(-1))
             if t == eos_id:
                 break
             out.append(t)
@@ -103,6 +114,32 @@ class ByteTokenizer:
 
     def decode(self, ids):
         return b"".join(self.PIECES[i] for i in ids).decode("utf-8", errors="replace")
+
+
+def test_ngram_blocker_forbids_exactly_the_tokens_that_repeat_a_run():
+    blocker = NgramBlocker(3)
+    for token in [1, 2, 3, 1, 2]:
+        blocker.push(token)
+    assert blocker.banned() == [3]  # 1 2 3 again
+    blocker.push(4)
+    assert blocker.banned() == []  # "2 4" never came before
+    one = NgramBlocker(1)
+    for token in [7, 5, 7]:
+        one.push(token)
+    assert one.banned() == [5, 7]  # size 1: no token twice
+
+
+@pytest.mark.parametrize("n", [1, 2, 3])
+def test_ngram_blocking_in_the_batch_equals_the_slow_reference(model, n):
+    """Large random weights loop quickly; blocked, no answer holds an n-token run twice, and
+    each row's answer is the one the obvious implementation gives."""
+    got = generate(model, PROMPTS, 20, sampling=Sampling(no_repeat_ngram_size=n))
+    assert got == [greedy_without_cache(model, p, 20, no_repeat_ngram_size=n) for p in PROMPTS]
+    for answer in got:
+        runs = [tuple(answer[i:i + n]) for i in range(len(answer) - n + 1)]
+        assert len(runs) == len(set(runs))
+    plain = generate(model, PROMPTS, 20)
+    assert any(len({tuple(a[i:i + n]) for i in range(len(a) - n + 1)}) < len(a) - n + 1 for a in plain)
 
 
 def test_text_stream_holds_unfinished_characters_and_stop_string_starts():

@@ -74,13 +74,13 @@ def wait_idle(url, timeout=15):
     return h
 
 
-def eval_predictions(ckpt, questions, max_new_tokens, tmp_path):
+def eval_predictions(ckpt, questions, max_new_tokens, tmp_path, *flags):
     """eval.py's greedy answers to the questions."""
     data = tmp_path / "qa.jsonl"
     data.write_text("".join(json.dumps({"question": q, "answer": "多休息。"}, ensure_ascii=False) + "\n"
                             for q in questions), encoding="utf-8")
     qa_eval.evaluate(qa_eval.parse_args(["--ckpt", str(ckpt), "--data", str(data), "--out-dir", str(tmp_path / "eval"),
-                                         "--max-new-tokens", str(max_new_tokens), "--batch-size", "16"]))
+                                         "--max-new-tokens", str(max_new_tokens), "--batch-size", "16", *flags]))
     lines = (tmp_path / "eval" / "predictions.jsonl").read_text(encoding="utf-8").splitlines()
     return [json.loads(line) for line in lines]
 
@@ -118,6 +118,12 @@ def test_openai_client_gets_eval_greedy_answer_whole_and_streamed(url, client, c
         assert text == want["prediction"] and finish == "length" and n_chunks > 5
         assert usage.completion_tokens == 24
     assert len(set(expected[0]["prediction"])) > 5  # the answers are not one repeated character
+
+
+def test_ngram_blocking_field_gives_evals_answer(client, ckpt, tmp_path):
+    want, = eval_predictions(ckpt, QUESTIONS[:1], 24, tmp_path, "--no-repeat-ngram-size", "2")
+    answer = ask(client, QUESTIONS[0], temperature=0, max_tokens=24, extra_body={"no_repeat_ngram_size": 2})
+    assert answer.choices[0].message.content == want["prediction"]
 
 
 def test_models_and_health(url, client):
