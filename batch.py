@@ -65,20 +65,22 @@ class Request:
     deliver(None, finish_reason) once at the end; finish_reason is "stop" (eos), "length"
     (max_new_tokens or the context's end), "cancelled" or "error". deliver runs on the engine's
     thread and must return quickly. cancel() may be called from any thread: the row leaves
-    the batch at the next step."""
+    the batch at the next step, ending as "cancelled", or as "stop" when its receiver found a
+    stop string (cancel("stop"): an answer that ended as asked, not an abandoned one)."""
 
     def __init__(self, prompt_ids, max_new_tokens, sampling, deliver):
         self.prompt_ids, self.max_new_tokens = list(prompt_ids), max_new_tokens
         self.sampling, self.deliver = sampling, deliver
         self.n_generated = 0
-        self.cancelled = False
+        self.cancelled, self.cancel_reason = False, None
         self.finish_reason = None
         self.generator = None  # a seeded torch.Generator for a sampling row, made on admission
         self.seen = None  # (V,) bool: tokens the answer holds so far, for a repetition penalty != 1
         self.ngrams = None  # the answer's n-token runs, for no_repeat_ngram_size > 0
 
-    def cancel(self):
-        self.cancelled = True
+    def cancel(self, reason="cancelled"):
+        if not self.cancelled:  # the first reason stays
+            self.cancelled, self.cancel_reason = True, reason
 
     def send(self, token, finish_reason):
         try:
@@ -189,7 +191,7 @@ class DecodeBatch:
         going_on = []
         for request, token in zip(self.requests, tokens.tolist()):
             if request.cancelled:
-                request.finish("cancelled", self.stats)
+                request.finish(request.cancel_reason, self.stats)
             elif token == self.eos_id:
                 request.finish("stop", self.stats)
             else:

@@ -1,7 +1,8 @@
 """Chat with a checkpoint in the terminal; the reply is printed as it is generated.
 
-    python chat.py --ckpt out/sft                    # interactive; /reset forgets, /quit or Ctrl-D ends
+    python chat.py --ckpt out/sft                    # interactive; /help lists the commands
     python chat.py --ckpt out/sft --prompt "..."     # one reply, then exit
+    python chat.py --ckpt out/sft --system "你是一名儿科医生。"   # a system text before every prompt
 
 An SFT checkpoint ("sft") answers: the prompt is the earlier turns as SFT formats multi-turn
 context ("问：{q}\\n答：{a}\\n" each), then the question, then bos; the answer runs until eos.
@@ -93,8 +94,9 @@ class Session:
     Each reply samples with a seed drawn from the session's own generator, so a session
     started with the same --seed says the same things."""
 
-    def __init__(self, engine, tokenizer, is_sft, max_new_tokens, sampling):
+    def __init__(self, engine, tokenizer, is_sft, max_new_tokens, sampling, system=""):
         self.engine, self.tokenizer, self.is_sft, self.sampling = engine, tokenizer, is_sft, sampling
+        self.system = system
         self.seeds = random.Random(sampling.seed)
         self.max_new_tokens = max_new_tokens
         self.context = engine.args.max_seq_len
@@ -108,7 +110,7 @@ class Session:
             if len(ids) > self.budget - 1:
                 note(f"the text was cut to its last {self.budget - 1} tokens to fit the {self.context}-token context")
             return [self.tokenizer.eos_id] + ids[-(self.budget - 1):]  # eos first: a new document
-        ids, dropped, cut = fit_prompt(self.tokenizer, self.history, text, self.budget)
+        ids, dropped, cut = fit_prompt(self.tokenizer, self.history, text, self.budget, self.system)
         if dropped:
             turns = "the oldest turn" if dropped == 1 else f"the {dropped} oldest turns"
             note(f"left out {turns} of the conversation: it no longer fits the {self.context}-token context "
@@ -125,7 +127,7 @@ class Session:
             sys.stdout.write(text)
         sampling = replace(self.sampling, seed=self.seeds.randrange(2 ** 63))
         answer, stopped = stream_reply(self.engine, self.tokenizer, ids, self.max_new_tokens, sampling)
-        if self.is_sft:
+        if self.is_sft and answer:  # stopped before its first word, there is no turn to remember
             self.history.append((text, answer))
         return stopped
 
@@ -139,13 +141,31 @@ def read_line():
         return None
 
 
+COMMANDS = {"/help": "this list", "/reset": "forget the conversation (the system text stays)",
+            "/quit": "end the session (also Ctrl-D, or Ctrl-C at the prompt)"}
+
+
+def command(session, text):
+    """Run a /command; returns False for /quit."""
+    if text == "/quit":
+        return False
+    if text == "/reset":
+        session.history.clear()
+        note("the conversation is forgotten")
+    elif text == "/help":
+        print("\n".join(f"  {name:<7} {what}" for name, what in COMMANDS.items())
+              + "\n  Ctrl-C stops an answer; what was shown stays in the conversation")
+    else:
+        note(f"unknown command {text.split()[0]}; /help lists the commands")
+    return True
+
+
 def interact(session, header):
     print(header)
     while (text := read_line()) is not None:
-        if text == "/quit":
-            return
-        if text == "/reset":
-            session.history.clear()
+        if text.startswith("/"):
+            if not command(session, text):
+                return
         elif not_encodable(text):
             note(f"that line is not valid {sys.stdin.encoding} text and was ignored; "
                  f"set the terminal to UTF-8 (or type it again)")
@@ -168,13 +188,15 @@ def setup_terminal():
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=cli.HelpFormatter)
     p.add_argument("--prompt", default=None, help="answer this one prompt and exit (None: a conversation)")
+    p.add_argument("--system", default="", help="system text put before every prompt, as SFT formats one (SFT models)")
     add_generation_args(p, GENERATION)
     return p.parse_args(argv)
 
 
 def chat(cfg):
-    if cfg.prompt is not None and not_encodable(cfg.prompt):
-        raise Refusal("--prompt is not valid UTF-8 text")
+    for flag, text in (("--prompt", cfg.prompt), ("--system", cfg.system)):
+        if text is not None and not_encodable(text):
+            raise Refusal(f"{flag} is not valid UTF-8 text")
     stored = resolve_decoding(cfg, GENERATION)
     if stored:
         note(f"decoding defaults from {stored} (a flag overrides each)")
@@ -183,14 +205,15 @@ def chat(cfg):
     ckpt, model, tokenizer = load_for_inference(cfg.ckpt, cfg.tokenizer, cfg.device)
     is_sft = ckpt.get("kind") in ANSWERING_KINDS
     engine = BatchEngine(model, tokenizer.eos_id, tokenizer.pad_id, max_batch=1)
-    session = Session(engine, tokenizer, is_sft, answer_length(cfg.max_new_tokens, model.args.max_seq_len), sampling)
+    session = Session(engine, tokenizer, is_sft, answer_length(cfg.max_new_tokens, model.args.max_seq_len), sampling,
+                      cfg.system)
     if cfg.prompt is not None:
         if session.reply(cfg.prompt):
             sys.exit(130)  # a one-shot answer stopped by Ctrl-C is not a whole answer
         return
     interact(session, f"{ckpt['path']} ({ckpt.get('kind')}, step {ckpt.get('step')}): "
                       f"{'ask a question' if is_sft else 'type the start of a text'}; Ctrl-C stops an answer, "
-                      f"/reset forgets the conversation, /quit or Ctrl-D ends")
+                      f"/help lists the commands, /quit or Ctrl-D ends")
 
 
 def main(argv=None):

@@ -34,13 +34,19 @@ class TextPart(BaseModel):
 
 
 class Message(BaseModel):
-    # extra fields ("name", or "refusal" echoed back from an earlier answer) are ignored
+    # extra fields ("name", or "refusal" echoed back from an earlier answer) are ignored;
+    # "developer" is OpenAI's newer name for the system role
     model_config = ConfigDict(extra="ignore", strict=True)
-    role: Literal["system", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant"]
     content: Union[str, list[TextPart]]
 
     def text(self):
         return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+
+
+class ResponseFormat(BaseModel):
+    model_config = ConfigDict(extra="allow", strict=True)  # json_schema's schema and the like
+    type: str
 
 
 class StreamOptions(BaseModel):
@@ -68,6 +74,29 @@ class ChatRequest(BaseModel):
     stop: Union[str, Annotated[list[str], Field(max_length=4)], None] = None  # up to 4 strings, each any length
     n: int = Field(1, ge=1, le=1)  # one answer per request
     user: Optional[str] = None
+    # Sent by OpenAI front-ends on every request. Accepted where their value asks for nothing
+    # this server lacks (check_unsupported refuses the rest); metadata and store are labels.
+    presence_penalty: Optional[float] = Field(None, ge=-2, le=2)
+    frequency_penalty: Optional[float] = Field(None, ge=-2, le=2)
+    logprobs: Optional[bool] = None
+    top_logprobs: Optional[int] = Field(None, ge=0, le=20)
+    response_format: Optional[ResponseFormat] = None
+    metadata: Optional[dict[str, str]] = None
+    store: Optional[bool] = None
+    parallel_tool_calls: Optional[bool] = None
+
+
+def check_unsupported(body):
+    """400 for a field whose value asks for what this server cannot do, naming what can."""
+    for name in ("presence_penalty", "frequency_penalty"):
+        if getattr(body, name):
+            raise ApiError(400, f"{name} other than 0 is not supported; use repetition_penalty or "
+                                f"no_repeat_ngram_size to discourage repeats", param=name, code="unsupported_value")
+    if body.logprobs or body.top_logprobs:
+        raise ApiError(400, "logprobs are not supported", param="logprobs", code="unsupported_value")
+    if body.response_format is not None and body.response_format.type != "text":
+        raise ApiError(400, f"response_format {body.response_format.type!r} is not supported: answers are plain text",
+                       param="response_format", code="unsupported_value")
 
 
 async def read_body(request, limit):
@@ -91,18 +120,21 @@ def parse_chat_request(raw):
     if not isinstance(data, dict):
         raise ApiError(400, "request body must be a JSON object", code="invalid_json")
     try:
-        return ChatRequest.model_validate(data)
+        body = ChatRequest.model_validate(data)
     except ValidationError as e:
         errors = e.errors()
         message = "; ".join(f"{'.'.join(map(str, err['loc'])) or 'body'}: {err['msg']}" for err in errors[:3])
         raise ApiError(400, message, param=str(errors[0]["loc"][0]) if errors[0]["loc"] else None,
                        code="invalid_value") from None
+    check_unsupported(body)
+    return body
 
 
 def prompt_ids(body, tokenizer, context):
     """Messages -> the SFT prompt's ids; a prompt the context cannot hold is refused."""
     try:
-        text = messages_prompt([{"role": m.role, "content": m.text()} for m in body.messages])
+        text = messages_prompt([{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+                                for m in body.messages])
     except ValueError as e:
         raise ApiError(400, str(e), param="messages", code="invalid_messages") from None
     ids = sft_prompt_ids(tokenizer, text)

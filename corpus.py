@@ -53,6 +53,7 @@ class DataError(Refusal):
 # -----------------------------------------------------------------------------
 # files and their formats
 
+CSV_FIELD_LIMIT = 1 << 30  # characters per CSV field; the csv module's own limit (128 KiB) refuses long documents
 FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".csv": "csv", ".tsv": "csv",
            ".parquet": "parquet", ".txt": "text", ".text": "text", ".md": "text"}
 
@@ -110,10 +111,11 @@ def open_binary(path):
 
 
 def open_text(path):
-    """The file as UTF-8 text, decompressed if its name ends in .gz. Bytes that are not UTF-8
-    survive decoding as surrogates (surrogateescape), to be reported per record by utf8()."""
-    return (gzip.open(path, "rt", encoding="utf-8", errors="surrogateescape", newline="")
-            if path.name.endswith(".gz") else open(path, encoding="utf-8", errors="surrogateescape", newline=""))
+    """The file as UTF-8 text, decompressed if its name ends in .gz; a byte-order mark at the
+    start (Excel's "CSV UTF-8") is dropped. Bytes that are not UTF-8 survive decoding as
+    surrogates (surrogateescape), to be reported per record by utf8()."""
+    return (gzip.open(path, "rt", encoding="utf-8-sig", errors="surrogateescape", newline="")
+            if path.name.endswith(".gz") else open(path, encoding="utf-8-sig", errors="surrogateescape", newline=""))
 
 
 # -----------------------------------------------------------------------------
@@ -136,6 +138,7 @@ def iter_raw_items(path, fmt):
         with open_text(path) as f:
             yield from iter_json_array(f, path)
     elif fmt == "csv":
+        csv.field_size_limit(CSV_FIELD_LIMIT)
         with open_text(path) as f:
             delimiter = "\t" if ".tsv" in path.name else ","
             reader = csv.DictReader(f, delimiter=delimiter)
@@ -242,9 +245,10 @@ def parse_item(fmt, item):
 
 
 def decode_line(raw):
-    """A line's bytes as text; DataError says where the first byte that is not UTF-8 is."""
+    """A line's bytes as text (without a byte-order mark); DataError says where the first byte
+    that is not UTF-8 is."""
     try:
-        return raw.decode("utf-8")
+        return raw.decode("utf-8").removeprefix("\ufeff")
     except UnicodeDecodeError as e:
         raise DataError(f"non-UTF-8 bytes at byte {e.start}") from None
 

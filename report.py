@@ -4,8 +4,9 @@ the loss curves of pretraining and SFT on one page in OUT_DIR/loss_curves.png.
     python report.py out --pretrain-data 'data/pretrain/*.bin'
     python report.py out/demo --pretrain-data data/demo/pretrain/demo.bin   # what demo.py runs
 
-OUT_DIR holds the stages' out dirs: pretrain/, sft/, dpo/ (when preference tuning ran) and
-eval/ (--pretrain, --sft, --dpo and --eval name others). Every number comes from what the stages wrote: checkpoints (settings, steps,
+OUT_DIR holds the stages' out dirs: pretrain/, sft/, dpo/ (when preference tuning ran),
+eval/ and cmmlu/ (when eval.py --task cmmlu ran; --pretrain, --sft, --dpo, --eval and --cmmlu
+name others). Every number comes from what the stages wrote: checkpoints (settings, steps,
 wall-clock), metrics.jsonl (losses), eval's metrics.json and predictions.jsonl, and the
 data's meta files. A stage that is missing gets a line saying so, not a failure.
 
@@ -13,7 +14,7 @@ Sections: data; model and training settings; loss curves; final validation losse
 the unigram entropy (the loss of the best model that knows only how often each token
 occurs: a trained model must get well below it); DPO's validation scores before and after;
 evaluation scores with 95% confidence
-intervals and the baselines; sample answers; wall-clock per stage; hardware.
+intervals and the baselines; CMMLU accuracy per subject beside chance; sample answers; wall-clock per stage; hardware.
 """
 import argparse
 import json
@@ -319,8 +320,24 @@ def section_hardware(stages, evaluation):
 
 # -----------------------------------------------------------------------------
 
+def section_cmmlu(m):
+    """CMMLU multiple choice (eval.py --task cmmlu); nothing when it did not run."""
+    if m is None:
+        return []
+    ci = m.get("accuracy_ci95")
+    overall = f"{m['accuracy']:.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
+    common = m["baselines"]["most_common_answer"]
+    rows = [[name, str(s["n"]), f"{s['accuracy']:.3f}"] for name, s in m["subjects"].items()]
+    rows.append(["**all**", str(m["n"]), f"**{overall}**"])
+    return (["## CMMLU (multiple choice)", "",
+             f"{m['shots']}-shot, scored as lm-evaluation-harness scores CMMLU (cmmlu.py); accuracy with its 95% "
+             f"bootstrap interval. Chance {m['baselines']['chance']:.3f}; always answering '{common['letter']}' "
+             f"{common['accuracy']:.3f}.", ""]
+            + table(["subject", "questions", "accuracy"], rows) + [""])
+
+
 def write_report(out_dir, pretrain_dir=None, sft_dir=None, eval_dir=None, pretrain_data=(), tokenizer=None,
-                 dpo_dir=None):
+                 dpo_dir=None, cmmlu_dir=None):
     """Write out_dir/report.md and out_dir/loss_curves.png; returns the report's path."""
     out_dir = Path(out_dir)
     if not out_dir.is_dir():
@@ -330,6 +347,8 @@ def write_report(out_dir, pretrain_dir=None, sft_dir=None, eval_dir=None, pretra
     eval_dir = Path(eval_dir or out_dir / "eval")
     evaluation = json.loads((eval_dir / "metrics.json").read_text(encoding="utf-8")) \
         if (eval_dir / "metrics.json").is_file() else None
+    cmmlu_metrics = Path(cmmlu_dir or out_dir / "cmmlu") / "metrics.json"
+    cmmlu = json.loads(cmmlu_metrics.read_text(encoding="utf-8")) if cmmlu_metrics.is_file() else None
     if all(s is None for s in stages.values()) and evaluation is None:
         raise Refusal(f"{out_dir}: no checkpoints in pretrain/ or sft/ and no eval/metrics.json")
     pretrain_bins = find_bin_files(pretrain_data) if pretrain_data else ([], [])  # (train, val)
@@ -344,6 +363,7 @@ def write_report(out_dir, pretrain_dir=None, sft_dir=None, eval_dir=None, pretra
     lines += section_losses(stages, entropies, note)
     lines += section_dpo(stages["dpo"])
     lines += section_eval(evaluation)
+    lines += section_cmmlu(cmmlu)
     lines += section_samples(eval_dir / "predictions.jsonl")
     lines += section_time(stages, evaluation, summary)
     lines += section_hardware(stages, evaluation)
@@ -358,12 +378,14 @@ def main(argv=None):
     parser.add_argument("--sft", default=None, help="SFT out dir (default OUT_DIR/sft)")
     parser.add_argument("--dpo", default=None, help="DPO out dir (default OUT_DIR/dpo; left out when it holds no checkpoint)")
     parser.add_argument("--eval", default=None, help="eval out dir (default OUT_DIR/eval)")
+    parser.add_argument("--cmmlu", default=None, help="eval.py --task cmmlu out dir (default OUT_DIR/cmmlu; left out when absent)")
     parser.add_argument("--pretrain-data", nargs="*", default=[],
                         help="pretrain.py's --data: .bin files, globs or directories (NAME_val.bin beside each)")
     parser.add_argument("--tokenizer", default=None, help="tokenizer.model, if not where the checkpoints recorded it")
     cfg = parser.parse_args(argv)
     with one_line_refusals("report.py"):
-        path = write_report(cfg.out_dir, cfg.pretrain, cfg.sft, cfg.eval, cfg.pretrain_data, cfg.tokenizer, cfg.dpo)
+        path = write_report(cfg.out_dir, cfg.pretrain, cfg.sft, cfg.eval, cfg.pretrain_data, cfg.tokenizer, cfg.dpo,
+                            cfg.cmmlu)
     print(f"report: {path}")
 
 

@@ -42,6 +42,7 @@ import torch
 import uvicorn
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import HTMLResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 
@@ -117,6 +118,7 @@ class Completion:
                     return
                 piece = self.text.push(token)
                 if self.text.stopped:
+                    self.request.cancel("stop")  # the row ends as asked, not as an abandoned answer
                     yield piece, "stop"
                     return
                 yield piece, None  # '' too: a token whose text waits still is a token
@@ -148,7 +150,8 @@ async def stream_events(completion, meta, warnings, include_usage):
     first token; one chunk per piece of text; a last one with finish_reason; then [DONE]."""
     def chunk(delta, finish_reason=None, **extra):
         choice = {"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}
-        return sse({**meta, "object": "chat.completion.chunk", "choices": [choice], **extra})
+        usage = {"usage": None} if include_usage else {}  # OpenAI's chunks say "no usage yet" when it was asked for
+        return sse({**meta, "object": "chat.completion.chunk", "choices": [choice], **usage, **extra})
 
     first = True
     try:
@@ -195,9 +198,10 @@ class Server:
     """What the endpoints share: the engine, the tokenizer and the settings."""
 
     def __init__(self, engine, tokenizer, defaults, model_name=MODEL_NAME, api_key=None,
-                 max_waiting=MAX_WAITING, max_body_bytes=MAX_BODY_BYTES):
+                 max_waiting=MAX_WAITING, max_body_bytes=MAX_BODY_BYTES, cors_origins=()):
         self.engine, self.tokenizer, self.defaults, self.model_name = engine, tokenizer, defaults, model_name
         self.api_key, self.max_waiting, self.max_body_bytes = api_key, max_waiting, max_body_bytes
+        self.cors_origins = list(cors_origins)
         self.context_length = engine.args.max_seq_len
         self.created = int(time.time())
         self.page = PAGE.read_text(encoding="utf-8")
@@ -273,6 +277,9 @@ def create_app(server):
 
     app = FastAPI(title="baby-llama2-chinese", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     add_error_handlers(app)
+    if server.cors_origins:  # a front-end served from another origin may call the API (browsers ask first)
+        app.add_middleware(CORSMiddleware, allow_origins=server.cors_origins, allow_methods=["GET", "POST"],
+                           allow_headers=["authorization", "content-type"])
 
     async def check_api_key(request: Request):  # async: a plain def would run in a worker thread
         expected = f"Bearer {server.api_key}".encode()
@@ -284,10 +291,20 @@ def create_app(server):
     async def post_chat_completions(request: Request):
         return await chat_completions(server, request)
 
+    def model_card():
+        return {"id": server.model_name, "object": "model", "created": server.created,
+                "owned_by": "baby-llama2-chinese", "max_model_len": server.context_length}
+
     @app.get("/v1/models", dependencies=[Depends(check_api_key)])
     async def get_models():
-        return {"object": "list", "data": [{"id": server.model_name, "object": "model", "created": server.created,
-                                            "owned_by": "baby-llama2-chinese", "max_model_len": server.context_length}]}
+        return {"object": "list", "data": [model_card()]}
+
+    @app.get("/v1/models/{model_id:path}", dependencies=[Depends(check_api_key)])
+    async def get_model(model_id: str):
+        if model_id != server.model_name:
+            raise ApiError(404, f"model '{model_id}' does not exist; this server has '{server.model_name}'",
+                           param="model", code="model_not_found")
+        return model_card()
 
     @app.get("/health")
     async def get_health():
@@ -316,6 +333,8 @@ def parse_args(argv=None):
     p.add_argument("--max-waiting", type=int, default=MAX_WAITING, help="requests queued beyond that before 503")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads for the model (None: torch's choice)")
     p.add_argument("--max-body-bytes", type=int, default=MAX_BODY_BYTES, help="largest request body (413 beyond)")
+    p.add_argument("--cors-origins", nargs="*", default=[], metavar="ORIGIN",
+                   help="web origins whose pages may call the API (e.g. http://localhost:3000; '*' for any; none: same origin only)")
     cfg = p.parse_args(argv)
     if cfg.max_batch < 1 or cfg.max_waiting < 0 or cfg.max_body_bytes < 1 or (cfg.threads or 1) < 1:
         p.error("--max-batch, --max-body-bytes and --threads must be >= 1, --max-waiting >= 0")
@@ -398,7 +417,8 @@ def serve(cfg):
         print(f"warning: listening on {host} without --api-key: anyone who reaches this port can use the model",
               file=sys.stderr)
     engine = BatchEngine(model, tokenizer.eos_id, tokenizer.pad_id, cfg.max_batch)
-    server = Server(engine, tokenizer, vars(cfg), cfg.model_name, cfg.api_key, cfg.max_waiting, cfg.max_body_bytes)
+    server = Server(engine, tokenizer, vars(cfg), cfg.model_name, cfg.api_key, cfg.max_waiting, cfg.max_body_bytes,
+                    cfg.cors_origins)
     url = f"http://{f'[{host}]' if ':' in host else host}:{port}"
     if cfg.decoding_from:
         print(f"serve.py: decoding defaults from {cfg.decoding_from} (a flag overrides each)", file=sys.stderr)

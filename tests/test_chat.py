@@ -106,6 +106,25 @@ def test_undecodable_line_is_refused_and_the_session_goes_on(monkeypatch, capsys
         chat.main(["--ckpt", str(sft_ckpt), "--prompt", b"\xb7\xa2".decode("utf-8", "surrogateescape")])
 
 
+def test_commands_help_reset_unknown_and_the_system_text(monkeypatch, capsys, sft_ckpt, tiny_tokenizer):
+    prompts = record_prompts(monkeypatch)
+    type_lines(monkeypatch, "/help\n头痛怎么办\n/reset\n/frobnicate\n还发热呢\n/quit\n不会问到\n".encode())
+    chat.main(["--ckpt", str(sft_ckpt), "--max-new-tokens", "4", "--system", "你是医生。"])
+    out, err = capsys.readouterr()
+    assert "/reset" in out and "/quit" in out and "the conversation is forgotten" in err
+    assert "unknown command /frobnicate; /help lists the commands" in err
+    # two questions answered, the second without the first turn (reset), both after the system text;
+    # no command reached the model, and nothing after /quit did
+    assert prompts == [sft_prompt_ids(tiny_tokenizer, context_prompt([], q, "你是医生。")) for q in ("头痛怎么办", "还发热呢")]
+
+
+def test_ctrl_c_before_the_first_token_leaves_no_empty_turn(monkeypatch, sft_ckpt, tiny_tokenizer):
+    prompts = record_prompts(monkeypatch, stop_after=0)
+    type_lines(monkeypatch, "头痛怎么办\n还发热呢\n".encode())
+    chat.main(["--ckpt", str(sft_ckpt), "--max-new-tokens", "8"])
+    assert prompts[1] == sft_prompt_ids(tiny_tokenizer, context_prompt([], "还发热呢"))
+
+
 def test_cut_prompts_are_announced(sft_ckpt, tiny_tokenizer, capsys):
     ckpt, model, tokenizer = generate.load_for_inference(str(sft_ckpt), device="cpu")
     engine = BatchEngine(model, tokenizer.eos_id, tokenizer.pad_id, max_batch=1)

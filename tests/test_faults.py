@@ -216,6 +216,19 @@ def test_truncated_gz_and_plain_file_named_gz_name_the_file(tmp_path, tiny_token
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cut.jsonl.gz", "plain.jsonl.gz"]
 
 
+def test_byte_order_marks_and_long_csv_fields_are_read(tmp_path):
+    """Excel's "CSV UTF-8" starts with a BOM (else the first column is "\ufeffprompt"); a CSV
+    field over the csv module's 128 KiB limit is one long document, not an error."""
+    from corpus import iter_records, stop_at_bad
+    long_text = "头痛" * 70_000
+    (tmp_path / "excel.csv").write_text("\ufeffprompt,answer\n头痛,多休息\n", encoding="utf-8")
+    (tmp_path / "long.csv").write_text(f"text\n{long_text}\n", encoding="utf-8")
+    (tmp_path / "bom.jsonl").write_text('\ufeff{"text": "多喝水"}\n', encoding="utf-8")
+    assert [r for _, r in iter_records(tmp_path / "excel.csv", stop_at_bad)] == [{"prompt": "头痛", "answer": "多休息"}]
+    assert [r for _, r in iter_records(tmp_path / "long.csv", stop_at_bad)] == [{"text": long_text}]
+    assert [r for _, r in iter_records(tmp_path / "bom.jsonl", stop_at_bad)] == [{"text": "多喝水"}]
+
+
 def test_empty_input_or_every_record_bad_fails_with_nothing_written(tmp_path, tiny_tokenizer_path):
     (tmp_path / "empty.jsonl").write_text("")
     (tmp_path / "bad.jsonl").write_text('{"body": "no text field"}\nnot json\n')

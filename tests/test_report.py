@@ -91,3 +91,15 @@ def test_report_without_pretraining_data_or_eval_says_so(run_dir, tmp_path):
 def test_unigram_entropy_of_known_counts():
     assert report.unigram_entropy([5, 5]) == pytest.approx(0.6931471805599453)  # ln 2: two equally likely tokens
     assert report.unigram_entropy([0, 7, 0]) == 0.0
+
+
+def test_report_shows_cmmlu_accuracy_beside_chance_when_it_ran(run_dir, tmp_path):
+    from test_cmmlu import ROW, write_csv
+    write_csv(tmp_path / "mcq" / "test" / "anatomy.csv", [{**ROW, "Answer": a} for a in "ABCDD"])
+    out = tmp_path / "run"
+    qa_eval.main(["--task", "cmmlu", "--ckpt", str(run_dir / "out" / "sft"), "--data", str(tmp_path / "mcq"),
+                  "--out-dir", str(out / "cmmlu"), "--bootstrap", "100"])
+    m = json.loads((out / "cmmlu" / "metrics.json").read_text(encoding="utf-8"))
+    text = report.write_report(out, sft_dir=run_dir / "out" / "sft").read_text(encoding="utf-8")
+    assert "## CMMLU (multiple choice)" in text and f"**{m['accuracy']:.3f} [" in text
+    assert "Chance 0.250; always answering 'D' 0.400." in text and "| anatomy | 5 |" in text

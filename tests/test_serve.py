@@ -27,6 +27,7 @@ from prompt import messages_prompt, sft_prompt_ids
 pytestmark = pytest.mark.usefixtures("one_thread")
 CONTEXT = 1024  # long enough that a 1000-token answer takes about a second: time to disconnect, or press stop
 LONG = CONTEXT - 64  # an answer length no prompt here reaches the context's end before
+FRONT_END = "http://front-end.example:3000"  # a web page on another origin that may call the API
 QUESTIONS = ["头痛怎么办？", "感冒发烧了怎么办", "医生建议多休息吗", "胃痛", "心脏病人要注意什么", "糖尿病饮食",
              "咳嗽一直不好", "血压高吃什么药", "肝不好怎么检查", "肾病要运动吗", "发热头痛", "肠胃不好",
              "失眠怎么治疗", "老人感冒了", "孩子发热", "药要饭后吃吗"]
@@ -51,7 +52,8 @@ def ckpt(tmp_path_factory, tiny_tokenizer):
 
 @pytest.fixture(scope="module")
 def url(ckpt):
-    process, url = serve.start_subprocess(["--ckpt", str(ckpt), "--device", "cpu", "--threads", "1"])
+    process, url = serve.start_subprocess(["--ckpt", str(ckpt), "--device", "cpu", "--threads", "1",
+                                           "--cors-origins", FRONT_END])
     yield url
     process.terminate()
     process.wait(timeout=30)
@@ -60,6 +62,10 @@ def url(ckpt):
 @pytest.fixture(scope="module")
 def client(url):
     return OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+def client_url(client):
+    return str(client.base_url).removesuffix("/").removesuffix("/v1")
 
 
 def health(url):
@@ -128,6 +134,9 @@ def test_ngram_blocking_field_gives_evals_answer(client, ckpt, tmp_path):
 
 def test_models_and_health(url, client):
     assert [m.id for m in client.models.list().data] == ["baby-llama2-chinese"]
+    assert client.models.retrieve("baby-llama2-chinese").max_model_len == CONTEXT
+    missing = httpx.get(url + "/v1/models/gpt-4", timeout=10)
+    assert missing.status_code == 404 and missing.json()["error"]["code"] == "model_not_found"
     h = health(url)
     assert h["status"] == "ok" and h["context_length"] == CONTEXT and h["defaults"]["temperature"] == 0.7
 
@@ -136,11 +145,13 @@ def test_stop_strings_cut_the_answer_before_them(client):
     full = ask(client, QUESTIONS[0], temperature=0, max_tokens=40).choices[0].message.content
     stop = full[20:22]
     cut = full[:full.find(stop)]
+    before = wait_idle(client_url(client))
     answer = ask(client, QUESTIONS[0], temperature=0, max_tokens=40, stop=[stop, "never appears"])
     assert answer.choices[0].message.content == cut and answer.choices[0].finish_reason == "stop"
     text, finish, _, _ = streamed(client, [{"role": "user", "content": QUESTIONS[0]}], temperature=0,
                                   max_tokens=40, stop=stop)
     assert (text, finish) == (cut, "stop")
+    assert wait_idle(client_url(client))["cancelled"] == before["cancelled"]  # a stop string ends, not abandons
     long_stop = full[10:30]  # up to 4 stop strings, each of any length
     answer = ask(client, QUESTIONS[0], temperature=0, max_tokens=40, stop=long_stop)
     assert answer.choices[0].message.content == full[:full.find(long_stop)]
@@ -194,7 +205,23 @@ BAD_BODIES = [  # (body, the error's param or code, a word of its message)
     ({"messages": USER, "n": 2}, "n", "less than"),
     ({"messages": USER, "max_tokens": 5, "max_completion_tokens": 6}, "max_tokens", "differ"),
     ({"messages": USER, "prompt_file": "/etc/passwd"}, "prompt_file", "Extra inputs"),
+    ({"messages": USER, "presence_penalty": 0.5}, "presence_penalty", "not supported"),
+    ({"messages": USER, "frequency_penalty": 3}, "frequency_penalty", "less than or equal"),
+    ({"messages": USER, "logprobs": True}, "logprobs", "not supported"),
+    ({"messages": USER, "response_format": {"type": "json_object"}}, "response_format", "not supported"),
 ]
+
+
+def test_the_fields_front_ends_send_are_accepted_and_developer_is_system(client):
+    """What chat front-ends send on every request, at values that ask for nothing missing."""
+    sent = dict(presence_penalty=0, frequency_penalty=0, logprobs=False, response_format={"type": "text"},
+                metadata={"app": "test"}, store=False, parallel_tool_calls=True)
+    system = [{"role": "system", "content": "你是一名医生。"}, {"role": "user", "content": QUESTIONS[2]}]
+    developer = [{"role": "developer", "content": "你是一名医生。"}, {"role": "user", "content": QUESTIONS[2]}]
+    want = client.chat.completions.create(model="any", messages=system, temperature=0, max_tokens=12)
+    got = client.chat.completions.create(model="any", messages=developer, temperature=0, max_tokens=12, **sent)
+    assert got.choices[0].message.content == want.choices[0].message.content
+    assert got.usage.prompt_tokens == want.usage.prompt_tokens
 
 
 @pytest.mark.parametrize("body, param, words", BAD_BODIES)
@@ -205,6 +232,19 @@ def test_bad_requests_get_an_openai_error_and_400(url, body, param, words):
     error = r.json()["error"]
     assert error["type"] == "invalid_request_error" and words in error["message"]
     assert param in (error["param"], error["code"])
+
+
+def test_streamed_chunks_say_usage_null_until_the_last_and_cors_lets_a_front_end_in(url):
+    body = {"messages": USER, "stream": True, "max_tokens": 5, "stream_options": {"include_usage": True}}
+    with httpx.stream("POST", chat_url(url), json=body, timeout=30) as r:
+        events = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+    assert all(e["usage"] is None for e in events[:-1]) and events[-1]["usage"]["completion_tokens"] == 5
+    preflight = httpx.options(chat_url(url), timeout=10, headers={
+        "Origin": FRONT_END, "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "authorization, content-type"})
+    assert preflight.status_code == 200 and preflight.headers["access-control-allow-origin"] == FRONT_END
+    other = httpx.get(url + "/v1/models", headers={"Origin": "http://elsewhere.example"}, timeout=10)
+    assert "access-control-allow-origin" not in other.headers
 
 
 def test_a_prompt_longer_than_the_context_is_refused_with_the_numbers(url, tiny_tokenizer):
