@@ -117,6 +117,8 @@ def parse_chat_request(raw):
         data = json.loads(raw)
     except ValueError as e:  # JSONDecodeError and bad UTF-8 both
         raise ApiError(400, f"request body is not valid JSON: {e}", code="invalid_json") from None
+    except RecursionError:
+        raise ApiError(400, "request body is nested too deeply", code="invalid_json") from None
     if not isinstance(data, dict):
         raise ApiError(400, "request body must be a JSON object", code="invalid_json")
     try:
@@ -132,6 +134,12 @@ def parse_chat_request(raw):
 
 def prompt_ids(body, tokenizer, context):
     """Messages -> the SFT prompt's ids; a prompt the context cannot hold is refused."""
+    for i, m in enumerate(body.messages):
+        try:
+            m.text().encode("utf-8")
+        except UnicodeEncodeError:  # JSON's "\ud800" escape: a surrogate with no partner is no character
+            raise ApiError(400, f"message {i}: its content holds a lone surrogate (an unpaired \\uD800-\\uDFFF "
+                                f"escape), which is not text", param="messages", code="invalid_messages") from None
     try:
         text = messages_prompt([{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
                                 for m in body.messages])

@@ -53,6 +53,7 @@ class DataError(Refusal):
 # -----------------------------------------------------------------------------
 # files and their formats
 
+NOT_UTF8 = "inputs are read as UTF-8; a GBK file converts with iconv -f GBK -t UTF-8 IN > OUT"
 CSV_FIELD_LIMIT = 1 << 30  # characters per CSV field; the csv module's own limit (128 KiB) refuses long documents
 FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".csv": "csv", ".tsv": "csv",
            ".parquet": "parquet", ".txt": "text", ".text": "text", ".md": "text"}
@@ -250,7 +251,7 @@ def decode_line(raw):
     try:
         return raw.decode("utf-8").removeprefix("\ufeff")
     except UnicodeDecodeError as e:
-        raise DataError(f"non-UTF-8 bytes at byte {e.start}") from None
+        raise DataError(f"non-UTF-8 bytes at byte {e.start} ({NOT_UTF8})") from None
 
 
 def iter_records(path, bad):
@@ -359,7 +360,7 @@ def utf8(text):
     try:
         return text.encode("utf-8")
     except UnicodeEncodeError:  # surrogates: undecodable input bytes, or a lone \ud800 escape
-        raise DataError("non-UTF-8 bytes in the text") from None
+        raise DataError(f"non-UTF-8 bytes in the text ({NOT_UTF8})") from None
 
 
 # -----------------------------------------------------------------------------

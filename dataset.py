@@ -23,8 +23,15 @@ def read_meta(bin_path):
     path = bin_path.with_suffix(".json")
     if not path.is_file():
         raise DataError(f"{bin_path}: no meta file {path} (an unfinished data_process.py run leaves none)")
-    meta = json.loads(path.read_text(encoding="utf-8"))
-    if meta.get("dtype") != "uint16":
+    again = f"re-run data_process.py pretrain to write {bin_path.name} and its meta again"
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DataError(f"{path}: damaged meta file ({type(e).__name__}: {e}); {again}") from None
+    missing = [k for k in ("dtype", "n_tokens", "tokenizer", "vocab_size") if k not in meta] if isinstance(meta, dict) else ["all"]
+    if missing:
+        raise DataError(f"{path}: meta file without {', '.join(missing)}; {again}")
+    if meta["dtype"] != "uint16":
         raise DataError(f"{path}: dtype {meta.get('dtype')!r}, expected 'uint16'")
     if bin_path.stat().st_size != 2 * meta["n_tokens"]:
         raise DataError(f"{bin_path}: {bin_path.stat().st_size} bytes, but its meta says {meta['n_tokens']} tokens "

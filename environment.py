@@ -48,6 +48,23 @@ class Env:
             dist.destroy_process_group()
 
 
+def parse_device(name):
+    """--device NAME -> torch.device, refused in one line when it is not one or this machine
+    cannot run it (a CUDA device without a usable GPU, or past the last one)."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise Refusal(f"--device {name}: not a device; use cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "this torch is built without CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
+            raise Refusal(f"--device {name}: {why}; use --device cpu (or leave --device out)")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise Refusal(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                          f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+    return device
+
+
 def setup(cfg):
     """Device, precision and (under torchrun) the process group; seeds every RNG."""
     rank, local_rank, world_size = (int(os.environ.get(k, d)) for k, d in
@@ -55,10 +72,7 @@ def setup(cfg):
     if cfg.device == "auto":
         device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
     else:
-        try:
-            device = torch.device(cfg.device)
-        except RuntimeError:
-            raise Refusal(f"--device {cfg.device}: not a device; use auto, cpu, cuda or cuda:N") from None
+        device = parse_device(cfg.device)
         if device.type == "cuda" and world_size > 1:
             device = torch.device(f"cuda:{local_rank}")
     if device.type == "cuda":

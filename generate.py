@@ -17,6 +17,7 @@ import torch
 
 import kernels
 from checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint, resolve_checkpoint, tokenizer_for_checkpoint
+from environment import parse_device
 from refusal import Refusal
 from sampling import Sampling
 
@@ -28,7 +29,7 @@ def default_device():
 def load_for_inference(ckpt_path, tokenizer_path=None, device=None, dtype=None):
     """-> (checkpoint dict without weights, model in eval mode with kernels.speed_up applied,
     tokenizer). dtype None: bf16 on a GPU that has it, else fp32."""
-    device = device or default_device()
+    device = str(parse_device(device or default_device()))
     ckpt = load_checkpoint(ckpt_path)
     tokenizer = tokenizer_for_checkpoint(ckpt, tokenizer_path)
     model = model_from_checkpoint(ckpt, device).eval()

@@ -216,6 +216,18 @@ def test_truncated_gz_and_plain_file_named_gz_name_the_file(tmp_path, tiny_token
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cut.jsonl.gz", "plain.jsonl.gz"]
 
 
+@pytest.mark.parametrize("meta, words", [('{"dtype": "uint16", "n_tok', "damaged meta file"),
+                                         ('{"dtype": "uint16"}', "meta file without n_tokens, tokenizer, vocab_size"),
+                                         ('[1]', "meta file without all")])
+def test_a_damaged_bin_meta_is_one_line_naming_it(bins, tmp_path, meta, words):
+    corpus = tmp_path / "corpus.bin"
+    for name in ("corpus.bin", "corpus_val.bin"):
+        (tmp_path / name).write_bytes(b"\0\0" * 40)
+        (tmp_path / name).with_suffix(".json").write_text(meta)
+    with pytest.raises(SystemExit, match=rf"^pretrain.py: error: \S*corpus.json: {words}.*re-run data_process.py pretrain"):
+        pretrain.main(["--data", str(corpus), *bins[2:], "--out-dir", str(tmp_path / "run"), *TINY, "--max-steps", "1"])
+
+
 def test_byte_order_marks_and_long_csv_fields_are_read(tmp_path):
     """Excel's "CSV UTF-8" starts with a BOM (else the first column is "\ufeffprompt"); a CSV
     field over the csv module's 128 KiB limit is one long document, not an error."""
@@ -313,6 +325,20 @@ def test_disk_full_while_eval_writes_its_answers_is_one_line(tmp_path, tiny_toke
         qa_eval.main(["--ckpt", str(ckpt), "--data", str(data), "--out-dir", str(tmp_path / "out"),
                       "--max-new-tokens", "4", "--bootstrap", "0"])
     assert not list((tmp_path / "out").glob("*.tmp"))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a usable CUDA GPU")
+def test_a_cuda_device_without_a_gpu_is_one_line_in_training_and_inference(bins, tmp_path, tiny_tokenizer):
+    from test_eval import qa_rows, save_tiny_checkpoint, write_jsonl
+    ckpt = save_tiny_checkpoint(tmp_path / "sft" / "best.pt", tiny_tokenizer, "sft")
+    data = write_jsonl(tmp_path / "qa.jsonl", qa_rows(2))
+    with pytest.raises(SystemExit, match=r"^eval.py: error: --device cuda: (this torch is built without CUDA|no CUDA GPU)"):
+        qa_eval.main(["--ckpt", str(ckpt), "--data", str(data), "--out-dir", str(tmp_path / "out"), "--device", "cuda"])
+    with pytest.raises(SystemExit, match=r"^pretrain.py: error: --device cuda:1: (this torch|no CUDA GPU)"):
+        pretrain.main([*bins, "--out-dir", str(tmp_path / "run"), *TINY, "--device", "cuda:1"])
+    with pytest.raises(SystemExit, match=r"--device gpu: not a device; use cpu, cuda or cuda:N"):
+        pretrain.main([*bins, "--out-dir", str(tmp_path / "run"), *TINY, "--device", "gpu"])
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("error, words", [(errno.EROFS, "the file system is read-only"),

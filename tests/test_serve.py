@@ -206,6 +206,8 @@ BAD_BODIES = [  # (body, the error's param or code, a word of its message)
     ({"messages": USER, "max_tokens": 5, "max_completion_tokens": 6}, "max_tokens", "differ"),
     ({"messages": USER, "prompt_file": "/etc/passwd"}, "prompt_file", "Extra inputs"),
     ({"messages": USER, "presence_penalty": 0.5}, "presence_penalty", "not supported"),
+    (b'{"messages": [{"role": "user", "content": "\\ud800x"}]}', "messages", "lone surrogate"),
+    (b'{"messages": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", "invalid_json", "nested too deeply"),
     ({"messages": USER, "frequency_penalty": 3}, "frequency_penalty", "less than or equal"),
     ({"messages": USER, "logprobs": True}, "logprobs", "not supported"),
     ({"messages": USER, "response_format": {"type": "json_object"}}, "response_format", "not supported"),
