@@ -161,7 +161,7 @@ def test_config_json_and_the_header_name_what_ran(tmp_path, sft_ckpt, capsys):
     config = json.loads((tmp_path / "out" / "config.json").read_text(encoding="utf-8"))
     assert config["max_new_tokens"] == 32 and config["batch_size"] == 16 and config["temperature"] == 0.0
     assert config["checkpoint"].endswith("best.pt") and config["kind"] == "sft" and config["step"] == 7
-    assert "config: data=" in capsys.readouterr().out
+    assert "config: task=qa data=" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         qa_eval.parse_args(["--help"])
     shown = capsys.readouterr().out
