@@ -44,7 +44,7 @@ TARGET_DELIMITER = " "  # between "答案：" and the letter, as lm-eval's defau
 FEWSHOT_DELIMITER = "\n\n"  # after each shot
 CHANCE = 0.25
 # Each subject's name in the task description; lm-eval's cmmlu_SUBJECT.yaml files use the same
-# text. The medical subjects (those ../shared's MANIFEST lists); others need their name added.
+# text. CMMLU's nine medical subjects; others need their name added.
 SUBJECT_NAMES = {
     "anatomy": "解剖学", "clinical_knowledge": "临床知识", "college_medicine": "大学医学",
     "college_medical_statistics": "大学医学统计", "professional_medicine": "专业医学",
