@@ -3,6 +3,7 @@ schema (pydantic models, strict: "5" is not 5, numbers finite, an unknown field 
 reading and parsing a body, what it asks the engine for (the prompt, the token limit, the
 sampling), and OpenAI's error object that every refused request gets.
 """
+import asyncio
 import json
 from typing import Annotated, Literal, Optional, Union
 
@@ -99,16 +100,25 @@ def check_unsupported(body):
                        param="response_format", code="unsupported_value")
 
 
-async def read_body(request, limit):
-    """The raw body, refused with 413 past `limit` bytes (declared or actually sent)."""
+async def read_body(request, limit, timeout):
+    """The raw body, refused with 413 past `limit` bytes (declared or actually sent), and with
+    408 when it has not all arrived within `timeout` seconds."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise ApiError(413, f"request body of {declared} bytes is over the limit of {limit} bytes", code="body_too_large")
     body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise ApiError(413, f"request body is over the limit of {limit} bytes", code="body_too_large")
+
+    async def collect():
+        async for chunk in request.stream():
+            body.extend(chunk)
+            if len(body) > limit:
+                raise ApiError(413, f"request body is over the limit of {limit} bytes", code="body_too_large")
+
+    try:
+        await asyncio.wait_for(collect(), timeout)
+    except asyncio.TimeoutError:
+        raise ApiError(408, f"the request body did not arrive within {timeout:g} s (serve.py --read-timeout)",
+                       code="request_timeout") from None
     return bytes(body)
 
 

@@ -30,6 +30,7 @@ saved with (refusing changes that would silently break the exact continuation), 
 rng_state / set_rng_state carry every process's random state across, so a resumed run
 reproduces the uninterrupted one bit for bit. prune_step_checkpoints keeps the last K.
 """
+import fcntl
 import json
 import os
 import re
@@ -234,18 +235,44 @@ def tokenizer_for_checkpoint(ckpt, tokenizer_path=None):
 
 # ----------------------------------------------------------------------------- resuming a run
 
+LOCK_FILE = ".lock"  # in an out dir while a run writes it; holds the run's pid
+_held_locks = {}  # out dir -> its open lock file: a lock lasts until the process ends (kill -9 included)
+
+
+def lock_out_dir(out, flag="--out-dir"):
+    """Take the out dir's lock, or refuse naming the process that holds it: two runs writing
+    one out dir would interleave their checkpoints. Creates the dir."""
+    if out in _held_locks:  # this process again (a test, or a run after an --overwrite)
+        return
+    with naming_errors(out):
+        out.mkdir(parents=True, exist_ok=True)
+        fd = os.open(out / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(fd, 64).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise Refusal(f"{flag} {out} is being written by another run (pid {holder}): wait for it to end, "
+                      f"or choose another {flag}") from None
+    os.ftruncate(fd, 0)
+    os.write(fd, str(os.getpid()).encode())
+    _held_locks[out] = fd
+
+
 def claim_out_dir(cfg, env, inputs=()):
     """Make sure a run cannot destroy what is already written: --out-dir may not be an input
-    ((flag, path) pairs) or hold one, and without --resume it may not hold another run's
-    checkpoints, which a fresh run would overwrite and prune; --overwrite moves that run aside
-    whole (OUT_DIR.replaced-TIME), never mixing the two."""
+    ((flag, path) pairs) or hold one; no other run may be writing it (its lock); and without
+    --resume it may not hold another run's checkpoints, which a fresh run would overwrite and
+    prune; --overwrite moves that run aside whole (OUT_DIR.replaced-TIME), never mixing the two."""
     out = Path(cfg.out_dir).resolve()
     for flag, path in inputs:
         p = Path(path).resolve()
         if p == out or out in p.parents:
             raise Refusal(f"--out-dir {cfg.out_dir} holds {flag} {path}: the run would write over its own input; "
                           f"choose another --out-dir")
-    if cfg.resume or not out.is_dir():
+    if env.master:
+        lock_out_dir(out)
+    if cfg.resume:
         return
     old = sorted(p.name for p in out.glob("*.pt"))
     if old and not cfg.overwrite:
@@ -257,6 +284,8 @@ def claim_out_dir(cfg, env, inputs=()):
         with naming_errors(out):
             os.replace(out, aside)
         env.print(f"--overwrite: moved the previous run in {cfg.out_dir} to {aside}")
+        os.close(_held_locks.pop(out))  # that lock went aside with the old run
+        lock_out_dir(out)
 
 
 def load_resume(cfg, env, kind, tokenizer, inputs=()):

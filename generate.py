@@ -54,7 +54,7 @@ class TextStream:
     def push(self, token):
         """Add a token; returns the text that may be shown now ('' when all of it waits)."""
         self.ids.append(token)
-        text = self.tokenizer.decode(self.ids)
+        text = self.tokenizer.decode_raw(self.ids)
         found = [i for i in (text.find(s) for s in self.stops) if i >= 0]
         if found:
             self.stopped = True
@@ -76,6 +76,7 @@ class TextStream:
         return unfinished + start
 
     def _show(self, text):
+        text = text.replace("\ufffd", "")  # bytes that formed no character (decode drops them too)
         piece = text[len(self.shown):]
         self.shown = max(self.shown, text, key=len)
         return piece

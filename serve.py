@@ -22,6 +22,7 @@ generation_config.json where it has one. chat_request.py holds the request's sch
 """
 import argparse
 import asyncio
+import functools
 import hmac
 import ipaddress
 import json
@@ -38,6 +39,7 @@ import uuid
 from contextlib import asynccontextmanager
 from pathlib import Path
 
+import h11
 import torch
 import uvicorn
 from fastapi import Depends, FastAPI, Request
@@ -45,6 +47,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import HTMLResponse, StreamingResponse
 from starlette.exceptions import HTTPException
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 import cli
 from chat_request import ApiError, generation_settings, parse_chat_request, prompt_ids, read_body
@@ -64,6 +67,7 @@ MODEL_NAME = "baby-llama2-chinese"
 MAX_BATCH = 16  # rows decoded together (each holds a KV cache slot of the full context)
 MAX_WAITING = 256  # requests queued beyond the batch before new ones get 503
 MAX_BODY_BYTES = 1 << 20
+READ_TIMEOUT_S = 30.0  # a request's headers, and then its body, must each arrive within this
 API_KEY_ENV = "BABYLLAMA_API_KEY"
 PAGE = Path(__file__).with_name("chat.html")
 DISCONNECT_POLL_S = 0.25  # how often a non-streaming request checks that its client is still there
@@ -198,10 +202,10 @@ class Server:
     """What the endpoints share: the engine, the tokenizer and the settings."""
 
     def __init__(self, engine, tokenizer, defaults, model_name=MODEL_NAME, api_key=None,
-                 max_waiting=MAX_WAITING, max_body_bytes=MAX_BODY_BYTES, cors_origins=()):
+                 max_waiting=MAX_WAITING, max_body_bytes=MAX_BODY_BYTES, cors_origins=(), read_timeout=READ_TIMEOUT_S):
         self.engine, self.tokenizer, self.defaults, self.model_name = engine, tokenizer, defaults, model_name
         self.api_key, self.max_waiting, self.max_body_bytes = api_key, max_waiting, max_body_bytes
-        self.cors_origins = list(cors_origins)
+        self.cors_origins, self.read_timeout = list(cors_origins), read_timeout
         self.context_length = engine.args.max_seq_len
         self.created = int(time.time())
         self.page = PAGE.read_text(encoding="utf-8")
@@ -209,7 +213,7 @@ class Server:
 
 
 async def chat_completions(server, http_request):
-    body = parse_chat_request(await read_body(http_request, server.max_body_bytes))
+    body = parse_chat_request(await read_body(http_request, server.max_body_bytes, server.read_timeout))
     prompt = prompt_ids(body, server.tokenizer, server.context_length)
     max_new, sampling, warnings = generation_settings(body, server.defaults, server.context_length, len(prompt))
     if server.engine.load()[1] >= server.max_waiting:
@@ -335,9 +339,13 @@ def parse_args(argv=None):
     p.add_argument("--max-body-bytes", type=int, default=MAX_BODY_BYTES, help="largest request body (413 beyond)")
     p.add_argument("--cors-origins", nargs="*", default=[], metavar="ORIGIN",
                    help="web origins whose pages may call the API (e.g. http://localhost:3000; '*' for any; none: same origin only)")
+    p.add_argument("--read-timeout", type=float, default=READ_TIMEOUT_S,
+                   help="seconds a client has to send a request's headers, and then its body (> 0); slower ones are dropped")
     cfg = p.parse_args(argv)
     if cfg.max_batch < 1 or cfg.max_waiting < 0 or cfg.max_body_bytes < 1 or (cfg.threads or 1) < 1:
         p.error("--max-batch, --max-body-bytes and --threads must be >= 1, --max-waiting >= 0")
+    if not cfg.read_timeout > 0:
+        p.error("--read-timeout must be > 0 seconds")
     try:
         cfg.decoding_from = resolve_decoding(cfg, GENERATION)
         sampling_from(cfg)
@@ -356,6 +364,39 @@ def listen_socket(host, port):
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(address)
     return sock
+
+
+class ReadTimeoutProtocol(H11Protocol):
+    """uvicorn's HTTP/1.1 protocol, except that a connection whose request headers have not
+    all arrived `read_timeout` seconds after it opened, or after its last answer, is closed
+    (uvicorn alone waits for them forever, one open socket per slow client). The body has
+    its own deadline, in read_body, which answers 408."""
+
+    def __init__(self, *args, read_timeout, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.read_timeout, self.headers_due = read_timeout, None
+
+    def connection_made(self, transport):
+        super().connection_made(transport)
+        self.wait_for_headers()
+
+    def on_response_complete(self):
+        super().on_response_complete()
+        self.wait_for_headers()
+
+    def connection_lost(self, exc):
+        super().connection_lost(exc)
+        if self.headers_due is not None:
+            self.headers_due.cancel()
+
+    def wait_for_headers(self):
+        if self.headers_due is not None:
+            self.headers_due.cancel()
+        self.headers_due = self.loop.call_later(self.read_timeout, self.drop_if_still_waiting)
+
+    def drop_if_still_waiting(self):
+        if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
+            self.transport.close()  # no request, or only part of its headers
 
 
 class Uvicorn(uvicorn.Server):
@@ -418,13 +459,14 @@ def serve(cfg):
               file=sys.stderr)
     engine = BatchEngine(model, tokenizer.eos_id, tokenizer.pad_id, cfg.max_batch)
     server = Server(engine, tokenizer, vars(cfg), cfg.model_name, cfg.api_key, cfg.max_waiting, cfg.max_body_bytes,
-                    cfg.cors_origins)
+                    cfg.cors_origins, cfg.read_timeout)
     url = f"http://{f'[{host}]' if ':' in host else host}:{port}"
     if cfg.decoding_from:
         print(f"serve.py: decoding defaults from {cfg.decoding_from} (a flag overrides each)", file=sys.stderr)
     print(f"serve.py: {ckpt['path']} ({ckpt.get('kind')}, step {ckpt.get('step')}, context {server.context_length}) "
           f"listening on {url} (chat page {url}/, API {url}/v1)", file=sys.stderr, flush=True)
-    config = uvicorn.Config(create_app(server), log_level="warning", access_log=False, timeout_graceful_shutdown=3)
+    config = uvicorn.Config(create_app(server), log_level="warning", access_log=False, timeout_graceful_shutdown=3,
+                            http=functools.partial(ReadTimeoutProtocol, read_timeout=cfg.read_timeout))
     try:
         Uvicorn(config, engine).run(sockets=[sock])
     except KeyboardInterrupt:  # uvicorn raises Ctrl-C again once it has shut down gracefully

@@ -106,7 +106,13 @@ class Tokenizer:
         return self.sp.encode_as_numpy(list(texts), num_threads=num_threads, add_eos=eos)
 
     def decode(self, ids):
-        # ids past the SentencePiece pieces (ChatGLM2's extra specials) have no text.
+        """The text of ids. Bytes that form no character (a byte piece sampled on its own, an
+        answer cut inside a character) are dropped rather than shown as U+FFFD."""
+        return self.decode_raw(ids).replace("\ufffd", "")
+
+    def decode_raw(self, ids):
+        """The text of ids with U+FFFD for bytes that form no character yet (TextStream waits on
+        them). Ids past the SentencePiece pieces (ChatGLM2's extra specials) have no text."""
         return self.sp.decode([int(i) for i in ids if 0 <= int(i) < self.n_pieces])
 
     def id_to_piece(self, i):

@@ -465,6 +465,30 @@ def test_a_fresh_run_into_another_runs_out_dir_is_refused_and_overwrite_moves_it
     assert load_checkpoint(out, prefer="latest")["step"] == 2
 
 
+def test_a_second_run_into_an_out_dir_being_written_is_refused_naming_the_first(bins, tmp_path):
+    """Another process holds the out dir's lock (as a run in progress does): refused with its
+    pid, nothing written; once that process is gone (even killed), the dir is free."""
+    out = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", f"""
+import sys; sys.path.insert(0, {str(ROOT)!r})
+from pathlib import Path
+from checkpoint import lock_out_dir
+lock_out_dir(Path({str(out)!r}))
+print("locked", flush=True)
+sys.stdin.read()
+"""], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(SystemExit, match=f"--out-dir .*run is being written by another run \\(pid {holder.pid}\\)"):
+            train(bins, out, "--max-steps", "2")
+        assert not list(out.glob("*.pt")) and not (out / "metrics.jsonl").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    train(bins, out, "--max-steps", "2")
+    assert load_checkpoint(out, prefer="latest")["step"] == 2
+
+
 def test_sft_into_its_own_init_dir_is_refused(bins, tmp_path, tiny_tokenizer_path):
     train(bins, tmp_path / "pre", "--max-steps", "2")
     (tmp_path / "sft.jsonl").write_text(json.dumps({"prompt": "头痛", "answer": "休息"}, ensure_ascii=False) + "\n")

@@ -112,8 +112,11 @@ class ByteTokenizer:
     are not all there yet shows as U+FFFD."""
     PIECES = ["答案".encode(), "好".encode(), "的".encode()[:2], "的".encode()[2:], "。".encode()]
 
-    def decode(self, ids):
+    def decode_raw(self, ids):
         return b"".join(self.PIECES[i] for i in ids).decode("utf-8", errors="replace")
+
+    def decode(self, ids):
+        return self.decode_raw(ids).replace("\ufffd", "")
 
 
 def test_ngram_blocker_forbids_exactly_the_tokens_that_repeat_a_run():
@@ -150,3 +153,7 @@ def test_text_stream_holds_unfinished_characters_and_stop_string_starts():
     assert "".join(pieces) + cut.flush() == "答案" and cut.stopped
     unstopped = TextStream(ByteTokenizer(), stops=["好人"])  # held 好 is shown once it cannot start a stop
     assert "".join(unstopped.push(i) for i in range(5)) + unstopped.flush() == "答案好的。"
+    cut_inside = TextStream(ByteTokenizer())  # the answer ends between the two pieces of 的
+    assert "".join(cut_inside.push(i) for i in range(3)) + cut_inside.flush() == "答案好"
+    stray = TextStream(ByteTokenizer())  # a lone first piece of 的 followed by 。: no U+FFFD shown
+    assert "".join(stray.push(i) for i in [0, 2, 4]) + stray.flush() == "答案。"

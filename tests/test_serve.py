@@ -350,6 +350,30 @@ def test_ctrl_c_ends_open_streams_and_the_server_exits_cleanly(ckpt, capfd):
     assert "Traceback" not in capfd.readouterr().err
 
 
+def test_a_client_too_slow_with_headers_or_body_is_dropped(ckpt, capfd):
+    """Half a request line, or headers with half the body they announce: dropped after
+    --read-timeout instead of holding a socket open forever; the server goes on."""
+    process, own_url = serve.start_subprocess(["--ckpt", str(ckpt), "--device", "cpu", "--threads", "1",
+                                               "--read-timeout", "1"])
+    host, port = own_url.removeprefix("http://").rsplit(":", 1)
+    try:
+        with socket.create_connection((host, int(port)), timeout=10) as slow_headers:
+            slow_headers.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n")
+            started = time.monotonic()
+            assert slow_headers.recv(1024) == b""  # closed by the server
+            assert 0.5 < time.monotonic() - started < 8
+        with socket.create_connection((host, int(port)), timeout=10) as slow_body:
+            slow_body.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                              b"Content-Length: 100\r\n\r\n{\"messages\": ")
+            answer = b"".join(iter(lambda: slow_body.recv(4096), b"")).decode()  # up to the server's close
+            assert answer.startswith("HTTP/1.1 408") and "request_timeout" in answer
+        assert health(own_url)["status"] == "ok"
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+    assert "Traceback" not in capfd.readouterr().err
+
+
 # ----------------------------------------------------------------------------- in-process: the API key, the flags
 
 def local_app(ckpt, **settings):

@@ -21,6 +21,18 @@ def test_unseen_characters_use_byte_fallback(tiny_tokenizer):
     assert tiny_tokenizer.decode(ids) == text
 
 
+def test_bytes_that_form_no_character_are_dropped(tiny_tokenizer):
+    """An answer cut inside a byte-fallback character, or a byte piece sampled among others,
+    decodes without U+FFFD; decode_raw keeps the marks TextStream waits on."""
+    ids = tiny_tokenizer.encode("头痛龘")
+    byte_pieces = [i for i in ids if tiny_tokenizer.id_to_piece(i).startswith("<0x")]
+    assert len(byte_pieces) == 3  # 龘 is three UTF-8 bytes
+    assert tiny_tokenizer.decode(ids[:-1]) == "头痛"
+    assert tiny_tokenizer.decode_raw(ids[:-1]).endswith("\ufffd")
+    full = tiny_tokenizer.encode("头痛发热")
+    assert tiny_tokenizer.decode(full[:-1] + [byte_pieces[0]] + full[-1:]) == "头痛发热"
+
+
 def test_batch_encode_equals_single(tiny_tokenizer):
     texts = ["头痛发热怎么办", "", "心脏病的饮食", "检查血压123"]
     assert tiny_tokenizer.encode_batch(texts, num_threads=2) == [tiny_tokenizer.encode(t) for t in texts]
