@@ -9,6 +9,9 @@ uninterrupted one would have).
 Under DDP each process takes its slice of every global batch, so N processes see exactly
 what one process with an N times larger batch sees.
 """
+import contextlib
+import signal
+
 import numpy as np
 import torch
 
@@ -67,13 +70,45 @@ class Batches:
         if self._it is None:
             self._start_epoch()
         try:
-            batch = next(self._it)
+            batch = self._next_from_loader()
         except StopIteration:
             self.epoch, self.taken = self.epoch + 1, 0
             self._start_epoch()
-            batch = next(self._it)
+            batch = self._next_from_loader()
         self.taken += 1
         return batch
+
+    def _next_from_loader(self):
+        with naming_worker_deaths(self):
+            return next(self._it)
+
+    def stop_workers(self):
+        """End the DataLoader's worker processes now (and torch's watch over them)."""
+        it, self._it = self._it, None
+        try:
+            getattr(it, "_shutdown_workers", lambda: None)()
+        except RuntimeError:  # torch reports a dead worker again while it stops the others
+            pass
+
+
+@contextlib.contextmanager
+def naming_worker_deaths(batches):
+    """A DataLoader worker that dies (the kernel kills the largest process when memory runs
+    out) makes torch raise RuntimeError in the main process, in next() or, from its SIGCHLD
+    handler, wherever the main process is: turn it into one line naming the data."""
+    try:
+        yield
+    except (RuntimeError, ConnectionError, EOFError) as e:  # "DataLoader worker (pid N) is killed by signal: Killed."
+        if not batches.num_workers or (isinstance(e, RuntimeError) and "DataLoader worker" not in str(e)):
+            raise  # or a broken pipe from the dead worker's queue
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD})
+        try:
+            batches.stop_workers()  # afterwards torch's handler no longer watches the dead worker
+        finally:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGCHLD})
+        where = getattr(batches.dataset, "path", "the training data")
+        raise DataError(f"{where}: a DataLoader worker died while reading it (most likely killed for lack of "
+                        f"memory): run again with fewer --num-workers (0: read in the main process)") from None
 
 
 def eval_batches(dataset, batch_size, max_batches, env, collate_fn=None):

@@ -320,7 +320,7 @@ def load_resume(cfg, env, kind, tokenizer, inputs=()):
 # Flags a resumed run cannot change, refused on --resume: those the saved data position depends
 # on (the training data itself is compared through the header's "train_data"), and those the
 # optimizer's saved state restores, so that a new value would be silently ignored.
-RESUME_MUST_MATCH = ("batch_size", "grad_accum", "seed", "group_by_length",
+RESUME_MUST_MATCH = ("batch_size", "grad_accum", "seed", "group_by_length", "max_seq_len",
                      "optimizer", "lr", "weight_decay", "beta1", "beta2", "muon_lr", "muon_momentum")
 # Flags that apply from the resumed step on: a change is reported, the run goes on.
 RESUME_MAY_CHANGE = ("min_lr", "warmup_steps", "max_steps", "max_tokens", "epochs", "grad_clip", "dtype")
@@ -334,7 +334,10 @@ def check_resume(header, resume, env):
     old, new = dict(resume.get("config", {})), dict(header["config"])
     old["processes"], new["processes"] = resume.get("world_size", len(resume["rng"])), header["world_size"]
     refused = changes(old, new, RESUME_MUST_MATCH + ("processes",))
-    if resume.get("train_data", header["train_data"]) != header["train_data"]:
+    before = resume.get("train_data", header["train_data"])
+    names = [name for name, _ in before] == [name for name, _ in header["train_data"]]
+    cut_otherwise = old.get("max_seq_len") != new.get("max_seq_len")  # the same files' tokens, cut to another length
+    if before != header["train_data"] and not (names and cut_otherwise):
         refused.append(f"--data {describe_data(resume['train_data'])} -> {describe_data(header['train_data'])}")
     if refused:
         raise Refusal(f"--resume: {'; '.join(refused)} since checkpoint {resume['path']}; a resumed run keeps "

@@ -37,6 +37,7 @@ import time
 import zlib
 from collections import deque
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 from tqdm import tqdm
@@ -148,12 +149,17 @@ def iter_raw_items(path, fmt):
                 yield line_no, row
                 line_no = reader.line_num + 1
     elif fmt == "parquet":
+        import pyarrow as pa
         import pyarrow.parquet as pq
         row = 0
-        for batch in pq.ParquetFile(path).iter_batches(batch_size=4096):
-            for record in batch.to_pylist():
-                row += 1
-                yield row, record
+        try:
+            for batch in pq.ParquetFile(path).iter_batches(batch_size=4096):
+                for record in batch.to_pylist():
+                    row += 1
+                    yield row, record
+        except (pa.ArrowException, OSError) as e:
+            raise DataError(f"{path}: not a readable Parquet file after row {row} (truncated or damaged?): "
+                            f"{str(e).splitlines()[0]}") from None
     else:
         raise DataError(f"{path}: unknown input format (known: {', '.join(sorted(FORMATS))}, optionally .gz)")
 
@@ -210,6 +216,8 @@ class BlockCursor:
             try:
                 value, end = self.decoder.raw_decode(self.buf, self.pos)
                 break
+            except RecursionError:
+                raise DataError(f"{path}:{self.line}: JSON nested too deeply to read") from None
             except json.JSONDecodeError as e:
                 if self.eof:
                     line = self.line + self.buf.count("\n", self.pos, e.pos)
@@ -228,6 +236,9 @@ def parse_items(fmt, items, on_bad):
             record = parse_item(fmt, item)
         except json.JSONDecodeError as e:
             on_bad(line_no, f"malformed JSON: {e.msg} (column {e.colno})")
+            continue
+        except RecursionError:
+            on_bad(line_no, "JSON nested too deeply to read")
             continue
         except DataError as e:
             on_bad(line_no, str(e))
@@ -388,8 +399,19 @@ def map_ordered(fn, tasks, workers, initializer, initargs):
     with ProcessPoolExecutor(workers, initializer=start_pool_worker, initargs=(os.getpid(), initializer, initargs)) as pool:
         pending = deque()
         for task in tasks:
-            pending.append(pool.submit(fn, task))
+            pending.append((task, pool.submit(fn, task)))
             if len(pending) >= 8 * workers:
-                yield pending.popleft().result()
+                yield result_of(*pending.popleft())
         while pending:
-            yield pending.popleft().result()
+            yield result_of(*pending.popleft())
+
+
+def result_of(task, future):
+    """A task's result; a worker that died (the kernel kills the largest process when memory
+    runs out) is a one-line error naming the task's file, never a traceback."""
+    try:
+        return future.result()
+    except BrokenProcessPool:
+        where = getattr(task, "path", "the input")
+        raise DataError(f"{where}: a worker process died while reading it (killed, most likely for lack of memory): "
+                        f"run again with fewer --workers or a smaller --chunk-bytes") from None

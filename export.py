@@ -19,6 +19,7 @@ import shutil
 from pathlib import Path
 
 import cli
+from atomic import naming_errors
 from checkpoint import load_checkpoint, model_from_checkpoint, tokenizer_for_checkpoint
 from generate import generation_config_path, read_generation_config
 from gguf_export import GGUF_NAME, check_gguf, ollama_modelfile, write_gguf
@@ -39,6 +40,23 @@ def export(ckpt_path, out, tokenizer_path=None, dtype_name=DEFAULTS["dtype"], fo
                           f"choose another --out")
     if out.exists() and not force:
         raise ExportError(f"{out} already exists; pass --force to replace it")
+    blocking = next((p for p in out.parents if p.exists() and not p.is_dir()), None)
+    if blocking:
+        raise ExportError(f"--out {out}: {blocking} is a file, not a directory; choose another --out")
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    with naming_errors(out):  # before any work: the place to write must take a directory
+        out.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    try:
+        with naming_errors(out):
+            return export_into(tmp, out, ckpt_path, tokenizer_path, dtype_name, with_gguf)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def export_into(tmp, out, ckpt_path, tokenizer_path, dtype_name, with_gguf):
+    """Write the export into the empty directory tmp, check it, then rename it to out."""
     ckpt = load_checkpoint(ckpt_path)
     if ckpt["model_args"].get("qk_norm"):
         raise ExportError(f"checkpoint {ckpt['path']} uses qk_norm, which LlamaForCausalLM cannot represent; "
@@ -48,20 +66,13 @@ def export(ckpt_path, out, tokenizer_path=None, dtype_name=DEFAULTS["dtype"], fo
     model = model_from_checkpoint(ckpt)
     print(f"export: {ckpt['path']} ({model.num_params():,} parameters, tokenizer {tokenizer.name}) -> {out} "
           f"as {dtype_name}")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        write_hf_dir(tmp, model, tokenizer, dtype_name, decoding)
-        if with_gguf:
-            write_gguf(tmp / GGUF_NAME, model, tokenizer, dtype_name)
-            check_gguf(tmp / GGUF_NAME, model, tokenizer, dtype_name)
-            (tmp / "Modelfile").write_text(ollama_modelfile(tokenizer, model.args.max_seq_len, decoding), encoding="utf-8")
-        diff = check_hf_dir(tmp, model, tokenizer, dtype_name)  # rounds our weights to dtype_name: last
-        replace_dir(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    write_hf_dir(tmp, model, tokenizer, dtype_name, decoding)
+    if with_gguf:
+        write_gguf(tmp / GGUF_NAME, model, tokenizer, dtype_name)
+        check_gguf(tmp / GGUF_NAME, model, tokenizer, dtype_name)
+        (tmp / "Modelfile").write_text(ollama_modelfile(tokenizer, model.args.max_seq_len, decoding), encoding="utf-8")
+    diff = check_hf_dir(tmp, model, tokenizer, dtype_name)  # rounds our weights to dtype_name: last
+    replace_dir(tmp, out)
     print(f"export: transformers reloads {out}: tokenizer ids match on {len(CHECK_TEXTS)} strings, "
           f"max |logit diff| = {diff:.2e} (fp32, tolerance {LOGITS_TOLERANCE})")
     if with_gguf:

@@ -14,16 +14,22 @@ from corpus import DataError, iter_records
 
 def read_metrics(path, up_to_step=None):
     """The rows of a metrics.jsonl (those up to a step, if given); [] when there is no file.
-    A last line cut short by a crash is dropped; a damaged line before other rows is refused."""
+    A last line cut short by a crash is dropped; any other damaged line is refused."""
     path = Path(path)
     if not path.is_file():
         return []
     rows, damaged = [], []
+
+    def refuse():
+        raise DataError(f"{damaged[0]}; the metrics log is damaged: repair that line, or move the file away "
+                        f"(its rows are then lost)")
+
     for _, row in iter_records(path, lambda p, line_no, message: damaged.append(f"{p}:{line_no}: {message}")):
         if damaged:  # a good row after a bad one: not a cut tail, the file is damaged
-            raise DataError(f"{damaged[0]}; the metrics log is damaged: move it away (its rows are then lost) "
-                            f"or repair that line")
+            refuse()
         rows.append(row)
+    if len(damaged) > 1:  # a crash cuts one line, the last
+        refuse()
     if up_to_step is None:
         return rows
     return [r for r in rows if r.get("step", 0) <= up_to_step]

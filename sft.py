@@ -16,7 +16,7 @@ from pathlib import Path
 
 import cli
 import trainer
-from batches import Batches, eval_batches
+from batches import Batches, eval_batches, naming_worker_deaths
 from checkpoint import CheckpointError, load_checkpoint, load_resume, model_from_checkpoint, tokenizer_for_checkpoint
 from dataset_sft import SFTDataset, collate_sft, length_grouped_batches
 from environment import run_script
@@ -77,8 +77,9 @@ def run(cfg, env):
     train_set, train_batches, val_batches = example_batches(cfg, env, tokenizer, SFTDataset, collate_sft, "examples",
                                                             cfg.num_workers)
     train_data = [(Path(cfg.data).name, int(train_set.lengths.sum()))]  # positions: change with the data and --max-seq-len
-    return trainer.train(cfg, env, model, "sft", tokenizer, train_batches, val_batches, train_data, resume,
-                         extra={"init": init["path"]})
+    with naming_worker_deaths(train_batches):
+        return trainer.train(cfg, env, model, "sft", tokenizer, train_batches, val_batches, train_data, resume,
+                             extra={"init": init["path"]})
 
 
 def resolve_max_seq_len(cfg, model):

@@ -77,7 +77,11 @@ class Tokenizer:
 
     def __init__(self, model_path):
         self.path = Path(model_path).resolve()
-        self.sp = spm.SentencePieceProcessor(model_file=str(self.path))
+        try:
+            self.sp = spm.SentencePieceProcessor(model_file=str(self.path))
+        except (RuntimeError, OSError):
+            raise Refusal(f"{self.path} is not a SentencePiece tokenizer model: pass a tokenizer.model "
+                          f"(data_process.py tokenizer writes one; ChatGLM2's is on the Hub, THUDM/chatglm2-6b)") from None
         self.sha256 = file_sha256(self.path)
         self.n_pieces = self.sp.get_piece_size()
         if self.sha256 == CHATGLM2_SHA256:

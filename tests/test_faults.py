@@ -12,6 +12,7 @@ import re
 import signal
 import subprocess
 import sys
+import time
 import zipfile
 
 import numpy as np
@@ -386,6 +387,85 @@ def test_refusals_are_one_line_without_a_traceback(tmp_path, tiny_tokenizer_path
     assert r.stderr.strip().splitlines() == [message]
 
 
+def die_on_the_third(task):
+    """A worker's work that gets the worker killed (as the kernel's OOM killer would) at one task."""
+    if task.byte_range[0] == 3:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return task.byte_range[0]
+
+
+def no_setup():
+    pass
+
+
+def test_a_killed_tokenizer_worker_names_the_file_and_the_likely_cause(tmp_path):
+    from corpus import DataError, map_ordered
+    from tokenize_corpus import Task
+    tasks = [Task(tmp_path / "big.jsonl", "jsonl", byte_range=(i, i + 1)) for i in range(6)]
+    got = []
+    with pytest.raises(DataError, match=r"big.jsonl: a worker process died while reading it \(killed, most likely "
+                                        r"for lack of memory\): run again with fewer --workers"):
+        got.extend(map_ordered(die_on_the_third, tasks, 2, no_setup, ()))
+    assert got == list(range(len(got))) and len(got) <= 3  # results in order, none past the dead worker's task
+
+
+class DyingDataset(torch.utils.data.Dataset):
+    """Items read in a DataLoader worker; reading item 5 gets the worker killed."""
+    path = "sft.jsonl"
+
+    def __len__(self):
+        return 8
+
+    def __getitem__(self, i):
+        if i == 5:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return torch.tensor([i])
+
+
+def test_a_killed_dataloader_worker_names_the_data_and_the_likely_cause():
+    from types import SimpleNamespace
+    from batches import Batches
+    from corpus import DataError
+    env = SimpleNamespace(device=torch.device("cpu"), rank=0, world_size=1)
+    batches = Batches(DyingDataset(), 1, 0, env, num_workers=1, make_epoch=lambda epoch: [[i] for i in range(8)])
+    with pytest.raises(DataError, match=r"^sft.jsonl: a DataLoader worker died while reading it \(most likely killed "
+                                        r"for lack of memory\): run again with fewer --num-workers"):
+        for _ in range(8):
+            next(batches)
+    time.sleep(0.5)  # torch's SIGCHLD handler would raise here if the dead worker were still watched
+
+
+def test_a_deeply_nested_record_is_a_bad_record_named_by_line(tmp_path, tiny_tokenizer_path):
+    good = [json.dumps({"text": t}, ensure_ascii=False) for t in make_chinese_texts(30, 4)]
+    deep = '{"text": ' + "[" * 100_000 + "]" * 100_000 + "}"
+    (tmp_path / "docs.jsonl").write_text("\n".join(good[:3] + [deep] + good[3:]) + "\n")
+    flags = ["pretrain", "--input", str(tmp_path / "docs.jsonl"), "--tokenizer", str(tiny_tokenizer_path), "--workers", "1"]
+    with pytest.raises(SystemExit, match=r"docs.jsonl:4: JSON nested too deeply to read"):
+        data_process.main([*flags, "--out", str(tmp_path / "strict")])
+    data_process.main([*flags, "--out", str(tmp_path / "skipping"), "--skip-bad"])
+    assert (tmp_path / "skipping.bin").stat().st_size > 0
+
+
+def test_a_file_that_is_no_tokenizer_and_a_truncated_parquet_are_one_line(tmp_path, tiny_tokenizer_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    (tmp_path / "docs.jsonl").write_text(json.dumps({"text": make_chinese_texts(1, 0)[0]}, ensure_ascii=False) + "\n")
+    (tmp_path / "notes.txt").write_text("not a model\n")
+    pq.write_table(pa.table({"text": make_chinese_texts(50, 1)}), tmp_path / "full.parquet")
+    whole = (tmp_path / "full.parquet").read_bytes()
+    (tmp_path / "cut.parquet").write_bytes(whole[:len(whole) // 2])
+    for inputs, tokenizer, message in [
+            ("docs.jsonl", "notes.txt", r"notes.txt is not a SentencePiece tokenizer model: pass a tokenizer.model"),
+            ("cut.parquet", str(tiny_tokenizer_path), r"cut.parquet: not a readable Parquet file after row 0 "
+                                                      r"\(truncated or damaged\?\)")]:
+        r = subprocess.run([sys.executable, str(ROOT / "data_process.py"), "pretrain", "--input", inputs,
+                            "--tokenizer", tokenizer, "--out", "o/x"], cwd=tmp_path, capture_output=True, text=True,
+                           timeout=120)
+        errors = [line for line in r.stderr.splitlines() if "error" in line]
+        assert r.returncode != 0 and "Traceback" not in r.stderr and len(errors) == 1
+        assert re.search(message, errors[0]) and not (tmp_path / "o" / "x.bin").exists()
+
+
 def test_resume_with_changed_batch_data_or_processes_is_refused_naming_them(bins, tmp_path, tiny_tokenizer, capsys):
     train(bins, tmp_path / "o", "--max-steps", "2")
     other = [i for t in make_chinese_texts(100, seed=9) for i in tiny_tokenizer.encode(t, eos=True)]
@@ -489,6 +569,21 @@ sys.stdin.read()
     assert load_checkpoint(out, prefer="latest")["step"] == 2
 
 
+def test_resume_drops_a_cut_last_metrics_row_and_refuses_a_damaged_log(bins, tmp_path):
+    out = tmp_path / "run"
+    train(bins, out, "--max-steps", "4", "--save-every", "2")
+    log = out / "metrics.jsonl"
+    good = log.read_bytes()
+    log.write_bytes(good + b'{"step": 5, "tok')  # a crash in the middle of an append
+    train(bins, out, "--max-steps", "6", "--save-every", "2", "--resume")
+    assert [json.loads(line)["step"] for line in log.read_text().splitlines()] == [1, 2, 3, 4, 5, 6]
+    lines = good.splitlines(keepends=True)
+    log.write_bytes(b"".join(lines[:2]) + b"\x00\xff damaged\n" + lines[2][:10] + b"\n")  # two bad lines
+    with pytest.raises(SystemExit, match=r"metrics.jsonl:3: .*the metrics log is damaged: repair that line"):
+        train(bins, out, "--max-steps", "8", "--save-every", "2", "--resume")
+    assert load_checkpoint(out, prefer="latest")["step"] == 6  # nothing was trained or pruned
+
+
 def test_sft_into_its_own_init_dir_is_refused(bins, tmp_path, tiny_tokenizer_path):
     train(bins, tmp_path / "pre", "--max-steps", "2")
     (tmp_path / "sft.jsonl").write_text(json.dumps({"prompt": "头痛", "answer": "休息"}, ensure_ascii=False) + "\n")
@@ -497,6 +592,35 @@ def test_sft_into_its_own_init_dir_is_refused(bins, tmp_path, tiny_tokenizer_pat
         sft.main(["--init", str(tmp_path / "pre"), "--data", str(tmp_path / "sft.jsonl"), "--out-dir", str(tmp_path / "pre"),
                   "--tokenizer", str(tiny_tokenizer_path), "--max-steps", "1", "--num-workers", "0"])
     assert (tmp_path / "pre" / "best.pt").read_bytes() == best
+
+
+def test_export_into_a_file_or_onto_a_full_disk_is_one_line_and_leaves_nothing(bins, tmp_path, monkeypatch):
+    train(bins, tmp_path / "run", "--max-steps", "2")
+    (tmp_path / "afile").write_text("kept\n")
+    with pytest.raises(SystemExit, match=r"--out \S*afile/hf: \S*afile is a file, not a directory; choose another --out"):
+        export.main(["--ckpt", str(tmp_path / "run"), "--out", str(tmp_path / "afile" / "hf")])
+
+    def disk_full(directory, *args):
+        (directory / "model.safetensors").write_bytes(b"partial")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(export, "write_hf_dir", disk_full)
+    with pytest.raises(SystemExit, match=r"cannot write \S*hf: the disk is full; free some space and run again"):
+        export.main(["--ckpt", str(tmp_path / "run"), "--out", str(tmp_path / "hf")])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "run"]  # no half-written export
+    assert (tmp_path / "afile").read_text() == "kept\n"
+
+
+def test_sft_resume_with_another_max_seq_len_names_that_flag(bins, tmp_path, tiny_tokenizer_path):
+    train(bins, tmp_path / "pre", "--max-steps", "2")
+    rows = [{"prompt": "头痛" * (1 + i % 5), "answer": "多休息，多喝水。" * (1 + i % 3)} for i in range(40)]
+    (tmp_path / "sft.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    flags = ["--init", str(tmp_path / "pre"), "--data", str(tmp_path / "sft.jsonl"), "--out-dir", str(tmp_path / "sft"),
+             "--tokenizer", str(tiny_tokenizer_path), "--max-steps", "2", "--num-workers", "0", "--batch-size", "4",
+             "--save-every", "1"]
+    sft.main([*flags, "--max-seq-len", "16"])
+    with pytest.raises(SystemExit, match=r"--resume: --max-seq-len 16 -> 12 since checkpoint [^;]*; a resumed run keeps"):
+        sft.main([*flags, "--max-seq-len", "12", "--resume"])
 
 
 def test_export_into_the_checkpoints_own_dir_is_refused_even_with_force(bins, tmp_path, tiny_tokenizer_path):
