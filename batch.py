@@ -12,7 +12,7 @@ import random
 
 import torch
 
-from sampling import NgramBlocker, apply_repetition_penalty, block_ngrams, sample_next_token
+from sampling import NgramBlocker, apply_presence_frequency, apply_repetition_penalty, block_ngrams, sample_next_token
 
 
 class KVCache:
@@ -77,6 +77,7 @@ class Request:
         self.generator = None  # a seeded torch.Generator for a sampling row, made on admission
         self.seen = None  # (V,) bool: tokens the answer holds so far, for a repetition penalty != 1
         self.ngrams = None  # the answer's n-token runs, for no_repeat_ngram_size > 0
+        self.counts = None  # (V,) how often each token is in the answer, for presence/frequency penalties
 
     def cancel(self, reason="cancelled"):
         if not self.cancelled:  # the first reason stays
@@ -161,6 +162,8 @@ class DecodeBatch:
             request.seen = torch.zeros(self.model.args.vocab_size, dtype=torch.bool, device=self.device)
         if s.no_repeat_ngram_size:
             request.ngrams = NgramBlocker(s.no_repeat_ngram_size)
+        if s.counts_tokens():
+            request.counts = torch.zeros(self.model.args.vocab_size, device=self.device)
 
     def step(self):
         """Pick every row's next token, hand the tokens out, let ended rows leave, and run the
@@ -181,6 +184,9 @@ class DecodeBatch:
                 logits = self.logits[row:row + 1]
                 if request.seen is not None:
                     logits = apply_repetition_penalty(logits, request.seen[None], s.repetition_penalty)
+                if request.counts is not None:
+                    logits = apply_presence_frequency(logits, request.counts[None].to(logits.dtype),
+                                                      s.presence_penalty, s.frequency_penalty)
                 if request.ngrams is not None:
                     logits = block_ngrams(logits, request.ngrams.banned())
                 tokens[row] = sample_next_token(logits, s.temperature, s.top_k, s.top_p, request.generator)[0]
@@ -201,6 +207,8 @@ class DecodeBatch:
                     request.seen[token] = True
                 if request.ngrams is not None:
                     request.ngrams.push(token)
+                if request.counts is not None:
+                    request.counts[token] += 1
                 request.send(token, None)
                 if request.n_generated >= request.max_new_tokens:
                     request.finish("length", self.stats)

@@ -75,10 +75,10 @@ class ChatRequest(BaseModel):
     stop: Union[str, Annotated[list[str], Field(max_length=4)], None] = None  # up to 4 strings, each any length
     n: int = Field(1, ge=1, le=1)  # one answer per request
     user: Optional[str] = None
+    presence_penalty: Optional[float] = Field(None, ge=-2, le=2)  # OpenAI's, over the answer's tokens
+    frequency_penalty: Optional[float] = Field(None, ge=-2, le=2)
     # Sent by OpenAI front-ends on every request. Accepted where their value asks for nothing
     # this server lacks (check_unsupported refuses the rest); metadata and store are labels.
-    presence_penalty: Optional[float] = Field(None, ge=-2, le=2)
-    frequency_penalty: Optional[float] = Field(None, ge=-2, le=2)
     logprobs: Optional[bool] = None
     top_logprobs: Optional[int] = Field(None, ge=0, le=20)
     response_format: Optional[ResponseFormat] = None
@@ -89,10 +89,6 @@ class ChatRequest(BaseModel):
 
 def check_unsupported(body):
     """400 for a field whose value asks for what this server cannot do, naming what can."""
-    for name in ("presence_penalty", "frequency_penalty"):
-        if getattr(body, name):
-            raise ApiError(400, f"{name} other than 0 is not supported; use repetition_penalty or "
-                                f"no_repeat_ngram_size to discourage repeats", param=name, code="unsupported_value")
     if body.logprobs or body.top_logprobs:
         raise ApiError(400, "logprobs are not supported", param="logprobs", code="unsupported_value")
     if body.response_format is not None and body.response_format.type != "text":
@@ -184,5 +180,6 @@ def generation_settings(body, defaults, context, prompt_len):
 
     sampling = Sampling(temperature=pick("temperature"), top_k=pick("top_k"), top_p=pick("top_p"),
                         repetition_penalty=pick("repetition_penalty"), seed=pick("seed"),
-                        no_repeat_ngram_size=pick("no_repeat_ngram_size"))
+                        no_repeat_ngram_size=pick("no_repeat_ngram_size"),
+                        presence_penalty=body.presence_penalty or 0.0, frequency_penalty=body.frequency_penalty or 0.0)
     return max_new, sampling, warnings

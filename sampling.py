@@ -9,6 +9,8 @@ Two ways to keep a small model from looping, both over the answer's own tokens:
   - n-gram blocking (no_repeat_ngram_size n) forbids only the tokens that would repeat an
     n-token run the answer already holds, which is what a loop is, and leaves every word
     free to appear again.
+OpenAI's presence and frequency penalties (what its API clients send) are there too: they
+subtract from a token's logit once if the answer holds it, and once per time it does.
 """
 from dataclasses import dataclass
 from typing import Optional
@@ -25,19 +27,28 @@ class Sampling:
     repetition_penalty: float = 1.0
     seed: Optional[int] = None
     no_repeat_ngram_size: int = 0  # 0: off
+    presence_penalty: float = 0.0  # OpenAI's, in [-2, 2]
+    frequency_penalty: float = 0.0
 
     def check(self):
         """ValueError unless every setting is in its range (a script refuses bad flags first)."""
         t, k, p, penalty, n = self.temperature, self.top_k, self.top_p, self.repetition_penalty, self.no_repeat_ngram_size
         if t < 0 or (k is not None and k < 1) or not (p is None or 0 < p <= 1) or penalty <= 0 \
-                or not isinstance(n, int) or isinstance(n, bool) or n < 0:
+                or not isinstance(n, int) or isinstance(n, bool) or n < 0 \
+                or not (-2 <= self.presence_penalty <= 2 and -2 <= self.frequency_penalty <= 2):
             raise ValueError(f"bad sampling settings: temperature={t} (>= 0), top_k={k} (>= 1), "
                              f"top_p={p} (in (0, 1]), repetition_penalty={penalty} (> 0), "
-                             f"no_repeat_ngram_size={n!r} (an integer >= 0)")
+                             f"no_repeat_ngram_size={n!r} (an integer >= 0), presence_penalty="
+                             f"{self.presence_penalty} and frequency_penalty={self.frequency_penalty} (in [-2, 2])")
 
     def is_plain_greedy(self):
         """True when the row's token is just the argmax of its logits."""
-        return self.temperature <= 0 and self.repetition_penalty == 1.0 and not self.no_repeat_ngram_size
+        return self.temperature <= 0 and self.repetition_penalty == 1.0 and not self.no_repeat_ngram_size \
+            and not self.counts_tokens()
+
+    def counts_tokens(self):
+        """True when the presence or frequency penalty needs the answer's token counts."""
+        return bool(self.presence_penalty or self.frequency_penalty)
 
 
 def apply_repetition_penalty(logits, seen, penalty):
@@ -49,6 +60,13 @@ def apply_repetition_penalty(logits, seen, penalty):
         return logits
     penalized = torch.where(logits > 0, logits / penalty, logits * penalty)
     return torch.where(seen, penalized, logits)
+
+
+def apply_presence_frequency(logits, counts, presence, frequency):
+    """OpenAI's penalties over the answer's tokens: logit[j] -= count[j] * frequency
+    + (count[j] > 0) * presence, where count[j] is how often token j is in the answer so far
+    (negative values encourage repeats). counts: (1, V) floats."""
+    return logits - counts * frequency - (counts > 0).to(logits.dtype) * presence
 
 
 class NgramBlocker:

@@ -32,12 +32,15 @@ def repeats_an_ngram(answer, token, n):
     return len(answer) >= n - 1 and tuple((answer + [token])[-n:]) in runs
 
 
-def greedy_without_cache(model, prompt, max_new_tokens, eos_id=None, no_repeat_ngram_size=0):
+def greedy_without_cache(model, prompt, max_new_tokens, eos_id=None, no_repeat_ngram_size=0, presence=0.0,
+                         frequency=0.0):
     """The reference: the whole sequence through the model for every new token."""
     seq, out = list(prompt), []
     with torch.no_grad():
         while len(out) < max_new_tokens and len(seq) < MAX_SEQ_LEN:
             logits = model(torch.tensor([seq]))[0]
+            for token in set(out):  # OpenAI's penalties, token by token
+                logits[token] -= out.count(token) * frequency + presence
             if no_repeat_ngram_size:
                 for token in range(logits.shape[-1]):
                     if repeats_an_ngram(out, token, no_repeat_ngram_size):
@@ -130,6 +133,13 @@ def test_ngram_blocker_forbids_exactly_the_tokens_that_repeat_a_run():
     for token in [7, 5, 7]:
         one.push(token)
     assert one.banned() == [5, 7]  # size 1: no token twice
+
+
+@pytest.mark.parametrize("presence, frequency", [(1.5, 0.0), (0.0, 0.7), (0.5, 0.5), (-1.0, 0.0)])
+def test_presence_and_frequency_penalties_in_the_batch_equal_the_slow_reference(model, presence, frequency):
+    got = generate(model, PROMPTS, 20, sampling=Sampling(presence_penalty=presence, frequency_penalty=frequency))
+    assert got == [greedy_without_cache(model, p, 20, presence=presence, frequency=frequency) for p in PROMPTS]
+    assert got != generate(model, PROMPTS, 20)  # the penalties changed some answer
 
 
 @pytest.mark.parametrize("n", [1, 2, 3])

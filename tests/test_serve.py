@@ -19,10 +19,11 @@ from openai import OpenAI
 import eval as qa_eval
 import serve
 from checkpoint import save_checkpoint
-from engine import BatchEngine
+from engine import BatchEngine, generate
 from generate import load_for_inference
 from model import ModelArgs, Transformer
 from prompt import messages_prompt, sft_prompt_ids
+from sampling import Sampling
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 CONTEXT = 1024  # long enough that a 1000-token answer takes about a second: time to disconnect, or press stop
@@ -205,7 +206,6 @@ BAD_BODIES = [  # (body, the error's param or code, a word of its message)
     ({"messages": USER, "n": 2}, "n", "less than"),
     ({"messages": USER, "max_tokens": 5, "max_completion_tokens": 6}, "max_tokens", "differ"),
     ({"messages": USER, "prompt_file": "/etc/passwd"}, "prompt_file", "Extra inputs"),
-    ({"messages": USER, "presence_penalty": 0.5}, "presence_penalty", "not supported"),
     (b'{"messages": [{"role": "user", "content": "\\ud800x"}]}', "messages", "lone surrogate"),
     (b'{"messages": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", "invalid_json", "nested too deeply"),
     ({"messages": USER, "frequency_penalty": 3}, "frequency_penalty", "less than or equal"),
@@ -224,6 +224,20 @@ def test_the_fields_front_ends_send_are_accepted_and_developer_is_system(client)
     got = client.chat.completions.create(model="any", messages=developer, temperature=0, max_tokens=12, **sent)
     assert got.choices[0].message.content == want.choices[0].message.content
     assert got.usage.prompt_tokens == want.usage.prompt_tokens
+
+
+def test_presence_and_frequency_penalties_reach_the_engine(client, ckpt):
+    """The API's penalties are the engine's: the same answer as generating with them directly."""
+    _, model, tokenizer = load_for_inference(ckpt, device="cpu")
+    prompt = messages_prompt([{"role": "user", "content": QUESTIONS[1]}])
+    ids = sft_prompt_ids(tokenizer, prompt)
+    for presence, frequency in [(1.5, 0.0), (0.0, 2.0)]:
+        want = generate(model, [ids], 24, eos_id=tokenizer.eos_id,
+                        sampling=Sampling(presence_penalty=presence, frequency_penalty=frequency))[0]
+        got = client.chat.completions.create(model="any", messages=[{"role": "user", "content": QUESTIONS[1]}],
+                                             temperature=0, max_tokens=24, presence_penalty=presence,
+                                             frequency_penalty=frequency)
+        assert got.choices[0].message.content == tokenizer.decode(want)
 
 
 @pytest.mark.parametrize("body, param, words", BAD_BODIES)
