@@ -9,6 +9,7 @@ the file back and compares every tensor's bytes, the vocabulary and the special 
 """
 import torch
 
+from generate import default_max_new_tokens
 from hf_export import DTYPES, PIECE_CONTROL, ExportError, hf_state_dict, placeholder_pieces, read_sentencepiece_model
 from prompt import chat_template, ollama_template
 
@@ -104,14 +105,15 @@ def write_gguf(path, model, tokenizer, dtype_name):
 def ollama_modelfile(tokenizer, max_seq_len, decoding=None):
     """An Ollama Modelfile for the GGUF beside it (`ollama create NAME -f Modelfile`): our
     prompt as its template, the model's context, and the decoding of generation_config.json
-    (greedy, and the stored repetition penalty over the whole context and answer length)."""
+    (greedy, and the stored repetition penalty over the whole context and answer length, else
+    eval.py's default length); it stops at the eos piece, as our answers do."""
     decoding = decoding or {}
     lines = [f"FROM ./{GGUF_NAME}", f'TEMPLATE """{ollama_template(tokenizer.id_to_piece(tokenizer.bos_id))}"""',
              f"PARAMETER num_ctx {max_seq_len}", f"PARAMETER temperature {decoding.get('temperature') or 0:g}",
              f"PARAMETER repeat_penalty {decoding.get('repetition_penalty') or 1:g}",
-             "PARAMETER repeat_last_n -1"]  # -1: the whole context, as our penalty counts every token seen
-    if decoding.get("max_new_tokens"):
-        lines.append(f"PARAMETER num_predict {decoding['max_new_tokens']}")
+             "PARAMETER repeat_last_n -1",  # -1: the whole context, as our penalty counts every token seen
+             f"PARAMETER num_predict {decoding.get('max_new_tokens') or default_max_new_tokens(max_seq_len)}",
+             f'PARAMETER stop "{tokenizer.id_to_piece(tokenizer.eos_id)}"']
     if decoding.get("no_repeat_ngram_size"):
         lines.append(f"# generation_config.json's no_repeat_ngram_size {decoding['no_repeat_ngram_size']} has no Ollama "
                      f"parameter: answers here can repeat runs that eval.py's cannot")

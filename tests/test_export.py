@@ -222,6 +222,8 @@ def test_gguf_reads_back_with_our_weights_vocabulary_and_template(tmp_path, tiny
 
     modelfile = (tmp_path / "hf" / "Modelfile").read_text(encoding="utf-8")
     assert modelfile.startswith("FROM ./model.gguf\n") and f"PARAMETER num_ctx {args.max_seq_len}" in modelfile
+    assert f"PARAMETER num_predict {min(256, args.max_seq_len // 2)}\n" in modelfile  # eval.py's default length
+    assert 'PARAMETER stop "</s>"\n' in modelfile
 
 
 def test_a_corrupted_gguf_is_detected(tmp_path, tiny_tokenizer):
