@@ -22,17 +22,20 @@ import cli
 from atomic import naming_errors
 from checkpoint import load_checkpoint, model_from_checkpoint, tokenizer_for_checkpoint
 from generate import generation_config_path, read_generation_config
-from gguf_export import GGUF_NAME, check_gguf, ollama_modelfile, write_gguf
+from gguf_export import GGUF_NAME, GGUF_QUANTS, check_gguf, ollama_modelfile, quantized_gguf_name, write_gguf
 from hf_export import CHECK_TEXTS, DTYPES, LOGITS_TOLERANCE, ExportError, check_hf_dir, write_hf_dir
 from refusal import one_line_refusals
 
 DEFAULTS = dict(ckpt="out/sft", out="out/hf", dtype="float32")
 
 
-def export(ckpt_path, out, tokenizer_path=None, dtype_name=DEFAULTS["dtype"], force=False, with_gguf=False):
+def export(ckpt_path, out, tokenizer_path=None, dtype_name=DEFAULTS["dtype"], force=False, with_gguf=False,
+           gguf_quant=None):
     """Checkpoint -> checked Hugging Face directory at `out`, written atomically; with_gguf
-    adds the same model as out/model.gguf and an Ollama Modelfile for it. Returns the max
-    |logit difference| found by the check."""
+    adds the same model as out/model.gguf and an Ollama Modelfile for it, gguf_quant (q8_0)
+    also a quantized copy, which the Modelfile then uses. Returns the max |logit difference|
+    found by the check."""
+    with_gguf = with_gguf or bool(gguf_quant)
     out = Path(out)
     source = Path(ckpt_path).resolve()
     if source == out.resolve() or out.resolve() in source.parents:
@@ -50,12 +53,12 @@ def export(ckpt_path, out, tokenizer_path=None, dtype_name=DEFAULTS["dtype"], fo
         tmp.mkdir()
     try:
         with naming_errors(out):
-            return export_into(tmp, out, ckpt_path, tokenizer_path, dtype_name, with_gguf)
+            return export_into(tmp, out, ckpt_path, tokenizer_path, dtype_name, with_gguf, gguf_quant)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def export_into(tmp, out, ckpt_path, tokenizer_path, dtype_name, with_gguf):
+def export_into(tmp, out, ckpt_path, tokenizer_path, dtype_name, with_gguf, gguf_quant):
     """Write the export into the empty directory tmp, check it, then rename it to out."""
     ckpt = load_checkpoint(ckpt_path)
     if ckpt["model_args"].get("qk_norm"):
@@ -70,7 +73,12 @@ def export_into(tmp, out, ckpt_path, tokenizer_path, dtype_name, with_gguf):
     if with_gguf:
         write_gguf(tmp / GGUF_NAME, model, tokenizer, dtype_name)
         check_gguf(tmp / GGUF_NAME, model, tokenizer, dtype_name)
-        (tmp / "Modelfile").write_text(ollama_modelfile(tokenizer, model.args.max_seq_len, decoding), encoding="utf-8")
+        if gguf_quant:
+            write_gguf(tmp / quantized_gguf_name(gguf_quant), model, tokenizer, gguf_quant)
+            check_gguf(tmp / quantized_gguf_name(gguf_quant), model, tokenizer, gguf_quant)
+        modelfile = ollama_modelfile(tokenizer, model.args.max_seq_len, decoding,
+                                     quantized_gguf_name(gguf_quant) if gguf_quant else GGUF_NAME)
+        (tmp / "Modelfile").write_text(modelfile, encoding="utf-8")
     diff = check_hf_dir(tmp, model, tokenizer, dtype_name)  # rounds our weights to dtype_name: last
     replace_dir(tmp, out)
     print(f"export: transformers reloads {out}: tokenizer ids match on {len(CHECK_TEXTS)} strings, "
@@ -103,13 +111,16 @@ def parse_args(argv=None):
     parser.add_argument("--force", action="store_true", help="replace --out if it already exists")
     parser.add_argument("--gguf", action="store_true",
                         help=f"also write {GGUF_NAME} (llama.cpp) and an Ollama Modelfile into --out")
+    parser.add_argument("--gguf-quant", choices=GGUF_QUANTS, default=None,
+                        help="also write a quantized GGUF (model-q8_0.gguf: 8.5 bits a weight), which the Modelfile uses; "
+                             "implies --gguf")
     return parser.parse_args(argv)
 
 
 def main(argv=None):
     cfg = parse_args(argv)
     with one_line_refusals("export.py"):
-        export(cfg.ckpt, cfg.out, cfg.tokenizer, cfg.dtype, cfg.force, cfg.gguf)
+        export(cfg.ckpt, cfg.out, cfg.tokenizer, cfg.dtype, cfg.force, cfg.gguf, cfg.gguf_quant)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,15 @@ from hf_export import DTYPES, PIECE_CONTROL, ExportError, hf_state_dict, placeho
 from prompt import chat_template, ollama_template
 
 GGUF_NAME = "model.gguf"
-GGUF_FILE_TYPES = {"float32": "ALL_F32", "bfloat16": "MOSTLY_BF16", "float16": "MOSTLY_F16"}
+GGUF_FILE_TYPES = {"float32": "ALL_F32", "bfloat16": "MOSTLY_BF16", "float16": "MOSTLY_F16", "q8_0": "MOSTLY_Q8_0"}
+# Quantized files, beside model.gguf: Q8_0 stores each run of 32 weights of a row as 32 int8
+# values and one fp16 scale (8.5 bits a weight, a quarter of fp32), which llama.cpp
+# multiplies without converting back; the norms stay fp32.
+GGUF_QUANTS = ("q8_0",)
+
+
+def quantized_gguf_name(quant):
+    return f"model-{quant}.gguf"
 
 
 def interleave_rope_rows(w, n_heads):
@@ -28,19 +36,23 @@ def interleave_rope_rows(w, n_heads):
 def gguf_tensors(model, dtype_name):
     """GGUF tensor name -> (numpy array, GGML type). Names come from the gguf package's Llama
     map of the Hugging Face names. The weights are those of the Hugging Face export (rounded
-    to dtype_name); 1-D tensors (the norms) are stored as fp32, as llama.cpp expects."""
+    to dtype_name, or from fp32 to q8_0); 1-D tensors (the norms) are stored as fp32, as
+    llama.cpp expects, and so are matrices whose rows do not split into Q8_0's blocks of 32."""
     import gguf
+    from gguf.quants import quantize
 
     model_args = model.args
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, model_args.n_layers)
     tensors = {}
-    for hf_name, t in hf_state_dict(model, DTYPES[dtype_name]).items():
+    for hf_name, t in hf_state_dict(model, DTYPES.get(dtype_name, torch.float32)).items():
         if hf_name.endswith("q_proj.weight"):
             t = interleave_rope_rows(t, model_args.n_heads)
         elif hf_name.endswith("k_proj.weight"):
             t = interleave_rope_rows(t, model_args.n_kv_heads)
         name = names.get_name(hf_name, try_suffixes=(".weight",))
-        if t.dim() == 1 or dtype_name == "float32":
+        if dtype_name == "q8_0" and t.dim() == 2 and t.shape[1] % 32 == 0:
+            tensors[name] = (quantize(t.float().numpy(), gguf.GGMLQuantizationType.Q8_0), gguf.GGMLQuantizationType.Q8_0)
+        elif t.dim() == 1 or dtype_name in ("float32", "q8_0"):
             tensors[name] = (t.float().numpy(), gguf.GGMLQuantizationType.F32)
         elif dtype_name == "float16":
             tensors[name] = (t.numpy(), gguf.GGMLQuantizationType.F16)
@@ -102,13 +114,13 @@ def write_gguf(path, model, tokenizer, dtype_name):
     w.close()
 
 
-def ollama_modelfile(tokenizer, max_seq_len, decoding=None):
+def ollama_modelfile(tokenizer, max_seq_len, decoding=None, gguf_name=GGUF_NAME):
     """An Ollama Modelfile for the GGUF beside it (`ollama create NAME -f Modelfile`): our
     prompt as its template, the model's context, and the decoding of generation_config.json
     (greedy, and the stored repetition penalty over the whole context and answer length, else
     eval.py's default length); it stops at the eos piece, as our answers do."""
     decoding = decoding or {}
-    lines = [f"FROM ./{GGUF_NAME}", f'TEMPLATE """{ollama_template(tokenizer.id_to_piece(tokenizer.bos_id))}"""',
+    lines = [f"FROM ./{gguf_name}", f'TEMPLATE """{ollama_template(tokenizer.id_to_piece(tokenizer.bos_id))}"""',
              f"PARAMETER num_ctx {max_seq_len}", f"PARAMETER temperature {decoding.get('temperature') or 0:g}",
              f"PARAMETER repeat_penalty {decoding.get('repetition_penalty') or 1:g}",
              "PARAMETER repeat_last_n -1",  # -1: the whole context, as our penalty counts every token seen

@@ -6,6 +6,7 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers is imported anywhere below
 
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 from safetensors import safe_open  # noqa: E402
@@ -224,6 +225,29 @@ def test_gguf_reads_back_with_our_weights_vocabulary_and_template(tmp_path, tiny
     assert modelfile.startswith("FROM ./model.gguf\n") and f"PARAMETER num_ctx {args.max_seq_len}" in modelfile
     assert f"PARAMETER num_predict {min(256, args.max_seq_len // 2)}\n" in modelfile  # eval.py's default length
     assert 'PARAMETER stop "</s>"\n' in modelfile
+
+
+def test_gguf_quant_q8_0_writes_a_quantized_file_close_to_the_weights(tmp_path, tiny_tokenizer):
+    from gguf import GGMLQuantizationType, GGUFReader
+    from gguf.quants import dequantize
+
+    ckpt_path, model = save_tiny_checkpoint(tmp_path, tiny_tokenizer)
+    export(ckpt_path, tmp_path / "hf", gguf_quant="q8_0")
+    full = {t.name: t for t in GGUFReader(tmp_path / "hf" / "model.gguf").tensors}
+    quantized = {t.name: t for t in GGUFReader(tmp_path / "hf" / "model-q8_0.gguf").tensors}
+    assert sorted(quantized) == sorted(full)
+    for name, t in quantized.items():
+        w = np.asarray(full[name].data, dtype=np.float32).reshape(np.asarray(full[name].data).shape)
+        if w.ndim == 1:
+            assert t.tensor_type == GGMLQuantizationType.F32 and np.array_equal(np.asarray(t.data), w), name
+            continue
+        assert t.tensor_type == GGMLQuantizationType.Q8_0, name
+        back = dequantize(np.asarray(t.data), GGMLQuantizationType.Q8_0).reshape(w.shape)
+        blocks = np.abs(w).reshape(w.shape[0], -1, 32).max(-1, keepdims=True) / 127  # each block's step
+        assert np.all(np.abs(back - w).reshape(blocks.shape[0], -1, 32) <= blocks * 0.75), name  # half a step + fp16 scale
+        assert not np.array_equal(back, w)  # really quantized
+    modelfile = (tmp_path / "hf" / "Modelfile").read_text(encoding="utf-8")
+    assert modelfile.startswith("FROM ./model-q8_0.gguf\n")
 
 
 def test_a_corrupted_gguf_is_detected(tmp_path, tiny_tokenizer):
