@@ -7,7 +7,8 @@
 The directory holds config.json (LlamaForCausalLM), model.safetensors, generation_config.json
 (with the decoding defaults stored beside the checkpoint, see choose_decoding.py), tokenizer.json (built from the SentencePiece model so that it gives exactly our ids),
 tokenizer_config.json, special_tokens_map.json and the SentencePiece tokenizer.model itself
-(for converters that read it directly). Before the directory is renamed into place it is
+(for converters that read it directly), and a model card (README.md) with LICENSE.md
+(model_card.py). Before the directory is renamed into place it is
 loaded back with transformers, and its token ids and fp32 logits are checked against ours
 (hf_export.py). With --gguf it also holds model.gguf (for llama.cpp, written with the `gguf`
 package and read back before the rename) and an Ollama Modelfile that reproduces the SFT
@@ -23,6 +24,7 @@ from atomic import naming_errors
 from checkpoint import load_checkpoint, model_from_checkpoint, tokenizer_for_checkpoint
 from generate import generation_config_path, read_generation_config
 from gguf_export import GGUF_NAME, GGUF_QUANTS, check_gguf, ollama_modelfile, quantized_gguf_name, write_gguf
+from model_card import license_notice, model_card, read_scores
 from hf_export import CHECK_TEXTS, DTYPES, LOGITS_TOLERANCE, ExportError, check_hf_dir, write_hf_dir
 from refusal import one_line_refusals
 
@@ -30,11 +32,11 @@ DEFAULTS = dict(ckpt="out/sft", out="out/hf", dtype="float32")
 
 
 def export(ckpt_path, out, tokenizer_path=None, dtype_name=DEFAULTS["dtype"], force=False, with_gguf=False,
-           gguf_quant=None):
+           gguf_quant=None, scores_path=None):
     """Checkpoint -> checked Hugging Face directory at `out`, written atomically; with_gguf
     adds the same model as out/model.gguf and an Ollama Modelfile for it, gguf_quant (q8_0)
     also a quantized copy, which the Modelfile then uses. Returns the max |logit difference|
-    found by the check."""
+    found by the check. The model card (README.md) shows scores_path's eval.py scores."""
     with_gguf = with_gguf or bool(gguf_quant)
     out = Path(out)
     source = Path(ckpt_path).resolve()
@@ -53,14 +55,15 @@ def export(ckpt_path, out, tokenizer_path=None, dtype_name=DEFAULTS["dtype"], fo
         tmp.mkdir()
     try:
         with naming_errors(out):
-            return export_into(tmp, out, ckpt_path, tokenizer_path, dtype_name, with_gguf, gguf_quant)
+            return export_into(tmp, out, ckpt_path, tokenizer_path, dtype_name, with_gguf, gguf_quant, scores_path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def export_into(tmp, out, ckpt_path, tokenizer_path, dtype_name, with_gguf, gguf_quant):
+def export_into(tmp, out, ckpt_path, tokenizer_path, dtype_name, with_gguf, gguf_quant, scores_path):
     """Write the export into the empty directory tmp, check it, then rename it to out."""
     ckpt = load_checkpoint(ckpt_path)
+    scores = read_scores(scores_path, ckpt) if scores_path else None
     if ckpt["model_args"].get("qk_norm"):
         raise ExportError(f"checkpoint {ckpt['path']} uses qk_norm, which LlamaForCausalLM cannot represent; "
                           f"it cannot be exported as a Llama model")
@@ -70,6 +73,8 @@ def export_into(tmp, out, ckpt_path, tokenizer_path, dtype_name, with_gguf, gguf
     print(f"export: {ckpt['path']} ({model.num_params():,} parameters, tokenizer {tokenizer.name}) -> {out} "
           f"as {dtype_name}")
     write_hf_dir(tmp, model, tokenizer, dtype_name, decoding)
+    (tmp / "README.md").write_text(model_card(ckpt, tokenizer, model.num_params(), decoding, scores), encoding="utf-8")
+    (tmp / "LICENSE.md").write_text(license_notice(ckpt, tokenizer), encoding="utf-8")
     if with_gguf:
         write_gguf(tmp / GGUF_NAME, model, tokenizer, dtype_name)
         check_gguf(tmp / GGUF_NAME, model, tokenizer, dtype_name)
@@ -111,6 +116,8 @@ def parse_args(argv=None):
     parser.add_argument("--force", action="store_true", help="replace --out if it already exists")
     parser.add_argument("--gguf", action="store_true",
                         help=f"also write {GGUF_NAME} (llama.cpp) and an Ollama Modelfile into --out")
+    parser.add_argument("--scores", default=None, metavar="METRICS_JSON",
+                        help="eval.py's metrics.json for this checkpoint, shown in the model card (README.md)")
     parser.add_argument("--gguf-quant", choices=GGUF_QUANTS, default=None,
                         help="also write a quantized GGUF (model-q8_0.gguf: 8.5 bits a weight), which the Modelfile uses; "
                              "implies --gguf")
@@ -120,7 +127,7 @@ def parse_args(argv=None):
 def main(argv=None):
     cfg = parse_args(argv)
     with one_line_refusals("export.py"):
-        export(cfg.ckpt, cfg.out, cfg.tokenizer, cfg.dtype, cfg.force, cfg.gguf, cfg.gguf_quant)
+        export(cfg.ckpt, cfg.out, cfg.tokenizer, cfg.dtype, cfg.force, cfg.gguf, cfg.gguf_quant, cfg.scores)
 
 
 if __name__ == "__main__":

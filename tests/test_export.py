@@ -250,6 +250,38 @@ def test_gguf_quant_q8_0_writes_a_quantized_file_close_to_the_weights(tmp_path, 
     assert modelfile.startswith("FROM ./model-q8_0.gguf\n")
 
 
+def test_the_model_card_follows_the_training_chain_and_shows_only_its_own_scores(tmp_path, tiny_tokenizer):
+    tok = tiny_tokenizer
+    torch.manual_seed(0)
+    args = ModelArgs(dim=32, n_layers=1, n_heads=4, vocab_size=tok.vocab_size, max_seq_len=32)
+    state = Transformer(args).state_dict()
+    (tmp_path / "pre").mkdir()
+    (tmp_path / "corpus.json").write_text(json.dumps({"sources": ["raw/wiki.jsonl", "raw/dialogues.jsonl"]}))
+    (tmp_path / "pre" / "config.json").write_text(json.dumps({"data": [str(tmp_path / "corpus.bin")]}))
+    save_checkpoint(tmp_path / "pre" / "best.pt", {"kind": "pretrain", "model_args": args.to_dict(), "tokenizer": tok.identity(),
+                                                   "model": state, "step": 40, "tokens": 5120,
+                                                   "train_data": [["corpus.bin", 9000]]})
+    sft_path = tmp_path / "sft" / "best.pt"
+    save_checkpoint(sft_path, {"kind": "sft", "model_args": args.to_dict(), "tokenizer": tok.identity(), "model": state,
+                               "step": 7, "tokens": 896, "train_data": [["qa.jsonl", 300]],
+                               "init": str(tmp_path / "pre" / "best.pt")})
+    metrics = {"checkpoint": str(sft_path), "n": 20, "data": "eval/medical.jsonl", "bleu4": 3.21, "bleu4_ci95": [2.5, 4.0],
+               "rougeL": 15.5, "rougeL_ci95": [14.0, 17.0], "length_ratio": 0.9, "repeat_rate": 0.05, "answer_bpc": 5.1,
+               "baselines": {"copy_question": {"bleu4": 2.0, "rougeL": 13.0}}}
+    (tmp_path / "metrics.json").write_text(json.dumps(metrics))
+    export(sft_path, tmp_path / "hf", scores_path=tmp_path / "metrics.json")
+    card = (tmp_path / "hf" / "README.md").read_text(encoding="utf-8")
+    assert "| sft | 7 | 896 | qa.jsonl (300 tokens) |" in card and "| pretrain | 40 | 5,120 | corpus.bin (9,000 tokens) |" in card
+    assert "sacreBLEU 3.21 [2.50, 4.00], ROUGE-L 15.50 [14.00, 17.00]" in card and "sacreBLEU 2.00, ROUGE-L 13.00" in card
+    notice = (tmp_path / "hf" / "LICENSE.md").read_text(encoding="utf-8")
+    assert "- dialogues.jsonl\n- qa.jsonl\n- wiki.jsonl\n" in notice  # the .bin's recorded sources, not the .bin
+    metrics["checkpoint"] = str(tmp_path / "pre" / "best.pt")
+    (tmp_path / "metrics.json").write_text(json.dumps(metrics))
+    with pytest.raises(Refusal, match=r"--scores .*metrics.json scores .*pre/best.pt, not .*sft/best.pt"):
+        export(sft_path, tmp_path / "hf2", scores_path=tmp_path / "metrics.json")
+    assert not (tmp_path / "hf2").exists()
+
+
 def test_a_corrupted_gguf_is_detected(tmp_path, tiny_tokenizer):
     from gguf_export import check_gguf, write_gguf
 
