@@ -18,8 +18,10 @@ prompt, Ctrl-D or /quit ends the session. Where the platform has `readline`, the
 line editing and the arrow keys recall earlier lines.
 """
 import argparse
+import contextlib
 import random
 import sys
+import termios
 from dataclasses import replace
 
 import cli
@@ -66,6 +68,27 @@ def not_encodable(text):
         return False
     except UnicodeEncodeError:
         return True
+
+
+@contextlib.contextmanager
+def keys_held_back(stream):
+    """While an answer streams, keys typed on the terminal `stream` reads are neither echoed into it nor
+    kept as the next input: echo and line editing are off (Ctrl-C still stops the answer),
+    and whatever was typed is discarded at the end. No-op when it is not a terminal."""
+    try:
+        fd = stream.fileno()
+        saved = termios.tcgetattr(fd)
+    except (termios.error, OSError, ValueError):  # a pipe or a file
+        yield
+        return
+    quiet = list(saved)
+    quiet[3] &= ~(termios.ECHO | termios.ICANON)
+    termios.tcsetattr(fd, termios.TCSANOW, quiet)
+    try:
+        yield
+    finally:
+        termios.tcflush(fd, termios.TCIFLUSH)
+        termios.tcsetattr(fd, termios.TCSANOW, saved)
 
 
 def stream_reply(engine, tokenizer, prompt_ids, max_new_tokens, sampling):
@@ -126,7 +149,8 @@ class Session:
         if not self.is_sft:
             sys.stdout.write(text)
         sampling = replace(self.sampling, seed=self.seeds.randrange(2 ** 63))
-        answer, stopped = stream_reply(self.engine, self.tokenizer, ids, self.max_new_tokens, sampling)
+        with keys_held_back(sys.stdin):
+            answer, stopped = stream_reply(self.engine, self.tokenizer, ids, self.max_new_tokens, sampling)
         if self.is_sft and answer:  # stopped before its first word, there is no turn to remember
             self.history.append((text, answer))
         return stopped

@@ -239,7 +239,7 @@ LOCK_FILE = ".lock"  # in an out dir while a run writes it; holds the run's pid
 _held_locks = {}  # out dir -> its open lock file: a lock lasts until the process ends (kill -9 included)
 
 
-def lock_out_dir(out, flag="--out-dir"):
+def lock_out_dir(out):
     """Take the out dir's lock, or refuse naming the process that holds it: two runs writing
     one out dir would interleave their checkpoints. Creates the dir."""
     if out in _held_locks:  # this process again (a test, or a run after an --overwrite)
@@ -252,8 +252,8 @@ def lock_out_dir(out, flag="--out-dir"):
     except BlockingIOError:
         holder = os.read(fd, 64).decode(errors="replace").strip() or "unknown"
         os.close(fd)
-        raise Refusal(f"{flag} {out} is being written by another run (pid {holder}): wait for it to end, "
-                      f"or choose another {flag}") from None
+        raise Refusal(f"--out-dir {out} is being written by another run (pid {holder}): wait for it to end, "
+                      f"or choose another --out-dir") from None
     os.ftruncate(fd, 0)
     os.write(fd, str(os.getpid()).encode())
     _held_locks[out] = fd

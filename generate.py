@@ -55,28 +55,27 @@ class TextStream:
         """Add a token; returns the text that may be shown now ('' when all of it waits)."""
         self.ids.append(token)
         text = self.tokenizer.decode_raw(self.ids)
-        found = [i for i in (text.find(s) for s in self.stops) if i >= 0]
+        unfinished = len(text) - len(text.rstrip("\ufffd"))
+        # bytes before those that formed no character are dropped, as decode drops them
+        settled = text[:len(text) - unfinished].replace("\ufffd", "")
+        found = [i for i in (settled.find(s) for s in self.stops) if i >= 0]
         if found:
             self.stopped = True
-            return self._show(text[:min(found)])
-        return self._show(text[:len(text) - self._held(text)])
+            return self._show(settled[:min(found)])
+        return self._show(settled[:len(settled) - self._stop_start(settled)])
 
     def flush(self):
         """At the end: whatever still waits (unless a stop string ended the text)."""
         return "" if self.stopped else self._show(self.tokenizer.decode(self.ids))
 
-    def _held(self, text):
-        """How many characters at the end wait: the unfinished ones, and before them the
-        longest start of a stop string."""
-        unfinished = len(text) - len(text.rstrip("\ufffd"))
-        settled = text[:len(text) - unfinished]
+    def _stop_start(self, text):
+        """How many characters at the end wait: the longest start of a stop string."""
         start = 0
         for s in self.stops:
-            start = max([start] + [k for k in range(1, min(len(s), len(settled) + 1)) if settled.endswith(s[:k])])
-        return unfinished + start
+            start = max([start] + [k for k in range(1, min(len(s), len(text) + 1)) if text.endswith(s[:k])])
+        return start
 
     def _show(self, text):
-        text = text.replace("\ufffd", "")  # bytes that formed no character (decode drops them too)
         piece = text[len(self.shown):]
         self.shown = max(self.shown, text, key=len)
         return piece

@@ -38,7 +38,10 @@ def training_stages(ckpt):
 def read_scores(path, ckpt):
     """An eval.py metrics.json of this very checkpoint (else refused: a card must not show
     another model's scores)."""
-    scores = json.loads(Path(path).read_text(encoding="utf-8"))
+    try:
+        scores = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise Refusal(f"--scores {path}: cannot read it as eval.py's metrics.json ({e})") from None
     if Path(scores.get("checkpoint", "")).resolve() != Path(ckpt["path"]).resolve():
         raise Refusal(f"--scores {path} scores {scores.get('checkpoint')}, not {ckpt['path']}: "
                       f"give the metrics.json of eval.py --ckpt {ckpt['path']}")

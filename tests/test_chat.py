@@ -163,3 +163,25 @@ def test_moved_own_tokenizer_is_named_at_once(tmp_path, tiny_tokenizer_path, mon
     assert str(moved) in message and "--tokenizer PATH" in message and "chatglm2" not in message.lower()
     assert isinstance(TokenizerNotFound(""), FileNotFoundError)  # so every script reports it in one message
     chat.main(["--ckpt", str(ckpt), "--prompt", "x", "--tokenizer", str(tiny_tokenizer_path), "--max-new-tokens", "2"])
+
+
+def test_keys_typed_during_an_answer_are_not_echoed_nor_kept():
+    import os
+    import pty
+    import select
+    import termios
+    master, slave = pty.openpty()
+    with os.fdopen(slave, "rb", buffering=0) as terminal:
+        before = termios.tcgetattr(slave)
+        with chat.keys_held_back(terminal):
+            lflag = termios.tcgetattr(slave)[3]
+            assert not lflag & termios.ECHO and not lflag & termios.ICANON and lflag & termios.ISIG
+            os.write(master, b"typed while it answers\n")
+            time.sleep(0.2)
+        assert termios.tcgetattr(slave) == before
+        assert select.select([slave], [], [], 0.2)[0] == []  # nothing left to read as the next line
+        echoed = select.select([master], [], [], 0.2)[0]
+        assert not echoed or b"typed" not in os.read(master, 1024)
+        with chat.keys_held_back(io.StringIO()):  # not a terminal: nothing to do
+            pass
+    os.close(master)

@@ -167,3 +167,5 @@ def test_text_stream_holds_unfinished_characters_and_stop_string_starts():
     assert "".join(cut_inside.push(i) for i in range(3)) + cut_inside.flush() == "答案好"
     stray = TextStream(ByteTokenizer())  # a lone first piece of 的 followed by 。: no U+FFFD shown
     assert "".join(stray.push(i) for i in [0, 2, 4]) + stray.flush() == "答案。"
+    across = TextStream(ByteTokenizer(), stops=["案。"])  # a stop string around the dropped bytes is still found
+    assert "".join(across.push(i) for i in [0, 2, 4]) + across.flush() == "答" and across.stopped
