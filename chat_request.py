@@ -119,6 +119,13 @@ async def read_body(request, limit, timeout):
 
 
 def parse_chat_request(raw):
+    body = parse_body(raw, ChatRequest)
+    check_unsupported(body)
+    return body
+
+
+def parse_body(raw, schema):
+    """A raw body -> the schema's pydantic object; every way it can be wrong is a 400."""
     try:
         data = json.loads(raw)
     except ValueError as e:  # JSONDecodeError and bad UTF-8 both
@@ -128,14 +135,12 @@ def parse_chat_request(raw):
     if not isinstance(data, dict):
         raise ApiError(400, "request body must be a JSON object", code="invalid_json")
     try:
-        body = ChatRequest.model_validate(data)
+        return schema.model_validate(data)
     except ValidationError as e:
         errors = e.errors()
         message = "; ".join(f"{'.'.join(map(str, err['loc'])) or 'body'}: {err['msg']}" for err in errors[:3])
         raise ApiError(400, message, param=str(errors[0]["loc"][0]) if errors[0]["loc"] else None,
                        code="invalid_value") from None
-    check_unsupported(body)
-    return body
 
 
 def prompt_ids(body, tokenizer, context):

@@ -6,6 +6,7 @@
 Endpoints:
   POST /v1/chat/completions  OpenAI's chat completion: messages in, the answer out, whole or
                              streamed as server-sent events (chat.completion.chunk, then [DONE])
+  POST /v1/completions       OpenAI's legacy text completion, with logprobs and echo (completions.py)
   GET  /v1/models            the one model served
   GET  /health               liveness, load and the server's sampling defaults
   GET  /                     chat.html, a chat page (no build step, nothing fetched from elsewhere)
@@ -50,7 +51,9 @@ from starlette.exceptions import HTTPException
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 import cli
-from chat_request import ApiError, generation_settings, parse_chat_request, prompt_ids, read_body
+from chat_request import ApiError, generation_settings, parse_body, parse_chat_request, prompt_ids, read_body
+from completions import (CompletionRequest, check_completion_request, prompt_items, prompt_token_lists, sampling_of,
+                         token_logprobs)
 from engine import BatchEngine
 from checkpoint import ANSWERING_KINDS
 from generate import TextStream, add_generation_args, load_for_inference, resolve_decoding, sampling_from
@@ -204,6 +207,7 @@ class Server:
     def __init__(self, engine, tokenizer, defaults, model_name=MODEL_NAME, api_key=None,
                  max_waiting=MAX_WAITING, max_body_bytes=MAX_BODY_BYTES, cors_origins=(), read_timeout=READ_TIMEOUT_S):
         self.engine, self.tokenizer, self.defaults, self.model_name = engine, tokenizer, defaults, model_name
+        self.model = engine.batch.model  # completions' logprobs score with it beside the engine
         self.api_key, self.max_waiting, self.max_body_bytes = api_key, max_waiting, max_body_bytes
         self.cors_origins, self.read_timeout = list(cors_origins), read_timeout
         self.context_length = engine.args.max_seq_len
@@ -236,6 +240,45 @@ async def chat_completions(server, http_request):
         {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish_reason,
          "logprobs": None}], "usage": completion.usage()}
     return {**result, "warnings": warnings} if warnings else result
+
+
+async def completions(server, http_request):
+    """The legacy text completion (completions.py): each prompt continued as it stands, all of
+    them decoded together; with logprobs, one forward pass scores the prompt and the answer."""
+    body = parse_body(await read_body(http_request, server.max_body_bytes, server.read_timeout), CompletionRequest)
+    check_completion_request(body)
+    tokenizer = server.tokenizer
+    prompts = prompt_token_lists(body, tokenizer, server.engine.args.vocab_size, server.context_length)
+    sampling, stops = sampling_of(body, server.defaults), [body.stop] if isinstance(body.stop, str) else body.stop or []
+    if server.engine.load()[1] + len(prompts) > server.max_waiting:
+        raise ApiError(503, f"the server is busy ({server.max_waiting} requests waiting); try again shortly",
+                       code="server_busy", kind="server_error")
+    running = [Completion(server, ids, body.max_tokens, sampling, stops) if body.max_tokens else None for ids in prompts]
+    choices, n_generated = [], 0
+    for i, (ids, completion) in enumerate(zip(prompts, running)):
+        text, finish_reason, new = "", "length", []
+        if completion is not None:
+            answer = await whole_answer(completion, http_request)
+            if answer is None:
+                raise ApiError(499, "client closed the request")
+            text, finish_reason = answer
+            if finish_reason in ("error", "cancelled"):
+                raise ended_early(finish_reason)
+            new = completion.text.ids
+        logprobs = None
+        if body.logprobs is not None:
+            logprobs = await asyncio.to_thread(token_logprobs, server.model, tokenizer, ids + new, body.logprobs)
+            if not body.echo:
+                logprobs = {k: v[len(ids):] if v is not None else None for k, v in logprobs.items()}
+        item = prompt_items(body)[i]
+        prompt_text = item if isinstance(item, str) else tokenizer.decode(ids)
+        choices.append({"index": i, "text": (prompt_text if body.echo else "") + text, "logprobs": logprobs,
+                        "finish_reason": finish_reason})
+        n_generated += len(new)
+    n_prompt = sum(map(len, prompts))
+    return {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
+            "model": server.model_name, "choices": choices,
+            "usage": {"prompt_tokens": n_prompt, "completion_tokens": n_generated, "total_tokens": n_prompt + n_generated}}
 
 
 def health(server):
@@ -294,6 +337,10 @@ def create_app(server):
     @app.post("/v1/chat/completions", dependencies=[Depends(check_api_key)])
     async def post_chat_completions(request: Request):
         return await chat_completions(server, request)
+
+    @app.post("/v1/completions", dependencies=[Depends(check_api_key)])
+    async def post_completions(request: Request):
+        return await completions(server, request)
 
     def model_card():
         return {"id": server.model_name, "object": "model", "created": server.created,

@@ -240,6 +240,38 @@ def test_presence_and_frequency_penalties_reach_the_engine(client, ckpt):
         assert got.choices[0].message.content == tokenizer.decode(want)
 
 
+def test_legacy_completions_score_and_continue_text_as_the_model_does(client, ckpt):
+    """/v1/completions with echo and logprobs, as log-likelihood evaluations ask: every token's
+    log-probability given those before it (none for the first) and its top alternative, equal
+    to the model's own; the continuation is the engine's greedy one."""
+    _, model, tok = load_for_inference(ckpt, device="cpu")
+    texts = [QUESTIONS[0], QUESTIONS[2] + "多休息"]
+    got = client.completions.create(model="any", prompt=texts, max_tokens=3, temperature=0, echo=True, logprobs=1)
+    for text, choice in zip(texts, got.choices):
+        ids = tok.encode(text)
+        new = generate(model, [ids], 3, eos_id=tok.eos_id)[0]
+        seq = [*ids, *new]
+        with torch.no_grad():
+            logp = torch.log_softmax(model.logits(torch.tensor([seq]))[0, :-1], -1)
+        want = [float(logp[j, t]) for j, t in enumerate(seq[1:])]
+        assert choice.text == text + tok.decode(new)
+        assert choice.logprobs.tokens == [tok.id_to_piece(t) for t in seq]
+        assert choice.logprobs.token_logprobs[0] is None and choice.logprobs.top_logprobs[0] is None
+        assert choice.logprobs.token_logprobs[1:] == pytest.approx(want, abs=1e-4)
+        best = [tok.id_to_piece(int(logp[j].argmax())) for j in range(len(seq) - 1)]
+        assert [next(iter(top)) for top in choice.logprobs.top_logprobs[1:]] == best
+    ids = tok.encode(QUESTIONS[1])
+    only = client.completions.create(model="any", prompt=ids, max_tokens=0, echo=True, logprobs=0)
+    assert only.choices[0].text == tok.decode(ids) and len(only.choices[0].logprobs.token_logprobs) == len(ids)
+    assert only.usage.prompt_tokens == len(ids) and only.usage.completion_tokens == 0
+    plain = client.completions.create(model="any", prompt=QUESTIONS[1], max_tokens=4, temperature=0)
+    assert plain.choices[0].logprobs is None and plain.usage.completion_tokens == 4
+    for bad, param in [({"prompt": "x", "stream": True}, "stream"), ({"prompt": [10 ** 6]}, "prompt"),
+                       ({"prompt": "x", "max_tokens": 10 ** 5}, "prompt"), ({"prompt": "x", "suffix": "y"}, "suffix")]:
+        r = httpx.post(client_url(client) + "/v1/completions", json=bad, timeout=30)
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, bad
+
+
 @pytest.mark.parametrize("body, param, words", BAD_BODIES)
 def test_bad_requests_get_an_openai_error_and_400(url, body, param, words):
     kw = {"content": body} if isinstance(body, bytes) else {"json": body}
