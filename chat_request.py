@@ -73,7 +73,7 @@ class ChatRequest(BaseModel):
     stream: bool = False
     stream_options: Optional[StreamOptions] = None
     stop: Union[str, Annotated[list[str], Field(max_length=4)], None] = None  # up to 4 strings, each any length
-    n: int = Field(1, ge=1, le=1)  # one answer per request
+    n: int = Field(1, ge=1, le=8)  # answers per request (more than one: not streamed)
     user: Optional[str] = None
     presence_penalty: Optional[float] = Field(None, ge=-2, le=2)  # OpenAI's, over the answer's tokens
     frequency_penalty: Optional[float] = Field(None, ge=-2, le=2)
@@ -89,8 +89,12 @@ class ChatRequest(BaseModel):
 
 def check_unsupported(body):
     """400 for a field whose value asks for what this server cannot do, naming what can."""
-    if body.logprobs or body.top_logprobs:
-        raise ApiError(400, "logprobs are not supported", param="logprobs", code="unsupported_value")
+    if body.stream and (body.logprobs or body.n > 1):
+        param = "logprobs" if body.logprobs else "n"
+        raise ApiError(400, f"{param} is not supported with stream; ask without stream", param=param,
+                       code="unsupported_value")
+    if body.top_logprobs and not body.logprobs:
+        raise ApiError(400, "top_logprobs needs logprobs: true", param="top_logprobs", code="invalid_value")
     if body.response_format is not None and body.response_format.type != "text":
         raise ApiError(400, f"response_format {body.response_format.type!r} is not supported: answers are plain text",
                        param="response_format", code="unsupported_value")

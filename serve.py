@@ -38,6 +38,7 @@ import time
 import urllib.request
 import uuid
 from contextlib import asynccontextmanager
+from dataclasses import replace
 from pathlib import Path
 
 import h11
@@ -224,22 +225,44 @@ async def chat_completions(server, http_request):
         raise ApiError(503, f"the server is busy ({server.max_waiting} requests waiting); try again shortly",
                        code="server_busy", kind="server_error")
     stops = [body.stop] if isinstance(body.stop, str) else body.stop or []
-    completion = Completion(server, prompt, max_new, sampling, stops)
+    # n answers: the seed of answer i is seed + i, so that they differ when sampled and repeat when asked again
+    running = [Completion(server, prompt, max_new, replace(sampling, seed=None if sampling.seed is None else
+                                                           (sampling.seed + i) % 2 ** 63), stops) for i in range(body.n)]
     meta = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": server.model_name}
     if body.stream:
         include_usage = body.stream_options is not None and body.stream_options.include_usage
-        return StreamingResponse(stream_events(completion, meta, warnings, include_usage),
+        return StreamingResponse(stream_events(running[0], meta, warnings, include_usage),
                                  media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-    answer = await whole_answer(completion, http_request)
-    if answer is None:
-        raise ApiError(499, "client closed the request")  # nobody reads this
-    text, finish_reason = answer
-    if finish_reason in ("error", "cancelled"):
-        raise ended_early(finish_reason)
-    result = {**meta, "object": "chat.completion", "choices": [
-        {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish_reason,
-         "logprobs": None}], "usage": completion.usage()}
+    choices = []
+    for i, completion in enumerate(running):
+        answer = await whole_answer(completion, http_request)
+        if answer is None:
+            raise ApiError(499, "client closed the request")  # nobody reads this
+        text, finish_reason = answer
+        if finish_reason in ("error", "cancelled"):
+            raise ended_early(finish_reason)
+        logprobs = None
+        if body.logprobs:
+            scored = await asyncio.to_thread(token_logprobs, server.model, server.tokenizer,
+                                             prompt + completion.text.ids, body.top_logprobs or 0)
+            logprobs = chat_logprobs(scored, len(prompt))
+        choices.append({"index": i, "message": {"role": "assistant", "content": text}, "finish_reason": finish_reason,
+                        "logprobs": logprobs})
+    n_prompt, n_answer = len(prompt), sum(len(c.text.ids) for c in running)
+    result = {**meta, "object": "chat.completion", "choices": choices,
+              "usage": {"prompt_tokens": n_prompt, "completion_tokens": n_answer, "total_tokens": n_prompt + n_answer}}
     return {**result, "warnings": warnings} if warnings else result
+
+
+def chat_logprobs(scored, start):
+    """completions.token_logprobs' object, from token `start` on, in the chat API's shape:
+    {"content": [{"token", "logprob", "bytes", "top_logprobs": [{"token", "logprob", "bytes"}]}]}."""
+    def entry(token, logprob):
+        return {"token": token, "logprob": logprob, "bytes": list(token.encode("utf-8"))}
+    tops = scored["top_logprobs"] or [{}] * len(scored["tokens"])
+    return {"content": [{**entry(token, logprob), "top_logprobs": [entry(t, v) for t, v in top.items()]}
+                        for token, logprob, top in zip(scored["tokens"][start:], scored["token_logprobs"][start:],
+                                                       tops[start:])]}
 
 
 async def completions(server, http_request):

@@ -203,13 +203,15 @@ BAD_BODIES = [  # (body, the error's param or code, a word of its message)
     ({"messages": USER, "seed": -1}, "seed", "greater than"),
     ({"messages": USER, "stream": "yes"}, "stream", "valid boolean"),
     ({"messages": USER, "stop": ["a", "b", "c", "d", "e"]}, "stop", "at most 4"),
-    ({"messages": USER, "n": 2}, "n", "less than"),
+    ({"messages": USER, "n": 9}, "n", "less than"),
+    ({"messages": USER, "n": 2, "stream": True}, "n", "not supported with stream"),
     ({"messages": USER, "max_tokens": 5, "max_completion_tokens": 6}, "max_tokens", "differ"),
     ({"messages": USER, "prompt_file": "/etc/passwd"}, "prompt_file", "Extra inputs"),
     (b'{"messages": [{"role": "user", "content": "\\ud800x"}]}', "messages", "lone surrogate"),
     (b'{"messages": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", "invalid_json", "nested too deeply"),
     ({"messages": USER, "frequency_penalty": 3}, "frequency_penalty", "less than or equal"),
-    ({"messages": USER, "logprobs": True}, "logprobs", "not supported"),
+    ({"messages": USER, "logprobs": True, "stream": True}, "logprobs", "not supported with stream"),
+    ({"messages": USER, "top_logprobs": 2}, "top_logprobs", "needs logprobs"),
     ({"messages": USER, "response_format": {"type": "json_object"}}, "response_format", "not supported"),
 ]
 
@@ -238,6 +240,29 @@ def test_presence_and_frequency_penalties_reach_the_engine(client, ckpt):
                                              temperature=0, max_tokens=24, presence_penalty=presence,
                                              frequency_penalty=frequency)
         assert got.choices[0].message.content == tokenizer.decode(want)
+
+
+def test_chat_n_answers_and_logprobs(client, ckpt):
+    """n sampled answers: answer i is the one seed + i gives alone; logprobs are the model's
+    own for each answer token given the prompt and the answer before it."""
+    messages = [{"role": "user", "content": QUESTIONS[1]}]
+    several = client.chat.completions.create(model="any", messages=messages, temperature=1.0, seed=5, n=3, max_tokens=10)
+    alone = [client.chat.completions.create(model="any", messages=messages, temperature=1.0, seed=5 + i, max_tokens=10)
+             for i in range(3)]
+    assert [c.message.content for c in several.choices] == [a.choices[0].message.content for a in alone]
+    assert len({c.message.content for c in several.choices}) > 1 and several.usage.completion_tokens == 30
+    _, model, tok = load_for_inference(ckpt, device="cpu")
+    prompt = sft_prompt_ids(tok, messages_prompt(messages))
+    got = client.chat.completions.create(model="any", messages=messages, temperature=0, max_tokens=8, logprobs=True,
+                                         top_logprobs=2)
+    answer = generate(model, [prompt], 8, eos_id=tok.eos_id)[0]
+    with torch.no_grad():
+        logp = torch.log_softmax(model.logits(torch.tensor([prompt + answer]))[0, :-1], -1)
+    content = got.choices[0].logprobs.content
+    assert [e.token for e in content] == [tok.id_to_piece(t) for t in answer]
+    assert [e.logprob for e in content] == pytest.approx([float(logp[len(prompt) - 1 + j, t]) for j, t in enumerate(answer)],
+                                                         abs=1e-4)
+    assert all(len(e.top_logprobs) == 2 and e.top_logprobs[0].token == e.token for e in content)  # greedy: its own token first
 
 
 def test_legacy_completions_score_and_continue_text_as_the_model_does(client, ckpt):
