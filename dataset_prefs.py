@@ -20,6 +20,7 @@ from torch.utils.data import Dataset
 from corpus import DataError, iter_records, stop_at_bad
 from dataset_sft import collate_sft
 from model import IGNORE_INDEX
+from prompt import answer_ids
 
 PAIR_FIELDS = ("prompt", "chosen", "rejected")
 
@@ -72,7 +73,7 @@ class PreferenceDataset(Dataset):
                 raise DataError(f"{path}:{line_number}: the prompt is {len(prompt_ids)} tokens, leaving no room for "
                                 f"an answer in {max_seq_len} positions; drop such pairs (data_process.py prefs "
                                 f"--max-prompt-tokens) or raise --max-seq-len")
-            answers = tokenizer.encode(chosen), tokenizer.encode(rejected)
+            answers = answer_ids(tokenizer, chosen), answer_ids(tokenizer, rejected)
             if not all(answers):
                 raise DataError(f"{path}:{line_number}: an answer encodes to no tokens")
             self.rows.append(tuple(answer_row(prompt_ids, a, bos, eos, max_seq_len) for a in answers))

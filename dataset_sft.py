@@ -19,6 +19,7 @@ from tqdm import tqdm
 
 from corpus import DataError, iter_records, stop_at_bad
 from model import IGNORE_INDEX
+from prompt import answer_ids, answers_ids
 
 
 def read_sft_examples(path):
@@ -79,7 +80,7 @@ class SFTDataset(Dataset):
         for start in range(0, len(self.examples), chunk):
             part = self.examples[start:start + chunk]
             prompts = self.tokenizer.encode_batch([p for p, _, _ in part])
-            answers = self.tokenizer.encode_batch([a for _, a, _ in part])
+            answers = answers_ids(self.tokenizer, [a for _, a, _ in part])
             for i, (prompt_ids, answer_ids, (_, _, line_number)) in enumerate(zip(prompts, answers, part)):
                 if not answer_ids:
                     raise DataError(f"{self.path}:{line_number}: the answer encodes to no tokens")
@@ -94,7 +95,7 @@ class SFTDataset(Dataset):
     def __getitem__(self, i):
         prompt, answer, _ = self.examples[i]
         tokenizer = self.tokenizer
-        x, y = build_example(tokenizer.encode(prompt), tokenizer.encode(answer), tokenizer.bos_id, tokenizer.eos_id,
+        x, y = build_example(tokenizer.encode(prompt), answer_ids(tokenizer, answer), tokenizer.bos_id, tokenizer.eos_id,
                              self.max_seq_len)
         return torch.tensor(x, dtype=torch.long), torch.tensor(y, dtype=torch.long)
 

@@ -53,7 +53,7 @@ from engine import BatchEngine, answer_all
 from checkpoint import ANSWERING_KINDS
 from generate import add_generation_args, default_max_new_tokens, load_for_inference, resolve_decoding, sampling_from
 from model import IGNORE_INDEX
-from prompt import fit_prompt
+from prompt import ANSWER_ENCODING, answer_ids, fit_prompt
 from refusal import Refusal, one_line_refusals
 
 # -----------------------------------------------------------------------------
@@ -143,23 +143,24 @@ def read_predictions(path, rows):
 # scoring
 
 @torch.inference_mode()
-def answer_nll(model, tokenizer, prompts, answers, batch_size):
+def answer_nll(model, tokenizer, prompts, answers, batch_size, encoding=ANSWER_ENCODING):
     """The SFT loss of the reference answers under teacher forcing -> (nats per token over every
     scored answer token and its eos, tokens scored, characters of the answer text scored).
-    An answer that runs past the context is scored up to it, its characters counted as far."""
+    An answer that runs past the context is scored up to it, its characters counted as far.
+    encoding: the checkpoint's answer encoding (prompt.answer_ids), so it is scored as it learned."""
     max_len = model.args.max_seq_len
     device = model.tok_embeddings.weight.device
     total_nll, total_tokens, total_chars = 0.0, 0, 0
     for start in tqdm(range(0, len(prompts), batch_size), desc="answer ppl", unit="batch"):
         xs, ys = [], []
         for prompt, answer in zip(prompts[start:start + batch_size], answers[start:start + batch_size]):
-            answer_ids = tokenizer.encode(answer)
-            seq = prompt + answer_ids + [tokenizer.eos_id]
+            ids = answer_ids(tokenizer, answer, encoding)
+            seq = prompt + ids + [tokenizer.eos_id]
             targets = [IGNORE_INDEX] * (len(prompt) - 1) + seq[len(prompt):]
             xs.append(seq[:-1][:max_len])
             ys.append(targets[:max_len])
             n_scored = max(0, min(len(seq) - 1, max_len) - (len(prompt) - 1))
-            total_chars += len(answer) if n_scored >= len(answer_ids) else len(tokenizer.decode(answer_ids[:n_scored]))
+            total_chars += len(answer) if n_scored >= len(ids) else len(tokenizer.decode(ids[:n_scored]))
         width = max(len(x) for x in xs)
         x = torch.tensor([x + [tokenizer.pad_id] * (width - len(x)) for x in xs], device=device)
         y = torch.tensor([y + [IGNORE_INDEX] * (width - len(y)) for y in ys], device=device)
@@ -316,7 +317,8 @@ def evaluate(cfg):
     out_dir = Path(cfg.out_dir)
     write_predictions(out_dir, rows, predictions, generated)
 
-    nll, n_tokens, n_chars = answer_nll(model, tokenizer, prompts, [r["answer"] for r in rows], cfg.batch_size)
+    nll, n_tokens, n_chars = answer_nll(model, tokenizer, prompts, [r["answer"] for r in rows], cfg.batch_size,
+                                        ckpt.get("answer_encoding"))
     t0 = time.time()
     result = score_run(cfg, rows, predictions, nll)
     result["answer_bpc"] = metrics.bits_per_char(nll, n_tokens, n_chars) if n_chars else None

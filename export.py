@@ -17,11 +17,12 @@ prompt (gguf_export.py).
 import argparse
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import cli
 from atomic import naming_errors
-from checkpoint import load_checkpoint, model_from_checkpoint, tokenizer_for_checkpoint
+from checkpoint import ANSWERING_KINDS, load_checkpoint, model_from_checkpoint, tokenizer_for_checkpoint
 from generate import generation_config_path, read_generation_config
 from gguf_export import GGUF_NAME, GGUF_QUANTS, check_gguf, ollama_modelfile, quantized_gguf_name, write_gguf
 from model_card import license_notice, model_card, read_scores
@@ -64,6 +65,10 @@ def export_into(tmp, out, ckpt_path, tokenizer_path, dtype_name, with_gguf, gguf
     """Write the export into the empty directory tmp, check it, then rename it to out."""
     ckpt = load_checkpoint(ckpt_path)
     scores = read_scores(scores_path, ckpt) if scores_path else None
+    if ckpt.get("kind") in ANSWERING_KINDS and "answer_encoding" not in ckpt:
+        print(f"export: warning: {ckpt['path']} was trained with answers that start with the bare '▁' piece: "
+              f"llama.cpp and llama-server show each answer with a leading space (ours and transformers' drop "
+              f"it); fine-tune it again with sft.py, which now encodes answers without it", file=sys.stderr)
     if ckpt["model_args"].get("qk_norm"):
         raise ExportError(f"checkpoint {ckpt['path']} uses qk_norm, which LlamaForCausalLM cannot represent; "
                           f"it cannot be exported as a Llama model")

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from atomic import write_json_atomic
+from chatglm_tokenizer.proto import fields
 from prompt import chat_template
 from refusal import Refusal
 
@@ -123,36 +124,6 @@ PIECE_NORMAL, PIECE_UNKNOWN, PIECE_CONTROL, PIECE_USER_DEFINED = 1, 2, 3, 4
 MODEL_BPE = 2
 
 
-def _varint(buf, i):
-    value = shift = 0
-    while True:
-        byte = buf[i]
-        i += 1
-        value |= (byte & 0x7F) << shift
-        shift += 7
-        if not byte & 0x80:
-            return value, i
-
-
-def _proto_fields(buf):
-    """(field number, value) of one protobuf message: ints for varints, bytes otherwise."""
-    i = 0
-    while i < len(buf):
-        key, i = _varint(buf, i)
-        number, wire_type = key >> 3, key & 7
-        if wire_type == 0:
-            value, i = _varint(buf, i)
-        elif wire_type == 2:
-            size, i = _varint(buf, i)
-            value, i = buf[i:i + size], i + size
-        elif wire_type in (1, 5):
-            size = 8 if wire_type == 1 else 4
-            value, i = buf[i:i + size], i + size
-        else:
-            raise ExportError(f"unsupported protobuf wire type {wire_type}")
-        yield number, value
-
-
 def read_sentencepiece_model(path):
     """The parts of a SentencePiece model file that decide how it encodes, read from its
     protobuf bytes directly (so the protobuf package is not needed). Defaults are the
@@ -163,14 +134,14 @@ def read_sentencepiece_model(path):
     trainer_fields = {3: "model_type", 24: "treat_whitespace_as_suffix", 35: "byte_fallback", 40: "unk_id"}
     normalizer_fields = {2: "precompiled_charsmap", 3: "add_dummy_prefix",
                          4: "remove_extra_whitespaces", 5: "escape_whitespaces"}
-    for number, value in _proto_fields(Path(path).read_bytes()):
+    for number, value in fields(Path(path).read_bytes()):
         if number == 1:
-            piece = dict(_proto_fields(value))
+            piece = dict(fields(value))
             score = struct.unpack("<f", piece[2])[0] if 2 in piece else 0.0
             spec["pieces"].append((piece[1].decode("utf-8"), score, piece.get(3, PIECE_NORMAL)))
         elif number in (2, 3):
             wanted = trainer_fields if number == 2 else normalizer_fields
-            for field, field_value in _proto_fields(value):
+            for field, field_value in fields(value):
                 if field in wanted:  # varints come as ints: cast to the default's type (bool, int, bytes)
                     spec[wanted[field]] = type(spec[wanted[field]])(field_value)
     return spec

@@ -25,6 +25,25 @@ def sft_prompt_ids(tokenizer, prompt_text):
     return tokenizer.encode(prompt_text) + [tokenizer.bos_id]
 
 
+# How answers are encoded, recorded in every checkpoint as "answer_encoding". Checkpoints
+# without the entry were trained with each answer encoded on its own, so they begin answers
+# with SentencePiece's bare dummy-prefix piece '▁', which SentencePiece drops on decoding and
+# llama.cpp prints as a space.
+ANSWER_ENCODING = "continuation"
+
+
+def answer_ids(tokenizer, answer, encoding=ANSWER_ENCODING):
+    """The answer's ids as SFT trains them: a continuation of the prompt, without the '▁'
+    SentencePiece puts before a text's first word, so the first answer token is text.
+    encoding: a checkpoint's "answer_encoding", to score a model as it learned (None: the old way)."""
+    return tokenizer.encode(answer, dummy_prefix=encoding != ANSWER_ENCODING)
+
+
+def answers_ids(tokenizer, answers):
+    """answer_ids of many answers at once (on all cores)."""
+    return tokenizer.encode_batch(answers, dummy_prefix=False)
+
+
 def messages_prompt(messages):
     """OpenAI-style chat messages -> prompt text. System messages (the last one counts, as
     in data_process.py) go first; user and assistant turns must alternate and end with user."""

@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from chatglm_tokenizer import load_tokenizer
 from corpus import BadCounter, DataError, expand_inputs, iter_records, string_field, utf8
-from prompt import context_prompt
+from prompt import answer_ids, context_prompt
 from splits import SplitWriter, check_kept, clear_outputs, doc_hash, is_val, remove_outputs
 
 # fields tried in order when none is named on the command line
@@ -157,7 +157,7 @@ def iter_examples(files, cfg, bad, kind="sft"):
 def length_reason(prompt, answers, tokenizer, cfg):
     """Why an example fails the token-length filters (every one of its answers must pass), or None."""
     n_prompt = len(tokenizer.encode(prompt))
-    return next(filter(None, (answer_length_reason(n_prompt, len(tokenizer.encode(a)), cfg) for a in answers)), None)
+    return next(filter(None, (answer_length_reason(n_prompt, len(answer_ids(tokenizer, a)), cfg) for a in answers)), None)
 
 
 def answer_length_reason(n_prompt, n_answer, cfg):

@@ -38,6 +38,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import kernels
+from prompt import ANSWER_ENCODING
 from checkpoint import check_resume, prune_step_checkpoints, rng_state, save_checkpoint, set_rng_state
 from cli import config_line, write_config
 from logbook import append_metrics, plot_loss_curves, read_metrics, write_metrics
@@ -119,7 +120,8 @@ def checkpoint_header(cfg, env, kind, model, tokenizer, train_data, extra):
     values of cfg, the number of processes, the training data, and the script's extra entries."""
     config = {k: v for k, v in vars(cfg).items() if isinstance(v, (int, float, str, bool, type(None)))}
     return {"kind": kind, "model_args": model.args.to_dict(), "tokenizer": tokenizer.identity(), "config": config,
-            "world_size": env.world_size, "train_data": [list(x) for x in train_data], **(extra or {})}
+            "world_size": env.world_size, "train_data": [list(x) for x in train_data],
+            "answer_encoding": ANSWER_ENCODING, **(extra or {})}
 
 
 def set_up(cfg, env, model, train_batches, resume):

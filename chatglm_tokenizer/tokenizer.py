@@ -15,6 +15,8 @@ import sentencepiece as spm
 
 from refusal import Refusal
 
+from .proto import without_dummy_prefix
+
 HUB_REPO = "THUDM/chatglm2-6b"
 ENV_VAR = "BABYLLAMA_TOKENIZER"
 DEFAULT_PATH = Path(__file__).resolve().parent / "tokenizer.model"
@@ -83,6 +85,7 @@ class Tokenizer:
             raise Refusal(f"{self.path} is not a SentencePiece tokenizer model: pass a tokenizer.model "
                           f"(data_process.py tokenizer writes one; ChatGLM2's is on the Hub, THUDM/chatglm2-6b)") from None
         self.sha256 = file_sha256(self.path)
+        self._continuation = None
         self.n_pieces = self.sp.get_piece_size()
         if self.sha256 == CHATGLM2_SHA256:
             self.name, self.vocab_size = "chatglm2", CHATGLM2_VOCAB_SIZE
@@ -96,13 +99,22 @@ class Tokenizer:
         if self.vocab_size > UINT16_LIMIT:
             raise Refusal(f"{self.path}: vocab size {self.vocab_size} does not fit uint16 token files")
 
-    def encode(self, text, bos=False, eos=False):
-        ids = self.sp.encode(text)
+    def encode(self, text, bos=False, eos=False, dummy_prefix=True):
+        """Text -> ids. dummy_prefix=False encodes it as a continuation of earlier text: without
+        the '▁' SentencePiece otherwise puts before the first word (an answer after the prompt)."""
+        ids = (self.sp if dummy_prefix else self.continuation_sp()).encode(text)
         return ([self.bos_id] if bos else []) + ids + ([self.eos_id] if eos else [])
 
-    def encode_batch(self, texts, num_threads=-1):
+    def continuation_sp(self):
+        """The same model with add_dummy_prefix off (made on first use)."""
+        if self._continuation is None:
+            self._continuation = spm.SentencePieceProcessor(
+                model_proto=without_dummy_prefix(self.path.read_bytes()))
+        return self._continuation
+
+    def encode_batch(self, texts, num_threads=-1, dummy_prefix=True):
         """Encode many texts at once; sentencepiece runs them on num_threads threads (-1: all cores)."""
-        return self.sp.encode(list(texts), num_threads=num_threads)
+        return (self.sp if dummy_prefix else self.continuation_sp()).encode(list(texts), num_threads=num_threads)
 
     def encode_batch_numpy(self, texts, num_threads=-1, eos=False):
         """encode_batch, but each result is an int32 numpy array: faster, as no Python ints are

@@ -82,12 +82,14 @@ def test_dataset_multi_turn_prompt_masks_context_answers(tmp_path, tiny_tokenize
     path = write_jsonl(tmp_path / "sft.jsonl", [{"prompt": prompt, "answer": answer}, {"prompt": "", "answer": "休息"}])
     ds = SFTDataset(path, tokenizer, max_seq_len=256)
     x, y = ds[0]
-    prompt_ids, answer_ids = tokenizer.encode(prompt), tokenizer.encode(answer)
+    # the answer continues the prompt: no dummy-prefix '▁' before its first word
+    prompt_ids, answer_ids = tokenizer.encode(prompt), tokenizer.encode(answer, dummy_prefix=False)
+    assert tokenizer.encode(answer)[0] == tokenizer.sp.piece_to_id("▁") and answer_ids[0] != tokenizer.encode(answer)[0]
     assert x.tolist() == prompt_ids + [tokenizer.bos_id] + answer_ids
     # only the current answer and eos are targets; earlier turns' answers stay context
     assert y.tolist() == [I] * len(prompt_ids) + answer_ids + [tokenizer.eos_id]
     x, y = ds[1]
-    assert x.tolist() == [tokenizer.bos_id] + tokenizer.encode("休息")
+    assert x.tolist() == [tokenizer.bos_id] + tokenizer.encode("休息", dummy_prefix=False)
     assert ds.lengths.tolist() == [len(ds[i][0]) for i in range(len(ds))]
 
 

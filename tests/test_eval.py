@@ -233,17 +233,18 @@ def test_answer_bpc_is_the_answers_loss_in_bits_per_character(sft_ckpt, tiny_tok
     model = model_from_checkpoint(load_checkpoint(sft_ckpt)).eval()
     questions, answers = ["头痛发热", "感冒咳嗽"], ["建议休息", "可以用药治疗"]
     prompts = [fit_prompt(tok, [], q, 32)[0] for q in questions]
-    nll, n_tokens, n_chars = qa_eval.answer_nll(model, tok, prompts, answers, batch_size=2)
-    # by hand: -log p of every answer token and the eos, one sequence at a time
-    total = 0.0
-    for prompt, answer in zip(prompts, answers):
-        seq = prompt + tok.encode(answer) + [tok.eos_id]
-        with torch.no_grad():
-            logp = torch.log_softmax(model.logits(torch.tensor([seq[:-1]]))[0], dim=-1)
-        total -= sum(float(logp[i - 1, seq[i]]) for i in range(len(prompt), len(seq)))
-    assert n_tokens == sum(len(tok.encode(a)) + 1 for a in answers) and n_chars == 4 + 6
-    assert nll == pytest.approx(total / n_tokens, rel=1e-4)
-    assert metrics.bits_per_char(nll, n_tokens, n_chars) == pytest.approx(total / math.log(2) / 10, rel=1e-4)
+    for encoding, dummy_prefix in (("continuation", False), (None, True)):  # a checkpoint from now on, an older one
+        nll, n_tokens, n_chars = qa_eval.answer_nll(model, tok, prompts, answers, batch_size=2, encoding=encoding)
+        # by hand: -log p of every answer token and the eos, one sequence at a time
+        total = 0.0
+        for prompt, answer in zip(prompts, answers):
+            seq = prompt + tok.encode(answer, dummy_prefix=dummy_prefix) + [tok.eos_id]
+            with torch.no_grad():
+                logp = torch.log_softmax(model.logits(torch.tensor([seq[:-1]]))[0], dim=-1)
+            total -= sum(float(logp[i - 1, seq[i]]) for i in range(len(prompt), len(seq)))
+        assert n_tokens == sum(len(tok.encode(a, dummy_prefix=dummy_prefix)) + 1 for a in answers) and n_chars == 4 + 6
+        assert nll == pytest.approx(total / n_tokens, rel=1e-4)
+        assert metrics.bits_per_char(nll, n_tokens, n_chars) == pytest.approx(total / math.log(2) / 10, rel=1e-4)
 
 
 def test_an_out_dir_that_is_a_file_is_refused_before_any_answer_is_made(tmp_path, sft_ckpt, tiny_tokenizer_path,

@@ -14,6 +14,18 @@ def test_round_trip_and_special_ids(tiny_tokenizer):
     assert max(ids) < tiny_tokenizer.vocab_size == 400
 
 
+def test_a_continuation_is_encoded_without_the_dummy_prefix(tiny_tokenizer):
+    """dummy_prefix=False: no '▁' in front (where SentencePiece put a bare '▁' piece, the rest
+    is the same pieces); decoding gives the text back either way."""
+    t = tiny_tokenizer
+    for text in ["建议多休息", "头痛发热怎么办", "检查血压123"]:
+        plain, continued = t.encode(text), t.encode(text, dummy_prefix=False)
+        assert t.id_to_piece(plain[0]).startswith("▁") and not t.id_to_piece(continued[0]).startswith("▁")
+        if t.id_to_piece(plain[0]) == "▁":
+            assert continued == plain[1:]
+        assert t.decode(continued) == t.decode(plain) == text
+
+
 def test_unseen_characters_use_byte_fallback(tiny_tokenizer):
     text = "龘靐齉"  # never in the training text: byte pieces keep them, no <unk>
     ids = tiny_tokenizer.encode(text)
