@@ -62,12 +62,20 @@ NORMALIZER_SPEC, ADD_DUMMY_PREFIX = 3, 3  # ModelProto.normalizer_spec, Normaliz
 def without_dummy_prefix(model_proto):
     """The SentencePiece model's bytes with normalizer_spec.add_dummy_prefix = false, so that
     it encodes a text as a continuation (no '▁' put before its first word)."""
-    out = bytearray()
+    out, found = bytearray(), False
     for number, wire_type, value, raw in entries(model_proto):
         if number != NORMALIZER_SPEC or wire_type != 2:
             out += raw
             continue
+        found = True
         spec = b"".join(r for n, _, _, r in entries(value) if n != ADD_DUMMY_PREFIX)
-        spec += write_varint(ADD_DUMMY_PREFIX << 3) + write_varint(0)
-        out += write_varint(NORMALIZER_SPEC << 3 | 2) + write_varint(len(spec)) + spec
+        out += normalizer_entry(spec)
+    if not found:  # every normalizer setting at its default, which adds the prefix
+        out += normalizer_entry(b"")
     return bytes(out)
+
+
+def normalizer_entry(spec):
+    """A normalizer_spec entry: the given fields, then add_dummy_prefix = false."""
+    spec += write_varint(ADD_DUMMY_PREFIX << 3) + write_varint(0)
+    return write_varint(NORMALIZER_SPEC << 3 | 2) + write_varint(len(spec)) + spec

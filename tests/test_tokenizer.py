@@ -26,6 +26,16 @@ def test_a_continuation_is_encoded_without_the_dummy_prefix(tiny_tokenizer):
         assert t.decode(continued) == t.decode(plain) == text
 
 
+def test_a_model_without_a_normalizer_entry_also_loses_the_dummy_prefix(tiny_tokenizer_path):
+    import sentencepiece as spm
+    from chatglm_tokenizer.proto import entries, without_dummy_prefix
+    model = tiny_tokenizer_path.read_bytes()
+    defaults = b"".join(raw for number, _, _, raw in entries(model) if number != 3)  # every normalizer setting default
+    assert spm.SentencePieceProcessor(model_proto=defaults).encode("头痛", out_type=str)[0].startswith("▁")
+    assert not spm.SentencePieceProcessor(model_proto=without_dummy_prefix(defaults)).encode(
+        "头痛", out_type=str)[0].startswith("▁")
+
+
 def test_unseen_characters_use_byte_fallback(tiny_tokenizer):
     text = "龘靐齉"  # never in the training text: byte pieces keep them, no <unk>
     ids = tiny_tokenizer.encode(text)
