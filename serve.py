@@ -233,6 +233,19 @@ async def chat_completions(server, http_request):
         include_usage = body.stream_options is not None and body.stream_options.include_usage
         return StreamingResponse(stream_events(running[0], meta, warnings, include_usage),
                                  media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+    try:
+        choices = await chat_choices(server, body, prompt, running, http_request)
+    finally:
+        for completion in running:  # a client gone, or an error: the other answers stop too
+            completion.request.cancel()
+    n_prompt, n_answer = len(prompt), sum(len(c.text.ids) for c in running)
+    result = {**meta, "object": "chat.completion", "choices": choices,
+              "usage": {"prompt_tokens": n_prompt, "completion_tokens": n_answer, "total_tokens": n_prompt + n_answer}}
+    return {**result, "warnings": warnings} if warnings else result
+
+
+async def chat_choices(server, body, prompt, running, http_request):
+    """The whole answers of the running completions, as the chat API's choices."""
     choices = []
     for i, completion in enumerate(running):
         answer = await whole_answer(completion, http_request)
@@ -248,10 +261,33 @@ async def chat_completions(server, http_request):
             logprobs = chat_logprobs(scored, len(prompt))
         choices.append({"index": i, "message": {"role": "assistant", "content": text}, "finish_reason": finish_reason,
                         "logprobs": logprobs})
-    n_prompt, n_answer = len(prompt), sum(len(c.text.ids) for c in running)
-    result = {**meta, "object": "chat.completion", "choices": choices,
-              "usage": {"prompt_tokens": n_prompt, "completion_tokens": n_answer, "total_tokens": n_prompt + n_answer}}
-    return {**result, "warnings": warnings} if warnings else result
+    return choices
+
+
+async def text_choices(server, body, prompts, running, http_request):
+    """Each prompt's choice: its completion (none when max_tokens is 0) and, asked for, its logprobs."""
+    tokenizer = server.tokenizer
+    choices = []
+    for i, (ids, completion) in enumerate(zip(prompts, running)):
+        text, finish_reason, new = "", "length", []
+        if completion is not None:
+            answer = await whole_answer(completion, http_request)
+            if answer is None:
+                raise ApiError(499, "client closed the request")
+            text, finish_reason = answer
+            if finish_reason in ("error", "cancelled"):
+                raise ended_early(finish_reason)
+            new = completion.text.ids
+        logprobs = None
+        if body.logprobs is not None:
+            logprobs = await asyncio.to_thread(token_logprobs, server.model, tokenizer, ids + new, body.logprobs)
+            if not body.echo:
+                logprobs = {k: v[len(ids):] if v is not None else None for k, v in logprobs.items()}
+        item = prompt_items(body)[i]
+        prompt_text = item if isinstance(item, str) else tokenizer.decode(ids)
+        choices.append({"index": i, "text": (prompt_text if body.echo else "") + text, "logprobs": logprobs,
+                        "finish_reason": finish_reason})
+    return choices
 
 
 def chat_logprobs(scored, start):
@@ -277,27 +313,12 @@ async def completions(server, http_request):
         raise ApiError(503, f"the server is busy ({server.max_waiting} requests waiting); try again shortly",
                        code="server_busy", kind="server_error")
     running = [Completion(server, ids, body.max_tokens, sampling, stops) if body.max_tokens else None for ids in prompts]
-    choices, n_generated = [], 0
-    for i, (ids, completion) in enumerate(zip(prompts, running)):
-        text, finish_reason, new = "", "length", []
-        if completion is not None:
-            answer = await whole_answer(completion, http_request)
-            if answer is None:
-                raise ApiError(499, "client closed the request")
-            text, finish_reason = answer
-            if finish_reason in ("error", "cancelled"):
-                raise ended_early(finish_reason)
-            new = completion.text.ids
-        logprobs = None
-        if body.logprobs is not None:
-            logprobs = await asyncio.to_thread(token_logprobs, server.model, tokenizer, ids + new, body.logprobs)
-            if not body.echo:
-                logprobs = {k: v[len(ids):] if v is not None else None for k, v in logprobs.items()}
-        item = prompt_items(body)[i]
-        prompt_text = item if isinstance(item, str) else tokenizer.decode(ids)
-        choices.append({"index": i, "text": (prompt_text if body.echo else "") + text, "logprobs": logprobs,
-                        "finish_reason": finish_reason})
-        n_generated += len(new)
+    try:
+        choices = await text_choices(server, body, prompts, running, http_request)
+    finally:
+        for completion in filter(None, running):  # a client gone, or an error: the others stop too
+            completion.request.cancel()
+    n_generated = sum(len(c.text.ids) for c in running if c is not None)
     n_prompt = sum(map(len, prompts))
     return {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
             "model": server.model_name, "choices": choices,
