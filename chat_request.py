@@ -147,9 +147,26 @@ def parse_body(raw, schema):
                        code="invalid_value") from None
 
 
+class TokenizeRequest(BaseModel):
+    """POST /tokenize, in vLLM's shape: the chat prompt these messages make, counted."""
+    model_config = ConfigDict(extra="forbid", strict=True)
+    messages: list[Message] = Field(min_length=1)
+    model: Optional[str] = None
+
+
 def prompt_ids(body, tokenizer, context):
     """Messages -> the SFT prompt's ids; a prompt the context cannot hold is refused."""
-    for i, m in enumerate(body.messages):
+    ids = messages_ids(body.messages, tokenizer)
+    if len(ids) >= context:
+        raise ApiError(400, f"the prompt is {len(ids)} tokens, but this model's context is {context} tokens and must "
+                            f"hold the prompt and at least 1 new token: shorten the messages or drop earlier turns",
+                       param="messages", code="context_length_exceeded")
+    return ids
+
+
+def messages_ids(messages, tokenizer):
+    """Messages -> the SFT prompt's ids, whatever their length."""
+    for i, m in enumerate(messages):
         try:
             m.text().encode("utf-8")
         except UnicodeEncodeError:  # JSON's "\ud800" escape: a surrogate with no partner is no character
@@ -157,15 +174,10 @@ def prompt_ids(body, tokenizer, context):
                                 f"escape), which is not text", param="messages", code="invalid_messages") from None
     try:
         text = messages_prompt([{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
-                                for m in body.messages])
+                                for m in messages])
     except ValueError as e:
         raise ApiError(400, str(e), param="messages", code="invalid_messages") from None
-    ids = sft_prompt_ids(tokenizer, text)
-    if len(ids) >= context:
-        raise ApiError(400, f"the prompt is {len(ids)} tokens, but this model's context is {context} tokens and must "
-                            f"hold the prompt and at least 1 new token: shorten the messages or drop earlier turns",
-                       param="messages", code="context_length_exceeded")
-    return ids
+    return sft_prompt_ids(tokenizer, text)
 
 
 def generation_settings(body, defaults, context, prompt_len):

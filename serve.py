@@ -8,8 +8,11 @@ Endpoints:
                              streamed as server-sent events (chat.completion.chunk, then [DONE])
   POST /v1/completions       OpenAI's legacy text completion, with logprobs and echo (completions.py)
   GET  /v1/models            the one model served
+  POST /tokenize             the number of tokens messages make as a prompt (vLLM's shape), so
+                             that a client can drop old turns before a request instead of after
   GET  /health               liveness, load and the server's sampling defaults
-  GET  /                     chat.html, a chat page (no build step, nothing fetched from elsewhere)
+  GET  /                     chat.html, a chat page (no build step, nothing fetched from elsewhere),
+                             and its icon at /favicon.ico
 
 Messages become the prompt through prompt.py, the format SFT trained on, so temperature 0
 gives exactly eval.py's greedy answer. Every request goes to one BatchEngine (engine.py):
@@ -47,12 +50,13 @@ import uvicorn
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import HTMLResponse, StreamingResponse
+from fastapi.responses import HTMLResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 import cli
-from chat_request import ApiError, generation_settings, parse_body, parse_chat_request, prompt_ids, read_body
+from chat_request import (ApiError, TokenizeRequest, generation_settings, messages_ids, parse_body, parse_chat_request,
+                          prompt_ids, read_body)
 from completions import (CompletionRequest, check_completion_request, prompt_items, prompt_token_lists, sampling_of,
                          token_logprobs)
 from engine import BatchEngine
@@ -74,6 +78,9 @@ MAX_BODY_BYTES = 1 << 20
 READ_TIMEOUT_S = 30.0  # a request's headers, and then its body, must each arrive within this
 API_KEY_ENV = "BABYLLAMA_API_KEY"
 PAGE = Path(__file__).with_name("chat.html")
+ICON = ('<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 32 32"><rect width="32" height="26" rx="7" fill="#1d4ed8"/>'
+        '<path d="M8 24 6 31l9-7z" fill="#1d4ed8"/><text x="16" y="19" font-size="15" text-anchor="middle" '
+        'fill="#fff" font-family="sans-serif">AI</text></svg>')  # a speech bubble: the page's tab icon
 DISCONNECT_POLL_S = 0.25  # how often a non-streaming request checks that its client is still there
 # -----------------------------------------------------------------------------
 
@@ -325,6 +332,14 @@ async def completions(server, http_request):
             "usage": {"prompt_tokens": n_prompt, "completion_tokens": n_generated, "total_tokens": n_prompt + n_generated}}
 
 
+async def tokenize(server, http_request):
+    """POST /tokenize: {"messages"} -> {"count", "max_model_len", "tokens"}, the prompt that
+    /v1/chat/completions would build from them, however long (nothing is refused for length)."""
+    body = parse_body(await read_body(http_request, server.max_body_bytes, server.read_timeout), TokenizeRequest)
+    ids = messages_ids(body.messages, server.tokenizer)
+    return {"count": len(ids), "max_model_len": server.context_length, "tokens": ids}
+
+
 def health(server):
     active, waiting = server.engine.load()
     d = server.defaults
@@ -401,6 +416,10 @@ def create_app(server):
                            param="model", code="model_not_found")
         return model_card()
 
+    @app.post("/tokenize", dependencies=[Depends(check_api_key)])
+    async def post_tokenize(request: Request):
+        return await tokenize(server, request)
+
     @app.get("/health")
     async def get_health():
         return health(server)
@@ -410,6 +429,10 @@ def create_app(server):
         # the page needs nothing from anywhere else, and says so to the browser
         csp = "default-src 'self'; script-src 'unsafe-inline'; style-src 'unsafe-inline'"
         return HTMLResponse(server.page, headers={"Content-Security-Policy": csp})
+
+    @app.get("/favicon.ico")
+    async def get_icon():
+        return Response(ICON, media_type="image/svg+xml", headers={"Cache-Control": "max-age=86400"})
 
     return app
 

@@ -142,6 +142,22 @@ def test_models_and_health(url, client):
     assert h["status"] == "ok" and h["context_length"] == CONTEXT and h["defaults"]["temperature"] == 0.7
 
 
+def test_tokenize_counts_the_prompt_a_chat_request_makes_however_long(url, client, tiny_tokenizer):
+    messages = [{"role": "system", "content": "你是医生"}, {"role": "user", "content": QUESTIONS[0]},
+                {"role": "assistant", "content": "多休息。"}, {"role": "user", "content": QUESTIONS[1]}]
+    counted = httpx.post(url + "/tokenize", json={"messages": messages}, timeout=10).json()
+    asked = client.chat.completions.create(model="any", messages=messages, temperature=0, max_tokens=2)
+    assert counted["count"] == asked.usage.prompt_tokens == len(counted["tokens"])
+    assert counted["tokens"] == sft_prompt_ids(tiny_tokenizer, messages_prompt(messages))
+    assert counted["max_model_len"] == CONTEXT
+    too_long = [{"role": "user", "content": "头痛" * CONTEXT}]  # counted, not refused: the client decides
+    assert httpx.post(url + "/tokenize", json={"messages": too_long}, timeout=10).json()["count"] > CONTEXT
+    bad = httpx.post(url + "/tokenize", json={"messages": []}, timeout=10)
+    assert bad.status_code == 400 and "messages" in bad.json()["error"]["message"]
+    icon = httpx.get(url + "/favicon.ico", timeout=10)
+    assert icon.status_code == 200 and icon.headers["content-type"].startswith("image/svg+xml")
+
+
 def test_stop_strings_cut_the_answer_before_them(client):
     full = ask(client, QUESTIONS[0], temperature=0, max_tokens=40).choices[0].message.content
     stop = full[20:22]
@@ -504,6 +520,7 @@ def browser():
     from selenium.webdriver.chrome.service import Service
     options = Options()
     options.binary_location = chromium
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})  # the console, to check it stays clean
     for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"):
         options.add_argument(flag)
     driver = webdriver.Chrome(service=Service(chromedriver), options=options)
@@ -527,10 +544,23 @@ CHINESE_RENDERS = (  # 头 drawn in the page's font differs from a character no 
     "return px('头') !== px('\\uE000') && px('\\uE000') === px('\\uE001');")
 
 
+STORE = "baby-llama2-chinese.conversation"  # the page's local-storage key
+
+
+def saved_turns(browser):
+    """The conversation as the page keeps it in local storage."""
+    return browser.execute_script(f"return (JSON.parse(localStorage.getItem('{STORE}') || 'null') || {{}}).turns || [];")
+
+
 def last_answer(browser):
-    """The last answer's own text node (a tag such as "(stopped)" may follow it)."""
-    return browser.execute_script("const b = document.querySelectorAll('.msg.assistant');"
-                                  "return b.length ? (b[b.length - 1].childNodes[0] || {}).nodeValue || '' : '';")
+    """The last finished answer's text, exactly as it was received."""
+    answers = [t["content"] for t in saved_turns(browser) if t["role"] == "assistant"]
+    return answers[-1] if answers else ""
+
+
+def shown_answer_length(browser):
+    return browser.execute_script("const b = document.querySelectorAll('.msg.assistant .text');"
+                                  "return b.length ? b[b.length - 1].textContent.length : 0;")
 
 
 def wait_for_answers(browser, n):
@@ -552,7 +582,7 @@ def test_chat_page_streams_an_answer_stops_it_and_goes_on(browser, url, client, 
     find(By.ID, "input").send_keys(QUESTIONS[0])
     find(By.ID, "send").click()
     lengths = set()
-    wait_for(lambda: lengths.add(len(last_answer(browser))) or len(lengths - {0}) >= 3, what="a growing answer")
+    wait_for(lambda: lengths.add(shown_answer_length(browser)) or len(lengths - {0}) >= 3, what="a growing answer")
     find(By.ID, "stop").click()
     wait_for_answers(browser, 1)
     partial = last_answer(browser)
@@ -572,29 +602,110 @@ def test_chat_page_streams_an_answer_stops_it_and_goes_on(browser, url, client, 
     second = client.chat.completions.create(model="any", messages=turns, temperature=0, max_tokens=12)
     assert last_answer(browser) == second.choices[0].message.content
 
-    # a question that only fits without the first turn: the page drops that turn and says so
+    # a question that leaves room for 12 new tokens only without the first turn: the page
+    # counts the prompt first and leaves that turn out, so the answer is not cut
     turns.append({"role": "assistant", "content": last_answer(browser)})
-    question = long_question(tiny_tokenizer, turns)
+    question = long_question(tiny_tokenizer, turns, room=12)
     browser.execute_script("document.getElementById('input').value = arguments[0];", question)
     find(By.ID, "send").click()
     wait_for_answers(browser, 3)
-    assert "earlier turns dropped" in find(By.ID, "note").text and "clamped" in find(By.ID, "note").text
+    assert "earlier turns left out" in find(By.ID, "note").text and "clamped" not in find(By.ID, "note").text
     assert len(browser.find_elements(By.CSS_SELECTOR, ".msg.dropped")) == 2
     third = client.chat.completions.create(model="any", messages=turns[2:] + [{"role": "user", "content": question}],
                                            temperature=0, max_tokens=12)
     assert last_answer(browser) == third.choices[0].message.content
+    kept = saved_turns(browser)
 
+    # a reload keeps the conversation, the left-out turns still faded; Clear forgets it
+    browser.refresh()
+    wait_for_answers(browser, 3)
+    assert [m.text for m in browser.find_elements(By.CSS_SELECTOR, ".msg.user .text")] == \
+        [QUESTIONS[0], QUESTIONS[1], question]
+    assert len(browser.find_elements(By.CSS_SELECTOR, ".msg.dropped")) == 2 and saved_turns(browser) == kept
     find(By.ID, "clear").click()
     assert browser.find_elements(By.CSS_SELECTOR, ".msg") == [] and find(By.ID, "note").text == ""
+    browser.refresh()
+    wait_for(lambda: "context" in find(By.ID, "status").text, what="the status line")
+    assert browser.find_elements(By.CSS_SELECTOR, ".msg") == [] and saved_turns(browser) == []
 
 
-def long_question(tok, turns):
-    """A question whose prompt overflows the context after all these turns but nearly fills
-    it after the last two alone."""
+def long_question(tok, turns, room):
+    """A question whose prompt leaves `room` new tokens after the last two turns alone, and
+    not after all of them."""
     def n_tokens(messages, question):
         return len(sft_prompt_ids(tok, messages_prompt(messages + [{"role": "user", "content": question}])))
     question = ""
-    while n_tokens(turns[2:], question + "头痛发热") <= CONTEXT - 8:
+    while n_tokens(turns[2:], question + "头痛发热") + room <= CONTEXT:
         question += "头痛发热"
-    assert n_tokens(turns, question) >= CONTEXT, "the test's question must overflow with every turn"
+    assert n_tokens(turns, question) + room > CONTEXT, "the test's question must not fit with every turn"
     return question
+
+
+LAYOUT = (  # what a reader would see wrong: text outside its box, boxes over each other, a narrow input
+    "const msgs = [...document.querySelectorAll('.msg')], problems = [];"
+    "msgs.forEach((m, i) => {"
+    "  if (m.scrollHeight > m.clientHeight + 1 || m.scrollWidth > m.clientWidth + 1) problems.push('text outside message ' + i);"
+    "  const next = msgs[i + 1];"
+    "  if (next && m.getBoundingClientRect().bottom > next.getBoundingClientRect().top + 0.5) problems.push('message ' + i + ' overlaps the next');"
+    "});"
+    "const input = document.getElementById('input').getBoundingClientRect();"
+    "if (input.width < 0.6 * (window.innerWidth - 32)) problems.push('input ' + input.width + ' px wide of ' + window.innerWidth);"
+    "for (const id of ['send', 'stop', 'clear']) {"
+    "  const r = document.getElementById(id).getBoundingClientRect();"
+    "  if (r.right > window.innerWidth || r.bottom > window.innerHeight) problems.push(id + ' off the screen');"
+    "}"
+    "if (document.documentElement.scrollWidth > window.innerWidth) problems.push('the page scrolls sideways');"
+    "return problems;")
+
+
+@pytest.mark.parametrize("width", [360, 1000])
+def test_chat_page_fits_the_screen_and_answers_can_be_copied_and_asked_again(browser, url, client, width):
+    from selenium.webdriver.common.by import By
+    find = browser.find_element
+    browser.set_window_size(width, 720)
+    browser.get(url + "/")
+    wait_for(lambda: "context" in find(By.ID, "status").text, what="the status line")
+    assert abs(browser.execute_script("return window.innerWidth;") - width) <= 20
+    find(By.TAG_NAME, "summary").click()
+    find(By.ID, "temperature").send_keys("0")
+    find(By.ID, "max_tokens").send_keys("60")
+    for i, question in enumerate(QUESTIONS[:4]):  # four turns, the page scrolled as answers arrive
+        find(By.ID, "input").send_keys(question)
+        find(By.ID, "send").click()
+        wait_for_answers(browser, i + 1)
+    assert browser.execute_script(LAYOUT) == []
+    assert [b.is_displayed() for b in browser.find_elements(By.CSS_SELECTOR, ".regenerate")] == [False] * 3 + [True]
+    first = last_answer(browser)
+    find(By.CSS_SELECTOR, ".msg.assistant:last-of-type .regenerate").click()  # greedy: the same answer again
+    wait_for(lambda: not find(By.ID, "send").is_enabled(), timeout=5, what="regenerating")
+    wait_for_answers(browser, 4)
+    assert last_answer(browser) == first and len(saved_turns(browser)) == 8
+    copy = browser.find_elements(By.CSS_SELECTOR, ".copy")[0]
+    copy.click()
+    wait_for(lambda: "Copied" in copy.text, timeout=5, what="the copy button")
+    # nothing in the browser's console: no missing icon, no advice on the key field, no error
+    assert browser.get_log("browser") == []
+
+
+def test_chat_page_keeps_a_failed_question_and_shows_lists_as_lists(browser, url):
+    from selenium.webdriver.common.by import By
+    find = browser.find_element
+    browser.get(url + "/")
+    wait_for(lambda: "context" in find(By.ID, "status").text, what="the status line")
+    find(By.TAG_NAME, "summary").click()
+    find(By.ID, "temperature").send_keys("5")  # beyond the API's range: the server answers 400
+    find(By.ID, "input").send_keys(QUESTIONS[2])
+    find(By.ID, "send").click()
+    wait_for(lambda: "error" in find(By.ID, "note").text and find(By.ID, "send").is_enabled(), what="the error")
+    assert "temperature" in find(By.ID, "note").text
+    assert find(By.ID, "input").get_attribute("value") == QUESTIONS[2]  # back in the input, to send again
+    assert browser.find_elements(By.CSS_SELECTOR, ".msg") == [] and saved_turns(browser) == []
+
+    answer = "可以这样做：\n1. 多休息，\n2. 多喝水。\n\n- 必要时就医"
+    saved = {"turns": [{"role": "user", "content": QUESTIONS[2]}, {"role": "assistant", "content": answer}]}
+    browser.execute_script(f"localStorage.setItem('{STORE}', arguments[0]);", json.dumps(saved, ensure_ascii=False))
+    browser.refresh()
+    wait_for_answers(browser, 1)
+    lines = browser.find_elements(By.CSS_SELECTOR, ".msg.assistant .line")
+    assert [line.text for line in lines] == answer.split("\n")
+    assert [("item" in line.get_attribute("class")) for line in lines] == [False, True, True, False, True]
