@@ -406,7 +406,9 @@ def test_a_client_that_disconnects_stops_its_row(url, client):
             with pytest.raises(httpx.ReadTimeout):
                 httpx.post(chat_url(url), json=body, timeout=httpx.Timeout(30, read=0.3))
         after = wait_idle(url)
-        assert after["tokens_generated"] - before["tokens_generated"] < LONG / 2
+        # a row that runs on generates all LONG tokens; how many come before the server notices
+        # depends on the machine's speed (the non-streaming check polls every DISCONNECT_POLL_S)
+        assert after["tokens_generated"] - before["tokens_generated"] < LONG
         assert after["cancelled"] == before["cancelled"] + 1
 
 
