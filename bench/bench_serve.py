@@ -76,6 +76,12 @@ def demo_sized_checkpoint(out_dir):
     return path, tokenizer
 
 
+def ttft_percentiles(ttft):
+    """p50 and p95 of sorted times to first token (None without any)."""
+    return {"ttft_p50_s": statistics.median(ttft) if ttft else None,
+            "ttft_p95_s": ttft[min(len(ttft) - 1, round(0.95 * (len(ttft) - 1)))] if ttft else None}
+
+
 async def one_stream(http, url, question, new_tokens):
     """-> (seconds to the first text, seconds in all, tokens generated); raises on a failure."""
     body = {"messages": [{"role": "user", "content": question}], "temperature": 0, "max_tokens": new_tokens,
@@ -113,8 +119,7 @@ async def phase(url, questions, new_tokens, together):
     tokens = sum(r[2] for r in done)
     return {"requests": len(questions), "failed": len(failed), "failures": failed[:3], "tokens": tokens,
             "short_answers": sum(r[2] < new_tokens for r in done), "wall_s": wall, "tokens_per_s": tokens / wall,
-            "ttft_p50_s": statistics.median(ttft) if ttft else None,
-            "ttft_p95_s": ttft[min(len(ttft) - 1, round(0.95 * (len(ttft) - 1)))] if ttft else None}
+            **ttft_percentiles(ttft)}
 
 
 async def closed_loop(url, queues, new_tokens, seconds):
@@ -142,8 +147,7 @@ async def closed_loop(url, queues, new_tokens, seconds):
     return {"clients": len(queues), "failed": len(failed), "failures": failed[:3], "answers": len(answers),
             "mean_answer_tokens": statistics.mean(a[2] for a in answers) if answers else None,
             "window_s": seconds, "tokens_in_window": in_window, "tokens_per_s": in_window / seconds,
-            "ttft_p50_s": statistics.median(ttft) if ttft else None,
-            "ttft_p95_s": ttft[min(len(ttft) - 1, round(0.95 * (len(ttft) - 1)))] if ttft else None}
+            **ttft_percentiles(ttft)}
 
 
 def median_round(rounds):
