@@ -167,3 +167,21 @@ def test_shared_pairs_normalize_with_a_validation_split(tmp_path):
     val = Path(tmp_path / "prefs_val.jsonl").read_text(encoding="utf-8").splitlines()
     assert len(train) + len(val) == 500 and 20 < len(val) < 90
     assert all(set(json.loads(line)) == {"prompt", "chosen", "rejected"} for line in train + val)
+
+
+def test_fold_bench_holds_every_pair_out_exactly_once(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    import dpo_folds
+    pairs = write_pairs(tmp_path / "prefs.jsonl", [(f"问{i}", "长一点的回答" if i % 3 else "短", "短答") for i in range(7)])
+    write_pairs(tmp_path / "prefs_val.jsonl", [("问7", "好", "坏")])
+    lines = dpo_folds.read_pairs(pairs)
+    held_out = []
+    for k in range(3):
+        held = dpo_folds.write_fold(lines, k, 3, tmp_path / f"fold{k}")
+        train = (tmp_path / f"fold{k}" / "pairs.jsonl").read_text(encoding="utf-8").splitlines()
+        val = (tmp_path / f"fold{k}" / "pairs_val.jsonl").read_text(encoding="utf-8").splitlines()
+        assert held == len(val) and not set(train) & set(val) and len(train) + len(val) == 8
+        held_out += val
+    assert sorted(held_out) == sorted(lines)
+    # chosen longer in 4 of 8 pairs (i = 1, 2, 4, 5), shorter in 3 (i = 0, 3, 6), a tie in 1 (问7)
+    assert dpo_folds.longer_wins(lines) == pytest.approx(4.5 / 8)
