@@ -26,6 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from refusal import Refusal, one_line_refusals  # noqa: E402
+from report import read_jsonl  # noqa: E402
 
 FOLDS = 5
 Z95 = 1.96
@@ -53,8 +54,7 @@ def write_fold(lines, k, folds, fold_dir):
 def before_and_after(out_dir):
     """A dpo.py run's validation scores for its --init model (config.json) and at its last step (metrics.jsonl)."""
     before = json.loads((out_dir / "config.json").read_text(encoding="utf-8"))["before_dpo"]
-    rows = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
-    return before, [r for r in rows if "val_reward_acc" in r][-1]
+    return before, [r for r in read_jsonl(out_dir / "metrics.jsonl") if "val_reward_acc" in r][-1]
 
 
 def main(argv=None):
